@@ -1,0 +1,183 @@
+"""Offline validation of a DistillationRun, as the API server and the operator would judge it.
+
+Three layers, all with field paths:
+
+1. the CRD's ``openAPIV3Schema`` (what the API server checks: types, ranges, patterns, required fields,
+   unknown fields under strict field validation), via ``jsonschema``;
+2. the CRD's CEL rules (``x-kubernetes-validations``; transition rules on ``oldSelf`` are skipped: a file
+   is a create), via ``cel-python``;
+3. the pydantic model (what the operator and the stages check, cross-field rules included).
+
+The model's messages are the ones shown (they name the fix); a schema or CEL error on a path the model
+accepted is shown too, marked with where it came from, since it means the CRD and the model disagree.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distillery_trainer.api.base import API_GROUP, API_VERSION, KIND, join_path
+from distillery_trainer.api.resource import DistillationRun, SpecError, load_documents, parse_run
+
+from .crd import openapi_schema
+
+Error = tuple[str, str]
+
+
+# ---------------------------------------------------------------------------------------------- schema
+
+
+def _to_json_schema(node: Any) -> Any:
+    """OpenAPI v3 (Kubernetes flavour) → JSON Schema Draft 4, strict about unknown fields."""
+    if isinstance(node, list):
+        return [_to_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _to_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if node.get("nullable"):
+        out.pop("nullable")
+        if "type" in out:
+            out["type"] = [out["type"], "null"]
+        if "enum" in out:
+            out["enum"] = [*out["enum"], None]
+    if "properties" in out and not node.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@functools.cache
+def _validator() -> Any:
+    import jsonschema
+
+    schema = _to_json_schema(copy.deepcopy(openapi_schema()))
+    schema["properties"]["metadata"] = {"type": "object"}
+    return jsonschema.Draft4Validator(schema)
+
+
+def schema_errors(doc: dict[str, Any]) -> list[Error]:
+    out: list[Error] = []
+    for err in _validator().iter_errors(doc):
+        path = list(err.absolute_path)
+        msg = err.message
+        if err.validator == "required":
+            missing = msg.split("'")[1] if "'" in msg else ""
+            path, msg = [*path, missing], "required field is missing"
+        elif err.validator == "additionalProperties":
+            extra = [p for p in (err.instance or {}) if p not in (err.schema.get("properties") or {})]
+            for name in extra:
+                out.append((join_path([*path, name]), "unknown field"))
+            continue
+        out.append((join_path(path), msg))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- CEL
+
+
+@functools.cache
+def _program(rule: str) -> Any:
+    import celpy
+
+    env = celpy.Environment()
+    return env.program(env.compile(rule))
+
+
+def _walk_rules(schema: dict[str, Any], value: Any, path: list[str | int]) -> Iterable[Error]:
+    if value is None:
+        return
+    for rule in schema.get("x-kubernetes-validations", []):
+        if "oldSelf" in rule["rule"]:
+            continue
+        import celpy
+
+        try:
+            ok = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+        except Exception as exc:  # a rule that cannot evaluate is what the API server reports, too
+            yield join_path(path), f"rule {rule['rule']!r} could not be evaluated: {exc}"
+            continue
+        if not bool(ok):
+            extra = [p for p in rule.get("fieldPath", "").split(".") if p]
+            yield join_path([*path, *extra]), rule["message"]
+    if isinstance(value, dict):
+        for name, sub in (schema.get("properties") or {}).items():
+            if name in value:
+                yield from _walk_rules(sub, value[name], [*path, name])
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            yield from _walk_rules(schema["items"], item, [*path, i])
+
+
+def cel_errors(doc: dict[str, Any]) -> list[Error]:
+    return list(_walk_rules(openapi_schema(), doc, []))
+
+
+# ---------------------------------------------------------------------------------------------- together
+
+
+@dataclass
+class Report:
+    source: str
+    run: DistillationRun | None = None
+    errors: list[Error] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def validate_document(doc: Any, source: str = "") -> Report:
+    report = Report(source)
+    if not isinstance(doc, dict):
+        report.errors.append(("", "expected a Kubernetes object (a YAML mapping)"))
+        return report
+    want = f"{API_GROUP}/{API_VERSION}"
+    if doc.get("apiVersion") != want:
+        report.errors.append(("apiVersion", f"must be {want}"))
+    if doc.get("kind") != KIND:
+        report.errors.append(("kind", f"must be {KIND}"))
+
+    model_errs: list[Error] = []
+    try:
+        report.run = parse_run(doc, source)
+    except SpecError as exc:
+        model_errs = exc.errors
+    seen = {p for p, _ in model_errs}
+    crd_errs = [
+        (p, f"{m} (CRD schema)")
+        for p, m in schema_errors(doc)
+        if p not in seen and p not in ("apiVersion", "kind")
+    ]
+    cel_errs = [(p, f"{m} (CRD rule)") for p, m in cel_errors(doc) if p not in seen]
+    for err in [*model_errs, *crd_errs, *cel_errs]:
+        if err not in report.errors:
+            report.errors.append(err)
+    return report
+
+
+def validate_file(path: str | Path) -> list[Report]:
+    reports = [validate_document(doc, f"{path}#{i}") for i, doc in load_documents(path)]
+    if not reports:
+        reports.append(Report(str(path), errors=[("", "no YAML documents in the file")]))
+    return reports
+
+
+def summary(run: DistillationRun) -> str:
+    spec = run.spec
+    t = spec.teacher
+    teacher = (
+        f"{t.endpoint.model} via {t.endpoint.base_url}"
+        if t.endpoint
+        else f"self-hosted {t.self_hosted.model}"  # type: ignore[union-attr]
+    )
+    method = spec.training.method + (" + dpo" if spec.training.dpo.enabled else "")
+    res = spec.training.resources
+    gpus = res.nodes * res.gpus_per_node
+    return (
+        f"DistillationRun {run.metadata.name} is valid: teacher {teacher} -> student {spec.student.model}, "
+        f"{method}, {gpus} GPU{'s' if gpus != 1 else ''}, gate {spec.evaluation.min_quality_retention:.0%}"
+    )

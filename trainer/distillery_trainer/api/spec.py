@@ -1,0 +1,567 @@
+"""``DistillationRunSpec``: what a user asks for. One source of truth for the CRD, the operator and the stages.
+
+Every field has a description and a default where one makes sense, so a short spec works: a teacher,
+a student and prompts. Rules the API server can check itself are attached as CEL
+(``x-kubernetes-validations``) next to the type they guard; the same rules, with messages that name the
+field and the fix, run in pydantic (:mod:`distillery_trainer.api.validation`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import ApiModel, RuleViolations
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+
+INLINE_SECRET_FIELDS = ("apiKey", "api_key", "token", "password", "secret", "key")
+SECRET_HINT = (
+    "secrets are referenced, never inlined: put the key in a Secret and set "
+    "apiKeySecretRef: {name, key} (for `distillery run`, set apiKeyEnv to the name of an environment variable)"
+)
+
+
+def cel(rule: str, message: str, field_path: str | None = None) -> dict[str, str]:
+    """One ``x-kubernetes-validations`` entry."""
+    out = {"rule": rule, "message": message}
+    if field_path:
+        out["fieldPath"] = field_path
+    return out
+
+
+def _rules(*rules: dict[str, str]) -> dict[str, Any]:
+    return {"x-kubernetes-validations": list(rules)}
+
+
+def _exactly_one(fields: list[str]) -> str:
+    return "[" + ", ".join(f"has(self.{f})" for f in fields) + "].exists_one(x, x)"
+
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+ImageRef = Annotated[str, Field(min_length=1, max_length=512)]
+Quantity = Annotated[
+    str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$", max_length=32)
+]
+
+
+# ---------------------------------------------------------------------------------------------- teacher
+
+
+class SecretKeyRef(ApiModel):
+    """A key of a Secret in the run's namespace. The operator never reads it: pods get it as an env var."""
+
+    name: Name = Field(description="Name of the Secret in the run's namespace.")
+    key: str = Field(min_length=1, max_length=253, pattern=SECRET_KEY, description="Key within the Secret.")
+
+
+def _reject_inline_secrets(data: Any) -> Any:
+    if isinstance(data, dict):
+        found = [k for k in INLINE_SECRET_FIELDS if k in data]
+        if found:
+            raise RuleViolations([(found[0], SECRET_HINT)])
+    return data
+
+
+class Endpoint(ApiModel):
+    """An OpenAI-compatible HTTP endpoint (OpenAI, vLLM, any compatible server)."""
+
+    base_url: str = Field(
+        alias="baseURL",
+        min_length=1,
+        max_length=2048,
+        pattern=r"^https?://",
+        description="Base URL of the OpenAI-compatible API, e.g. https://api.openai.com/v1.",
+    )
+    model: str = Field(min_length=1, max_length=512, description="Model name sent with every request.")
+    api_key_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description="Secret key holding the API key; reaches pods as a secretKeyRef env var only.",
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="For `distillery run`: the environment variable that holds the API key.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        return _reject_inline_secrets(data)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_credentials_in_url(cls, v: str) -> str:
+        parsed = urlparse(v)
+        if parsed.username or parsed.password:
+            raise ValueError("credentials in the URL are an inlined secret: " + SECRET_HINT)
+        if not parsed.hostname:
+            raise ValueError("not a URL with a host, e.g. https://api.openai.com/v1")
+        return v
+
+
+class SelfHostedTeacher(ApiModel):
+    """A teacher model the operator (or `distillery run`) serves itself with vLLM for the collection."""
+
+    model: str = Field(
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Hugging Face model id, a directory on the run's volume, or (for `distillery run`) a local "
+            "model directory, a .gguf file, or pkg://<python package>/<file> for a model an installed package ships."
+        ),
+    )
+    tensor_parallel_size: int = Field(default=1, ge=1, le=64, description="GPUs the teacher is sharded over.")
+    max_model_len: int | None = Field(default=None, ge=16, description="Context length vLLM allocates for.")
+    dtype: str = Field(
+        default="auto", max_length=32, description="vLLM --dtype (auto, bfloat16, float16, ...)."
+    )
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Extra vLLM command-line arguments."
+    )
+
+
+class Sampling(ApiModel):
+    temperature: float = Field(
+        default=0.3, ge=0, le=2, description="Teacher sampling temperature (0 = greedy)."
+    )
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling probability mass.")
+    max_tokens: int = Field(default=1024, ge=1, le=131072, description="Longest teacher answer, in tokens.")
+    seed: int | None = Field(
+        default=None, description="Sampling seed sent to the endpoint, when it supports one."
+    )
+
+
+class Logprobs(ApiModel):
+    """White-box collection: the teacher's top-k log-probabilities for every generated token."""
+
+    top_k: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        alias="topK",
+        description="Alternatives kept per token (OpenAI allows at most 20; vLLM up to --max-logprobs).",
+    )
+
+
+class Pricing(ApiModel):
+    """The teacher API's price, for the collection cost and the monthly cost the student replaces."""
+
+    input_per_mtok_usd: float = Field(default=0.0, ge=0, description="USD per million input tokens.")
+    output_per_mtok_usd: float = Field(default=0.0, ge=0, description="USD per million output tokens.")
+
+
+class Teacher(ApiModel):
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(
+                _exactly_one(["endpoint", "selfHosted"]),
+                "set exactly one of teacher.endpoint (an OpenAI-compatible API) or teacher.selfHosted",
+            ),
+            cel("self == oldSelf", "spec.teacher is immutable: create a new DistillationRun"),
+        )
+    }
+
+    endpoint: Endpoint | None = Field(default=None, description="Black-box (or vLLM) teacher behind an API.")
+    self_hosted: SelfHostedTeacher | None = Field(
+        default=None, description="Teacher served with vLLM for the run."
+    )
+    sampling: Sampling = Field(default_factory=Sampling, description="How the teacher answers.")
+    logprobs: Logprobs | None = Field(default=None, description="Collect top-k logprobs (white-box KD).")
+    pricing: Pricing = Field(default_factory=Pricing, description="Teacher API price per million tokens.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> Teacher:
+        if (self.endpoint is None) == (self.self_hosted is None):
+            raise RuleViolations(
+                [("", "set exactly one of teacher.endpoint (an OpenAI-compatible API) or teacher.selfHosted")]
+            )
+        return self
+
+    @property
+    def white_box(self) -> bool:
+        return self.logprobs is not None or self.self_hosted is not None
+
+
+# ---------------------------------------------------------------------------------------------- student
+
+
+class Lora(ApiModel):
+    """Train a LoRA adapter (PEFT) instead of every weight; the saved student is merged."""
+
+    rank: int = Field(default=16, ge=1, le=1024, description="LoRA rank r.")
+    alpha: int | None = Field(default=None, ge=1, description="LoRA alpha. Default: 2 x rank.")
+    dropout: float = Field(default=0.05, ge=0, lt=1, description="LoRA dropout.")
+    target_modules: list[Annotated[str, Field(max_length=128)]] = Field(
+        default_factory=lambda: ["all-linear"], min_length=1, max_length=64, description="Modules to adapt."
+    )
+
+
+class Prune(ApiModel):
+    """Depth pruning before distillation (as in Minitron): keep evenly spaced layers of the student model."""
+
+    keep_layers: int = Field(ge=1, le=1024, description="Number of decoder layers to keep, evenly spaced.")
+
+
+class Student(ApiModel):
+    model: str = Field(
+        min_length=1,
+        max_length=1024,
+        description=(
+            "Hugging Face model id or a model directory (on the run's volume, or local for `distillery run`, "
+            "where a .gguf file or pkg://<python package>/<file> also works)."
+        ),
+    )
+    tokenizer: str | None = Field(
+        default=None, max_length=1024, description="Tokenizer. Default: the model's."
+    )
+    lora: Lora | None = Field(default=None, description="Train a LoRA adapter instead of all weights.")
+    prune: Prune | None = Field(default=None, description="Start from a depth-pruned copy of the model.")
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+
+class ConfigMapKeyRef(ApiModel):
+    name: Name = Field(description="ConfigMap in the run's namespace.")
+    key: str = Field(
+        min_length=1, max_length=253, pattern=SECRET_KEY, description="Key holding JSONL prompts."
+    )
+
+
+class HFDataset(ApiModel):
+    name: str = Field(min_length=1, max_length=1024, description="Dataset id, or a dataset saved on disk.")
+    split: str = Field(default="train", max_length=128, description="Split to read.")
+    config: str | None = Field(default=None, max_length=128, description="Dataset configuration name.")
+    prompt_field: str = Field(default="prompt", max_length=128, description="Column with the prompt text.")
+    messages_field: str | None = Field(default=None, max_length=128, description="Column with chat messages.")
+
+
+PROMPT_SOURCES = ["configMapRef", "pvcPath", "url", "hfDataset"]
+
+
+class PromptSource(ApiModel):
+    """Where the prompts come from: JSONL, one ``{"id"?, "messages" | "prompt", "reference"?}`` a line."""
+
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(_exactly_one(PROMPT_SOURCES), "set exactly one of " + ", ".join(PROMPT_SOURCES))
+        )
+    }
+
+    config_map_ref: ConfigMapKeyRef | None = Field(default=None, description="A ConfigMap key holding JSONL.")
+    pvc_path: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="JSONL on the run's volume (relative to its root); for `distillery run`, a local path.",
+    )
+    url: str | None = Field(
+        default=None, max_length=4096, pattern=r"^(https?|s3|gs|file)://", description="JSONL at a URL."
+    )
+    hf_dataset: HFDataset | None = Field(default=None, description="A Hugging Face dataset.")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> PromptSource:
+        set_ = [
+            n
+            for n, v in zip(
+                PROMPT_SOURCES, (self.config_map_ref, self.pvc_path, self.url, self.hf_dataset), strict=True
+            )
+            if v is not None
+        ]
+        if len(set_) != 1:
+            got = f" (got {', '.join(set_)})" if set_ else ""
+            raise RuleViolations([("", "set exactly one of " + ", ".join(PROMPT_SOURCES) + got)])
+        return self
+
+
+class Data(ApiModel):
+    model_config = {
+        "json_schema_extra": _rules(
+            cel("self == oldSelf", "spec.data is immutable: create a new DistillationRun")
+        )
+    }
+
+    prompts: PromptSource = Field(description="The prompts to distill on.")
+    eval_fraction: float = Field(
+        default=0.05, gt=0, lt=1, description="Share of prompts held out for evaluation (split by id hash)."
+    )
+    max_prompts: int | None = Field(default=None, ge=1, description="Use at most this many prompts.")
+    system_prompt: str | None = Field(
+        default=None, max_length=65536, description="System message prepended to every prompt."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class Collection(ApiModel):
+    shards: int = Field(default=1, ge=1, le=10000, description="Pods of the Indexed collection Job.")
+    parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
+    concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
+    requests_per_minute: int | None = Field(
+        default=None, ge=1, description="Rate limit per shard, requests per minute."
+    )
+    tokens_per_minute: int | None = Field(
+        default=None, ge=1, description="Rate limit per shard, tokens per minute."
+    )
+    max_retries: int = Field(
+        default=8, ge=0, le=100, description="Retries of a failed request (429, 5xx, timeout)."
+    )
+    timeout_seconds: float = Field(default=120.0, gt=0, description="Timeout of one teacher request.")
+    backoff_limit_per_index: int = Field(default=3, ge=0, le=100, description="Pod retries per shard.")
+    cache: bool = Field(
+        default=True, description="Reuse answers cached on the volume by (model, sampling, messages)."
+    )
+
+
+class KD(ApiModel):
+    temperature: float = Field(default=4.0, gt=0, le=100, description="Softening temperature T (seed: 3-5).")
+    alpha: float = Field(
+        default=0.5, gt=0, le=1, description="Weight of the KD term; 1 - alpha weighs cross-entropy."
+    )
+    divergence: Literal["forwardKL", "reverseKL", "jsd"] = Field(
+        default="forwardKL", description="KL(teacher||student), KL(student||teacher) or generalized JSD."
+    )
+    jsd_beta: float = Field(default=0.5, gt=0, lt=1, description="Beta of the generalized JSD.")
+    source: Literal["auto", "topk", "online"] = Field(
+        default="auto",
+        description=(
+            "Teacher signal: collected top-k logprobs, or the teacher model run on the training ranks. "
+            "auto: top-k when teacher.logprobs is set, else online."
+        ),
+    )
+    chunk_tokens: int = Field(
+        default=1024, ge=16, description="Tokens per chunk of the loss (bounds memory)."
+    )
+
+
+class SeqKD(ApiModel):
+    samples: int = Field(default=1, ge=1, le=64, description="Teacher samples per prompt.")
+    selection: Literal["bestLogprob", "all"] = Field(
+        default="bestLogprob", description="Keep the sample with the highest mean logprob, or all of them."
+    )
+
+
+class DPO(ApiModel):
+    """DPO after the main method: chosen = the teacher's answer, rejected = the student's baseline."""
+
+    enabled: bool = Field(default=False, description="Run DPO after the main method.")
+    beta: float = Field(default=0.1, gt=0, le=10, description="DPO beta.")
+    pairs: int = Field(default=512, ge=1, description="Prompts used to build preference pairs.")
+    epochs: float = Field(default=1.0, gt=0, description="DPO epochs.")
+    learning_rate: float = Field(default=5e-7, gt=0, description="DPO learning rate.")
+
+
+class Resources(ApiModel):
+    nodes: int = Field(default=1, ge=1, le=1024, description="Training nodes (PyTorchJob Master + Workers).")
+    gpus_per_node: int = Field(
+        default=1, ge=0, le=64, description="GPUs per node; torchrun processes per node."
+    )
+    gpu_resource: str = Field(
+        default="nvidia.com/gpu", min_length=1, max_length=253, description="Extended resource name of a GPU."
+    )
+    cpu: Quantity | None = Field(default=None, description="CPU request per pod.")
+    memory: Quantity | None = Field(default=None, description="Memory request per pod.")
+
+
+class Training(ApiModel):
+    method: Literal["sft", "kd", "seqkd"] = Field(
+        default="sft",
+        description="sft: on teacher answers (black-box); kd: logit KD (white-box); seqkd: on selected sequences.",
+    )
+    kd: KD = Field(default_factory=KD, description="Logit-KD settings (method kd).")
+    seqkd: SeqKD = Field(default_factory=SeqKD, description="Sequence-KD settings (method seqkd).")
+    dpo: DPO = Field(default_factory=DPO, description="Optional DPO stage after the main method.")
+    epochs: float = Field(default=2.0, gt=0, le=1000, description="Passes over the training split.")
+    max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
+    max_seconds: int | None = Field(default=None, ge=1, description="Stop after this much training time.")
+    learning_rate: float = Field(default=2e-5, gt=0, lt=1, description="Peak learning rate.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="LR schedule."
+    )
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1, description="Share of steps spent warming up.")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    batch_size: int = Field(default=8, ge=1, le=4096, description="Sequences per device per step.")
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096, description="Micro-batches per step.")
+    max_seq_length: int = Field(
+        default=2048, ge=16, le=1048576, description="Longest training sequence, tokens."
+    )
+    packing: bool = Field(default=False, description="Pack sequences into full-length rows.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 where the device supports it, else fp32."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        default="ddp", description="DDP, or FSDP for models one GPU cannot hold."
+    )
+    gradient_checkpointing: bool = Field(default=False, description="Trade compute for activation memory.")
+    checkpoint_every_steps: int = Field(
+        default=200, ge=1, description="Save a resumable checkpoint this often."
+    )
+    seed: int = Field(default=42, description="Seed for data order and initialisation.")
+    resources: Resources = Field(default_factory=Resources, description="Nodes and GPUs for training.")
+    backend: Literal["pytorchjob", "job"] = Field(
+        default="pytorchjob",
+        description="Kubeflow PyTorchJob, or a plain Indexed Job (also used when the cluster lacks PyTorchJob).",
+    )
+    image: ImageRef | None = Field(default=None, description="Trainer image. Default: the operator's.")
+
+
+class Serving(ApiModel):
+    engine: Literal["vllm"] = Field(default="vllm", description="Inference engine.")
+    image: ImageRef | None = Field(
+        default=None, description="vLLM OpenAI-server image. Default: the operator's pin."
+    )
+    replicas: int = Field(default=1, ge=1, le=1000, description="Replicas of the student's Deployment.")
+    gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica (tensor parallel size).")
+    keep: bool = Field(default=True, description="Keep serving after a passed evaluation.")
+    max_model_len: int | None = Field(default=None, ge=16, description="vLLM --max-model-len.")
+    dtype: str = Field(default="auto", max_length=32, description="vLLM --dtype.")
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="vLLM --gpu-memory-utilization."
+    )
+    max_logprobs: int = Field(default=20, ge=0, le=1000, description="vLLM --max-logprobs.")
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Extra vLLM arguments."
+    )
+
+
+Metric = Literal["exact_match", "token_f1", "rouge_l"]
+METRICS: tuple[Metric, ...] = ("exact_match", "token_f1", "rouge_l")
+
+
+class Judge(ApiModel):
+    endpoint: Endpoint = Field(description="OpenAI-compatible endpoint of the judge model.")
+    rubric: str | None = Field(default=None, max_length=65536, description="Rubric. Default: a general one.")
+
+
+class Load(ApiModel):
+    requests: int = Field(default=200, ge=1, le=1_000_000, description="Requests of the latency benchmark.")
+    concurrency: int = Field(default=8, ge=1, le=4096, description="Requests in flight.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="Answer length. Default: teacher.sampling.maxTokens."
+    )
+    compare_teacher: bool = Field(default=True, description="Measure the teacher's latency the same way.")
+
+
+class Evaluation(ApiModel):
+    judge: Judge | None = Field(default=None, description="LLM judge; when set its score decides retention.")
+    metrics: list[Metric] = Field(
+        default_factory=lambda: list(METRICS),
+        min_length=1,
+        max_length=3,
+        description="Reference metrics; without a judge the first decides retention.",
+    )
+    min_quality_retention: float = Field(
+        default=0.9, gt=0, le=1, description="Gate: student/teacher score below this fails the run."
+    )
+    max_samples: int | None = Field(
+        default=None, ge=1, description="Evaluate at most this many held-out prompts."
+    )
+    load: Load = Field(default_factory=Load, description="Latency benchmark.")
+    bootstrap_samples: int = Field(
+        default=1000, ge=100, le=100000, description="Bootstrap resamples for the interval."
+    )
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the interval.")
+
+    @field_validator("metrics")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError("list a metric once")
+        return v
+
+
+class Cost(ApiModel):
+    gpu_hour_usd: float = Field(
+        default=2.0, ge=0, description="Price of one GPU-hour (training and serving)."
+    )
+    requests_per_month: int = Field(
+        default=100_000, ge=0, description="Traffic the student takes over; prices the teacher API per month."
+    )
+
+
+class Pvc(ApiModel):
+    claim_name: Name = Field(description="PersistentVolumeClaim (ReadWriteMany for multi-node training).")
+    sub_path: str | None = Field(default=None, max_length=4096, description="Directory within the volume.")
+
+
+class Storage(ApiModel):
+    model_config = {
+        "json_schema_extra": _rules(cel(_exactly_one(["pvc", "url"]), "set exactly one of pvc or url"))
+    }
+
+    pvc: Pvc | None = Field(default=None, description="A PVC holding runs/<namespace>/<name>/.")
+    url: str | None = Field(
+        default=None, max_length=4096, pattern=r"^(s3|gs|az|file)://", description="An fsspec URL prefix."
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> Storage:
+        if (self.pvc is None) == (self.url is None):
+            raise RuleViolations([("", "set exactly one of pvc or url")])
+        return self
+
+
+class Toleration(ApiModel):
+    key: str | None = Field(default=None, max_length=317)
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = Field(default=None, max_length=63)
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Scheduling(ApiModel):
+    """Placement passed to every workload pod (merged over the operator's defaults)."""
+
+    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations.")
+    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass.")
+    queue_name: str | None = Field(
+        default=None, max_length=63, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- the spec
+
+
+class DistillationRunSpec(ApiModel):
+    """A teacher, a student, prompts and a quality bar."""
+
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(
+                "!has(self.training) || !has(self.training.method) || self.training.method != 'kd' "
+                "|| has(self.teacher.logprobs) || has(self.teacher.selfHosted)",
+                "training.method kd needs the teacher's logprobs: set teacher.logprobs.topK or use "
+                "teacher.selfHosted; for a black-box API teacher use sft or seqkd",
+                ".training.method",
+            ),
+        )
+    }
+
+    teacher: Teacher = Field(description="The model to distill from.")
+    student: Student = Field(description="The model to train.")
+    data: Data = Field(description="Prompts and the held-out split.")
+    collection: Collection = Field(default_factory=Collection, description="Stage 1: teacher outputs.")
+    training: Training = Field(default_factory=Training, description="Stage 2: the student.")
+    serving: Serving = Field(default_factory=Serving, description="Stage 3: vLLM serving of the student.")
+    evaluation: Evaluation = Field(default_factory=Evaluation, description="Stage 4: the verdict.")
+    cost: Cost = Field(default_factory=Cost, description="Prices for the cost figures.")
+    storage: Storage | None = Field(default=None, description="Where artifacts live. Required in a cluster.")
+    scheduling: Scheduling = Field(default_factory=Scheduling, description="Placement of every workload.")
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> DistillationRunSpec:
+        from .validation import check_spec
+
+        check_spec(self)
+        return self

@@ -1,0 +1,215 @@
+"""``DistillationRunStatus``: what the operator (or `distillery run`) observed, and the verdict.
+
+Condition types and reasons are constants here, beside the model, so the operator, the local executor,
+the Argo CD health check and the docs use the same words.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import Field
+
+from .base import ApiModel
+
+# ---------------------------------------------------------------------------------------------- phases
+
+PHASE_PENDING = "Pending"
+PHASE_COLLECTING = "Collecting"
+PHASE_TRAINING = "Training"
+PHASE_SERVING = "Serving"
+PHASE_EVALUATING = "Evaluating"
+PHASE_SUCCEEDED = "Succeeded"
+PHASE_FAILED = "Failed"
+PHASES = (
+    PHASE_PENDING,
+    PHASE_COLLECTING,
+    PHASE_TRAINING,
+    PHASE_SERVING,
+    PHASE_EVALUATING,
+    PHASE_SUCCEEDED,
+    PHASE_FAILED,
+)
+TERMINAL_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
+Phase = Literal["Pending", "Collecting", "Training", "Serving", "Evaluating", "Succeeded", "Failed"]
+
+# The stages in order, and the phase each one runs in.
+STAGES = ("collect", "train", "serve", "evaluate")
+STAGE_PHASE = {
+    "collect": PHASE_COLLECTING,
+    "train": PHASE_TRAINING,
+    "serve": PHASE_SERVING,
+    "evaluate": PHASE_EVALUATING,
+}
+
+# ---------------------------------------------------------------------------------------------- conditions
+
+COND_READY = "Ready"  # the run finished and passed its gate; the student is served (when kept)
+COND_PROGRESSING = "Progressing"  # a stage is running
+COND_DEGRADED = "Degraded"  # something went wrong (the run failed, or a child is retrying)
+COND_SUCCEEDED = "Succeeded"  # terminal: the run passed
+COND_FAILED = "Failed"  # terminal: the run failed
+CONDITION_TYPES = (COND_READY, COND_PROGRESSING, COND_DEGRADED, COND_SUCCEEDED, COND_FAILED)
+
+# Reasons (CamelCase, as Kubernetes conventions ask).
+REASON_PENDING = "Pending"
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_COLLECTING = "Collecting"
+REASON_TRAINING = "Training"
+REASON_SERVING = "Serving"
+REASON_EVALUATING = "Evaluating"
+REASON_COLLECTION_FAILED = "CollectionFailed"
+REASON_TRAINING_FAILED = "TrainingFailed"
+REASON_SERVING_FAILED = "ServingFailed"
+REASON_EVALUATION_FAILED = "EvaluationFailed"
+REASON_QUALITY_GATE_PASSED = "QualityGatePassed"
+REASON_QUALITY_GATE_FAILED = "QualityGateFailed"
+REASON_SPEC_CHANGED = "SpecChanged"
+REASON_RETRYING = "Retrying"
+REASON_AS_EXPECTED = "AsExpected"
+
+STAGE_RUNNING_REASON = {
+    "collect": REASON_COLLECTING,
+    "train": REASON_TRAINING,
+    "serve": REASON_SERVING,
+    "evaluate": REASON_EVALUATING,
+}
+STAGE_FAILED_REASON = {
+    "collect": REASON_COLLECTION_FAILED,
+    "train": REASON_TRAINING_FAILED,
+    "serve": REASON_SERVING_FAILED,
+    "evaluate": REASON_EVALUATION_FAILED,
+}
+
+ConditionStatus = Literal["True", "False", "Unknown"]
+StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
+
+
+class Condition(ApiModel):
+    type: str = Field(max_length=316, description="Ready, Progressing, Degraded, Succeeded or Failed.")
+    status: ConditionStatus = Field(description="True, False or Unknown.")
+    reason: str = Field(default="", max_length=1024, description="CamelCase reason.")
+    message: str = Field(default="", max_length=32768, description="Human-readable detail.")
+    last_transition_time: datetime | None = Field(default=None, description="When status last changed.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="Generation this was computed for."
+    )
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class StageStatus(ApiModel):
+    """Progress of one stage: done of total units, and an ETA."""
+
+    state: StageState = Field(
+        default="Pending", description="Pending, Running, Succeeded, Failed or Skipped."
+    )
+    done: int = Field(default=0, ge=0, description="Units done (prompts, steps, replicas, samples).")
+    total: int | None = Field(default=None, ge=0, description="Units in all, when known.")
+    eta_seconds: float | None = Field(default=None, ge=0, description="Estimated seconds left.")
+    start_time: datetime | None = Field(default=None, description="When the stage started.")
+    completion_time: datetime | None = Field(default=None, description="When the stage ended.")
+    message: str | None = Field(default=None, max_length=32768, description="Last message of the stage.")
+
+
+class CollectionStatus(StageStatus):
+    failed: int = Field(
+        default=0, ge=0, description="Prompts the teacher could not answer (see failures file)."
+    )
+    input_tokens: int = Field(default=0, ge=0, description="Teacher input tokens.")
+    output_tokens: int = Field(default=0, ge=0, description="Teacher output tokens.")
+    cached: int = Field(default=0, ge=0, description="Answers served from the cache.")
+
+
+class TrainingStatus(StageStatus):
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    epoch: float | None = Field(default=None, ge=0, description="Epochs done.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
+    gpu_hours: float | None = Field(default=None, ge=0, description="GPU-hours spent so far.")
+
+
+class ServingStatus(StageStatus):
+    ready_replicas: int = Field(default=0, ge=0, description="Replicas serving the student.")
+    replicas: int = Field(default=0, ge=0, description="Replicas asked for.")
+
+
+class EvaluationStatus(StageStatus):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+class Latency(ApiModel):
+    p50: float | None = Field(default=None, ge=0, description="Median end-to-end latency, ms.")
+    p95: float | None = Field(default=None, ge=0, description="95th percentile, ms.")
+    p99: float | None = Field(default=None, ge=0, description="99th percentile, ms.")
+    ttft_p50: float | None = Field(default=None, ge=0, description="Median time to first token, ms.")
+    ttft_p95: float | None = Field(default=None, ge=0, description="95th percentile time to first token, ms.")
+
+
+class Interval(ApiModel):
+    low: float = Field(description="Lower bound.")
+    high: float = Field(description="Upper bound.")
+    confidence: float = Field(default=0.95, gt=0, lt=1, description="Confidence level.")
+
+
+class CostResults(ApiModel):
+    collection_usd: float | None = Field(
+        default=None, ge=0, description="Teacher API spend of the collection."
+    )
+    training_usd: float | None = Field(default=None, ge=0, description="Training GPU-hours x price.")
+    serving_usd_per_month: float | None = Field(
+        default=None, ge=0, description="Replicas x GPUs x price x 730 h."
+    )
+    teacher_usd_per_month: float | None = Field(
+        default=None, ge=0, description="The teacher API at the same traffic (cost.requestsPerMonth)."
+    )
+    savings_ratio: float | None = Field(
+        default=None, ge=0, description="teacherUSDPerMonth / servingUSDPerMonth."
+    )
+
+
+class Results(ApiModel):
+    quality_retention: float | None = Field(default=None, ge=0, description="Student score / teacher score.")
+    retention_interval: Interval | None = Field(
+        default=None, description="Bootstrap interval of the retention."
+    )
+    student_score: float | None = Field(default=None, description="Student's score on the held-out split.")
+    teacher_score: float | None = Field(default=None, description="Teacher's score on the held-out split.")
+    metric: str | None = Field(default=None, max_length=64, description="What the scores measure.")
+    samples: int | None = Field(default=None, ge=0, description="Held-out prompts evaluated.")
+    gate_passed: bool | None = Field(default=None, description="Retention >= evaluation.minQualityRetention.")
+    latency_ms: Latency | None = Field(default=None, description="The student's latency.")
+    teacher_latency_ms: Latency | None = Field(
+        default=None, description="The teacher's, measured the same way."
+    )
+    throughput_tokens_per_sec: float | None = Field(
+        default=None, ge=0, description="Student output tokens/s."
+    )
+    errors: int | None = Field(default=None, ge=0, description="Failed requests during evaluation.")
+    cost: CostResults | None = Field(default=None, description="What it cost, and what it saves.")
+    report: str | None = Field(default=None, max_length=4096, description="Where the full report lies.")
+
+
+class DistillationRunStatus(ApiModel):
+    phase: Phase = Field(default="Pending", description="Where the run is.")
+    observed_generation: int | None = Field(default=None, ge=0, description="Spec generation last acted on.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=16, description="Latest conditions.")
+    message: str | None = Field(default=None, max_length=32768, description="Summary of the latest event.")
+    start_time: datetime | None = Field(default=None, description="When the run started.")
+    completion_time: datetime | None = Field(default=None, description="When the run ended.")
+    collection: CollectionStatus = Field(default_factory=CollectionStatus, description="Stage 1.")
+    training: TrainingStatus = Field(default_factory=TrainingStatus, description="Stage 2.")
+    serving: ServingStatus = Field(default_factory=ServingStatus, description="Stage 3.")
+    evaluation: EvaluationStatus = Field(default_factory=EvaluationStatus, description="Stage 4.")
+    results: Results | None = Field(default=None, description="The verdict, once evaluated.")
+    endpoint: str | None = Field(
+        default=None, max_length=2048, description="OpenAI base URL of the served student."
+    )
+
+    def condition(self, type_: str) -> Condition | None:
+        return next((c for c in self.conditions if c.type == type_), None)
