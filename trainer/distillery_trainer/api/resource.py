@@ -32,7 +32,9 @@ class ObjectMeta(ApiModel):
 
 
 class DistillationRun(ApiModel):
-    api_version: Literal["distillery.dev/v1alpha1"] = Field(default="distillery.dev/v1alpha1", alias="apiVersion")
+    api_version: Literal["distillery.dev/v1alpha1"] = Field(
+        default="distillery.dev/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["DistillationRun"] = "DistillationRun"
     metadata: ObjectMeta
     spec: DistillationRunSpec
