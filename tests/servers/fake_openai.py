@@ -1,0 +1,300 @@
+"""A small OpenAI-shaped HTTP server for tests, with faults injected at configured rates.
+
+Real HTTP on loopback (aiohttp, in its own thread and event loop), so the code under test uses the
+official ``openai`` client exactly as against OpenAI or vLLM. It answers ``POST /v1/chat/completions``
+(plain and streaming, ``n`` samples, ``logprobs``/``top_logprobs``, ``return_tokens_as_token_ids``),
+``GET /v1/models`` and ``GET /health``, and counts everything it saw.
+
+Faults, drawn per request from a seeded generator: 429 with ``Retry-After``, 500, a response slower than
+the client's timeout, a dropped connection, malformed JSON. Prompts containing ``TOO_LONG_MARKER`` get a
+400 ``context_length_exceeded`` that no retry can fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+TOO_LONG_MARKER = "<<too-long>>"
+
+
+@dataclass
+class Faults:
+    rate_429: float = 0.0
+    retry_after: float = 0.05  # seconds, sent as Retry-After (fractional, as OpenAI's retry-after-ms allows)
+    rate_500: float = 0.0
+    rate_timeout: float = 0.0
+    timeout_sleep: float = 5.0  # how long a "timeout" response hangs
+    rate_drop: float = 0.0
+    rate_malformed: float = 0.0
+
+
+def default_answer(messages: list[dict[str, Any]], sample: int) -> str:
+    """A deterministic answer: the reversed words of the last user message (plus the sample index)."""
+    last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    text = " ".join(reversed(str(last).split()))
+    return text if sample == 0 else f"{text} #{sample}"
+
+
+@dataclass
+class FakeOpenAIConfig:
+    faults: Faults = field(default_factory=Faults)
+    seed: int = 0
+    latency: Callable[[random.Random], float] = lambda rng: 0.0  # seconds before answering
+    token_delay: float = 0.0  # seconds between streamed tokens
+    api_key: str | None = None  # when set, requests must carry it as a Bearer token
+    answer: Callable[[list[dict[str, Any]], int], str] = default_answer
+    model: str = "fake-teacher"
+    vocab_size: int = 1000
+
+
+class FakeOpenAI:
+    def __init__(self, config: FakeOpenAIConfig | None = None) -> None:
+        self.config = config or FakeOpenAIConfig()
+        self.rng = random.Random(self.config.seed)
+        self.stats: Counter[str] = Counter()
+        self.prompts_answered: Counter[str] = Counter()  # by the last user message
+        self.auth_headers: list[str] = []
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> FakeOpenAI:
+        ready = threading.Event()
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            asyncio.set_event_loop(loop)
+            app = web.Application()
+            app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_get("/v1/models", self._models)
+            app.router.add_get("/health", self._health)
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            loop.run_until_complete(site.start())
+            server = site._server
+            assert server is not None and server.sockets
+            self.port = server.sockets[0].getsockname()[1]
+            ready.set()
+            loop.run_forever()
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-openai", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake OpenAI server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def __enter__(self) -> FakeOpenAI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def count(self, key: str) -> int:
+        with self._lock:
+            return self.stats[key]
+
+    # ------------------------------------------------------------------------------------------ handlers
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": self.config.model, "object": "model"}]})
+
+    def _draw(self) -> str | None:
+        f = self.config.faults
+        with self._lock:
+            x = self.rng.random()
+        for name, rate in (
+            ("429", f.rate_429),
+            ("500", f.rate_500),
+            ("timeout", f.rate_timeout),
+            ("drop", f.rate_drop),
+            ("malformed", f.rate_malformed),
+        ):
+            if x < rate:
+                return name
+            x -= rate
+        return None
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        with self._lock:
+            self.stats["requests"] += 1
+            self.auth_headers.append(request.headers.get("Authorization", ""))
+        if self.config.api_key and request.headers.get("Authorization") != f"Bearer {self.config.api_key}":
+            return self._error(401, "invalid api key", "invalid_api_key")
+        body = await request.json()
+        messages = body.get("messages", [])
+        fault = self._draw()
+        if fault == "429":
+            with self._lock:
+                self.stats["429"] += 1
+            resp = self._error(429, "rate limited", "rate_limit_exceeded")
+            resp.headers["Retry-After"] = f"{self.config.faults.retry_after:g}"
+            resp.headers["retry-after-ms"] = str(int(self.config.faults.retry_after * 1000))
+            return resp
+        if fault == "500":
+            with self._lock:
+                self.stats["500"] += 1
+            return self._error(500, "internal error", "server_error")
+        if fault == "timeout":
+            with self._lock:
+                self.stats["timeout"] += 1
+            await asyncio.sleep(self.config.faults.timeout_sleep)
+            return self._error(504, "too slow", "timeout")
+        if fault == "drop":
+            with self._lock:
+                self.stats["drop"] += 1
+            transport = request.transport
+            if transport is not None:
+                transport.abort()
+            raise ConnectionResetError("dropped by the fake server")
+        if any(TOO_LONG_MARKER in str(m.get("content", "")) for m in messages):
+            with self._lock:
+                self.stats["400"] += 1
+            return self._error(
+                400, "This model's maximum context length is 8 tokens", "context_length_exceeded"
+            )
+        delay = self.config.latency(self.rng)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if fault == "malformed":
+            with self._lock:
+                self.stats["malformed"] += 1
+            return web.Response(status=200, text='{"id": "x", "choices": [', content_type="application/json")
+
+        n = int(body.get("n") or 1)
+        answers = [self.config.answer(messages, i) for i in range(n)]
+        last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+        with self._lock:
+            self.stats["ok"] += 1
+            self.prompts_answered[str(last)] += 1
+        if body.get("stream"):
+            return await self._stream(request, body, answers[0])
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages) + 3
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": a},
+                "finish_reason": "stop",
+                "logprobs": self._logprobs(body, a) if body.get("logprobs") else None,
+            }
+            for i, a in enumerate(answers)
+        ]
+        completion_tokens = sum(len(a.split()) for a in answers)
+        return web.json_response(
+            {
+                "id": f"chatcmpl-{self.stats['requests']}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": body.get("model", self.config.model),
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    def _token_id(self, token: str) -> int:
+        return int(hashlib.sha256(token.encode()).hexdigest(), 16) % self.config.vocab_size
+
+    def _logprobs(self, body: dict[str, Any], answer: str) -> dict[str, Any]:
+        k = int(body.get("top_logprobs") or 0)
+        as_ids = bool(body.get("return_tokens_as_token_ids"))
+        content = []
+        for pos, word in enumerate(answer.split()):
+            tid = self._token_id(word)
+            name = f"token_id:{tid}" if as_ids else word
+            alts = [{"token": name, "logprob": -0.1, "bytes": list(word.encode())}]
+            for j in range(1, k):
+                alt = (tid + j * 7 + pos) % self.config.vocab_size
+                alts.append(
+                    {
+                        "token": f"token_id:{alt}" if as_ids else f"alt{alt}",
+                        "logprob": -1.0 - j,
+                        "bytes": None,
+                    }
+                )
+            content.append(
+                {"token": name, "logprob": -0.1, "bytes": list(word.encode()), "top_logprobs": alts[:k]}
+            )
+        return {"content": content}
+
+    async def _stream(self, request: web.Request, body: dict[str, Any], answer: str) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        words = answer.split()
+        for i, word in enumerate(words):
+            chunk = {
+                "id": "chatcmpl-stream",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": body.get("model", self.config.model),
+                "choices": [
+                    {"index": 0, "delta": {"content": ("" if i == 0 else " ") + word}, "finish_reason": None}
+                ],
+            }
+            await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            if self.config.token_delay:
+                await asyncio.sleep(self.config.token_delay)
+        final: dict[str, Any] = {
+            "id": "chatcmpl-stream",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model", self.config.model),
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        }
+        if (body.get("stream_options") or {}).get("include_usage"):
+            final["usage"] = {
+                "prompt_tokens": 5,
+                "completion_tokens": len(words),
+                "total_tokens": 5 + len(words),
+            }
+        await resp.write(f"data: {json.dumps(final)}\n\n".encode())
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    @staticmethod
+    def _error(status: int, message: str, code: str) -> web.Response:
+        return web.json_response(
+            {
+                "error": {
+                    "message": message,
+                    "type": "invalid_request_error" if status == 400 else "error",
+                    "code": code,
+                }
+            },
+            status=status,
+        )
