@@ -13,14 +13,25 @@ from .collector import Counters
 log = logging.getLogger("distillery.collect")
 
 
-def describe(counters: Counters, *, total: int, before: int, shard: int, shards: int, elapsed: float) -> str:
-    done = before + counters.processed - counters.processed_failed
+def describe(
+    counters: Counters,
+    *,
+    total: int,
+    before: int,
+    before_failed: int,
+    shard: int,
+    shards: int,
+    elapsed: float,
+) -> str:
+    """``before``: prompts an earlier attempt finished, ``before_failed`` of them for good."""
+    done = before - before_failed + counters.processed - counters.processed_failed
+    failed = before_failed + counters.processed_failed
     rate = counters.processed / elapsed if elapsed > 0 else 0.0
     left = total - before - counters.processed
     eta = f", eta {_duration(left / rate)}" if rate > 0 and left > 0 else ""
     pct = 100.0 * (before + counters.processed) / total if total else 100.0
     return (
-        f"shard {shard}/{shards}: {done}/{total} answered ({pct:.1f}%), {counters.processed_failed} failed, "
+        f"shard {shard}/{shards}: {done}/{total} answered ({pct:.1f}%), {failed} failed, "
         f"{counters.processed_cached} cached, {counters.requests} requests, {counters.retries} retries, "
         f"{rate:.1f} prompts/s{eta}"
     )
@@ -42,13 +53,15 @@ class Progress:
         *,
         total: int,
         before: int,
+        before_failed: int = 0,
         shard: int,
         shards: int,
         interval: float = 10.0,
         tty: bool | None = None,
     ) -> None:
         self.counters = counters
-        self.total, self.before, self.shard, self.shards = total, before, shard, shards
+        self.total, self.before, self.before_failed = total, before, before_failed
+        self.shard, self.shards = shard, shards
         self.interval = interval
         self.tty = sys.stderr.isatty() if tty is None else tty
         self.start = time.monotonic()
@@ -60,6 +73,7 @@ class Progress:
             self.counters,
             total=self.total,
             before=self.before,
+            before_failed=self.before_failed,
             shard=self.shard,
             shards=self.shards,
             elapsed=time.monotonic() - self.start,
@@ -89,7 +103,8 @@ class Progress:
                     self._bar.update(
                         self._task_id,
                         completed=self.before + c.processed,
-                        status=f"{c.processed_failed} failed, {c.processed_cached} cached, {c.retries} retries",
+                        status=f"{self.before_failed + c.processed_failed} failed, {c.processed_cached} cached, "
+                        f"{c.retries} retries",
                     )
                     await asyncio.sleep(0.2)
             finally:

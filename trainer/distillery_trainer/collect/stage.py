@@ -229,6 +229,7 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
             collector.counters,
             total=len(mine),
             before=len(mine) - len(pending),
+            before_failed=len(rec.failed),
             shard=opts.shard,
             shards=opts.shards,
             interval=opts.progress_interval,
