@@ -17,10 +17,12 @@ from distillery_trainer.collect.prompts import (
     PromptError,
     content_id,
     iter_source,
+    local_prompts_path,
     prepare,
     shard_from_env,
     shard_slice,
     split_of,
+    volume_root,
 )
 from distillery_trainer.collect.ratelimit import RateLimiter
 from distillery_trainer.collect.retry import FAIL, FATAL, RETRY, Backoff, classify, parse_retry_after
@@ -131,7 +133,9 @@ def test_split_is_deterministic_and_close_to_the_fraction() -> None:
     assert all(split_of(i, 0.2) == "eval" for i, s in zip(ids, splits, strict=True) if s == "eval")
 
 
-def test_prompts_from_a_dataset_saved_on_disk(tmp_path: Path) -> None:
+def test_prompt_sources_a_saved_dataset_the_volume_and_local_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import datasets
 
     ds = datasets.Dataset.from_dict({"question": ["a?", "b?"], "id": ["x", "y"], "reference": ["A", "B"]})
@@ -140,6 +144,22 @@ def test_prompts_from_a_dataset_saved_on_disk(tmp_path: Path) -> None:
     rows = iter_source(source, volume=tmp_path, download_dir=tmp_path)
     ps = prepare(rows, eval_fraction=0.1, prompt_field="question")
     assert [(p.id, p.messages[0]["content"], p.reference) for p in ps] == [("x", "a?", "A"), ("y", "b?", "B")]
+
+    # pvcPath is relative to the volume's root: the artifacts path minus runs/<namespace>/<name>
+    assert volume_root("/data/runs/team-a/contracts", "team-a", "contracts") == Path("/data")
+    monkeypatch.setenv("DISTILLERY_VOLUME_ROOT", "/mnt/vol")
+    assert volume_root("/data/runs/team-a/contracts", "team-a", "contracts") == Path("/mnt/vol")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "q"}\n')
+    rows = list(iter_source(PromptSource(pvc_path="p.jsonl"), volume=tmp_path, download_dir=tmp_path))
+    assert rows == [(f"{tmp_path / 'p.jsonl'}:1", {"prompt": "q"})]
+    url = PromptSource(url=(tmp_path / "p.jsonl").as_uri())
+    assert [r for _, r in iter_source(url, volume=Path("/nowhere"), download_dir=tmp_path / "dl")] == [
+        {"prompt": "q"}
+    ]
+    # `distillery run`: relative to the run file
+    assert local_prompts_path(PromptSource(pvc_path="p.jsonl"), tmp_path) == tmp_path / "p.jsonl"
+    with pytest.raises(PromptError, match="pvcPath: no such file .* --prompts"):
+        list(iter_source(PromptSource(pvc_path="nope.jsonl"), volume=tmp_path, download_dir=tmp_path))
 
 
 # ---------------------------------------------------------------------------------------------- shards

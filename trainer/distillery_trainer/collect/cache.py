@@ -4,14 +4,21 @@
 arrays of a white-box answer (written first, so a JSON file always has its arrays). Files are renamed
 into place, so a reader never sees a torn entry; an unreadable entry is a miss, never an error. The key is
 the hash of the request without its secrets, so a re-run of the same spec costs no teacher call at all.
+
+One file per entry, not a database: shards on other pods write to the same volume at the same time (a
+ReadWriteMany volume, often NFS, where SQLite's locking is unsafe), and a rename is atomic everywhere.
+Writes go through one background thread (:class:`CacheWriter`) so the event loop never waits on the disk.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
-import tempfile
+import queue
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,7 @@ from .prompts import canonical
 from .teacher import Choice, Completion
 
 VERSION = 1
+log = logging.getLogger("distillery.collect")
 
 
 def cache_key(model_identity: str, request: dict[str, Any], messages: list[dict[str, Any]]) -> str:
@@ -32,15 +40,22 @@ def cache_key(model_identity: str, request: dict[str, Any], messages: list[dict[
 class AnswerCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self._dirs: set[str] = set()
+        self._tmp_tag = f"{os.getpid()}"
 
-    def _paths(self, key: str) -> tuple[Path, Path]:
-        d = self.root / key[:2]
-        return d / f"{key}.json", d / f"{key}.safetensors"
+    def _paths(self, key: str) -> tuple[str, str]:
+        base = os.path.join(self.root, key[:2], key)
+        return base + ".json", base + ".safetensors"
+
+    def existing(self, keys: Iterable[str]) -> set[str]:
+        """The keys with an entry (one pass, before the run, so a miss costs nothing later)."""
+        return {k for k in keys if os.path.exists(self._paths(k)[0])}
 
     def get(self, key: str) -> Completion | None:
         meta_path, arrays_path = self._paths(key)
         try:
-            data = json.loads(meta_path.read_text(encoding="utf-8"))
+            with open(meta_path, encoding="utf-8") as fh:
+                data = json.load(fh)
             reader = TopKReader([arrays_path]) if data.get("topk") else None
             choices = [
                 Choice(
@@ -60,14 +75,17 @@ class AnswerCache:
         except (OSError, ValueError, KeyError, TypeError):
             return None
 
-    def put(self, key: str, completion: Completion, metadata: dict[str, str] | None = None) -> None:
+    def put(self, key: str, completion: Completion) -> None:
         meta_path, arrays_path = self._paths(key)
-        meta_path.parent.mkdir(parents=True, exist_ok=True)
+        d = os.path.dirname(meta_path)
+        if d not in self._dirs:
+            os.makedirs(d, exist_ok=True)
+            self._dirs.add(d)
         topk = [c.topk for c in completion.choices]
         has_topk = all(t is not None for t in topk)
         if has_topk:
             entries = {str(i): t for i, t in enumerate(topk) if t is not None}
-            write_entries(arrays_path, entries, {**(metadata or {}), "format": FORMAT}, fsync=False)
+            write_entries(arrays_path, entries, {"format": FORMAT}, fsync=False)
         data = {
             "choices": [
                 {
@@ -84,12 +102,45 @@ class AnswerCache:
             },
             "topk": has_topk,
         }
-        # Renamed into place without fsync: a lost entry after a power cut is only a cache miss.
-        fd, tmp = tempfile.mkstemp(prefix=f".{meta_path.name}.", suffix=".tmp", dir=meta_path.parent)
+        raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        # Renamed into place without fsync: a lost entry after a power cut is only a cache miss. The temp
+        # name is unique per process and thread; only one thread of a process writes an entry at a time.
+        tmp = f"{meta_path}.{self._tmp_tag}-{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(data, fh, separators=(",", ":"))
-            os.replace(tmp, meta_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+            os.write(fd, raw)
+        finally:
+            os.close(fd)
+        os.replace(tmp, meta_path)
+
+
+class CacheWriter:
+    """Puts entries from one background thread; :meth:`close` waits for what was submitted."""
+
+    _STOP = object()
+
+    def __init__(self, cache: AnswerCache) -> None:
+        self.cache = cache
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="answer-cache-writer", daemon=True)
+        self._thread.start()
+        self.errors = 0
+
+    def submit(self, key: str, completion: Completion) -> None:
+        self._queue.put((key, completion))
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is self._STOP:
+                return
+            try:
+                self.cache.put(*item)
+            except OSError as exc:  # the cache is an optimisation: never fail the collection for it
+                self.errors += 1
+                if self.errors == 1:
+                    log.warning("cannot write to the answer cache %s: %s", self.cache.root, exc)
+
+    def close(self) -> None:
+        self._queue.put(self._STOP)
+        self._thread.join()

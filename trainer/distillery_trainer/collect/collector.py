@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data.topk import entry_key
-from .cache import AnswerCache, cache_key
+from .cache import AnswerCache, CacheWriter, cache_key
 from .prompts import Prompt
 from .ratelimit import RateLimiter
 from .retry import FAIL, FATAL, Backoff, classify
@@ -148,6 +148,9 @@ class Collector:
         self.rng = rng or random.Random()
         self.counters = Counters()
         self.fatal: str | None = None
+        self._keys: dict[str, str] = {}
+        self._hits: set[str] = set()
+        self._cache_writer: CacheWriter | None = None
         self._request_shape = {
             k: v for k, v in settings.request.body([]).items() if k not in ("messages", "model")
         }
@@ -196,18 +199,20 @@ class Collector:
 
     async def _one(self, prompt: Prompt) -> Record | Failure:
         s = self.settings
-        key = cache_key(s.model_identity, self._request_shape, prompt.messages) if self.cache else ""
-        completion = await asyncio.to_thread(self.cache.get, key) if self.cache else None
-        if completion is not None and s.top_k and any(c.topk is None for c in completion.choices):
-            completion = None  # cached black-box, asked white-box now (cannot happen with the key, but cheap)
+        key = self._keys.get(prompt.id, "")
+        completion = None
+        if self.cache is not None and key in self._hits:
+            completion = await asyncio.to_thread(self.cache.get, key)
+            if completion is not None and s.top_k and any(c.topk is None for c in completion.choices):
+                completion = None  # an entry without its arrays: ask again
         cached = completion is not None
         if completion is None:
             outcome = await self._ask(prompt)
             if isinstance(outcome, Failure):
                 return outcome
             completion = outcome
-            if self.cache:
-                await asyncio.to_thread(self.cache.put, key, completion)
+            if self._cache_writer is not None:
+                self._cache_writer.submit(key, completion)
         return build_record(prompt, completion, s.selection, s.top_k, cached)
 
     # ------------------------------------------------------------------------------------------ the run
@@ -218,6 +223,11 @@ class Collector:
         pending = deque(prompts)
         out: asyncio.Queue[Record | Failure | None] = asyncio.Queue()
         stop = stop or asyncio.Event()
+        if self.cache is not None:
+            shape, model = self._request_shape, self.settings.model_identity
+            self._keys = {p.id: cache_key(model, shape, p.messages) for p in prompts}
+            self._hits = await asyncio.to_thread(self.cache.existing, self._keys.values())
+            self._cache_writer = CacheWriter(self.cache)
 
         async def worker() -> None:
             while pending and not stop.is_set():
@@ -260,6 +270,8 @@ class Collector:
                 task.cancel()
             out.put_nowait(None)
             await writer
+            if self._cache_writer is not None:
+                await asyncio.to_thread(self._cache_writer.close)
         return self.counters
 
     async def _writer(self, out: asyncio.Queue[Record | Failure | None]) -> None:
