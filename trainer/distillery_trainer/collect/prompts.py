@@ -180,7 +180,7 @@ def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def read_hf_dataset(ds: HFDataset) -> Iterator[tuple[str, dict[str, Any]]]:
-    import datasets
+    import datasets  # type: ignore[import-untyped]
 
     if Path(ds.name).is_dir():
         loaded = datasets.load_from_disk(ds.name)
@@ -210,7 +210,7 @@ def download(url: str, dest_dir: str | Path) -> Path:
                         out.write(block)
             else:
                 try:
-                    import fsspec
+                    import fsspec  # type: ignore[import-untyped]
                 except ImportError:
                     raise PromptError(
                         f"{url}: reading this scheme needs fsspec and its plugin (e.g. s3fs)"

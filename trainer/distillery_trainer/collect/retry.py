@@ -60,10 +60,10 @@ class Backoff:
     def delay(
         self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
     ) -> float:
-        r = (rng or random).random()
+        r = float((rng or random).random())
         if retry_after is not None and retry_after >= 0:
             return min(retry_after, self.max_retry_after) * (1 + 0.1 * r)
-        d = min(self.cap, self.base * 2**attempt)
+        d = min(self.cap, self.base * 2.0**attempt)
         return d / 2 + d / 2 * r
 
 

@@ -222,9 +222,14 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
         stop = asyncio.Event()
         caught: list[int] = []
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: int) -> None:  # a pod's SIGTERM: flush what is answered, then stop
+            caught.append(signum)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, lambda s=sig: (caught.append(s), stop.set()))
+                loop.add_signal_handler(sig, on_signal, sig)
         progress = Progress(
             collector.counters,
             total=len(mine),

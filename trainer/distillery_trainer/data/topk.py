@@ -139,7 +139,7 @@ def same_vocab(recorded: Mapping[str, Any], tokenizer: Any) -> bool | None:
     """True/False when the recorded identity can be compared with ``tokenizer``; None when it cannot."""
     if not recorded.get("vocab_sha256"):
         return None
-    return tokenizer_identity(tokenizer)["vocab_sha256"] == recorded["vocab_sha256"]
+    return bool(tokenizer_identity(tokenizer)["vocab_sha256"] == recorded["vocab_sha256"])
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -199,7 +199,7 @@ def merge_files(
     wins. ``keep`` restricts the output to those keys. Metadata: ``metadata``, else the last source's."""
     from safetensors import safe_open
 
-    handles = [safe_open(str(p), framework="numpy") for p in sources]
+    handles: list[Any] = [safe_open(str(p), framework="numpy") for p in sources]
     where: dict[str, Any] = {}
     meta: dict[str, str] = {}
     for handle in handles:
@@ -303,7 +303,7 @@ class TopKReader:
         from safetensors import safe_open
 
         self.files = [Path(f) for f in files]
-        self._handles = [safe_open(str(f), framework="numpy") for f in self.files]
+        self._handles: list[Any] = [safe_open(str(f), framework="numpy") for f in self.files]
         self._where: dict[str, Any] = {}
         self.metadata: dict[str, str] = {}
         for handle in self._handles:
