@@ -7,16 +7,15 @@ the hash of the request without its secrets, so a re-run of the same spec costs 
 
 One file per entry, not a database: shards on other pods write to the same volume at the same time (a
 ReadWriteMany volume, often NFS, where SQLite's locking is unsafe), and a rename is atomic everywhere.
-Writes go through one background thread (:class:`CacheWriter`) so the event loop never waits on the disk.
+The collector checks which keys exist once, before its run, and reads and writes entries off the event loop.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
-import queue
+import socket
 import threading
 from collections.abc import Iterable
 from pathlib import Path
@@ -27,7 +26,6 @@ from .prompts import canonical
 from .teacher import Choice, Completion
 
 VERSION = 1
-log = logging.getLogger("distillery.collect")
 
 
 def cache_key(model_identity: str, request: dict[str, Any], messages: list[dict[str, Any]]) -> str:
@@ -41,7 +39,7 @@ class AnswerCache:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self._dirs: set[str] = set()
-        self._tmp_tag = f"{os.getpid()}"
+        self._tmp_tag = f"{socket.gethostname()}-{os.getpid()}"  # pods on one volume all run as pid 1
 
     def _paths(self, key: str) -> tuple[str, str]:
         base = os.path.join(self.root, key[:2], key)
@@ -104,7 +102,7 @@ class AnswerCache:
         }
         raw = json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         # Renamed into place without fsync: a lost entry after a power cut is only a cache miss. The temp
-        # name is unique per process and thread; only one thread of a process writes an entry at a time.
+        # name is unique per host, process and thread, so writers of the same entry never share one.
         tmp = f"{meta_path}.{self._tmp_tag}-{threading.get_ident()}.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
@@ -112,35 +110,3 @@ class AnswerCache:
         finally:
             os.close(fd)
         os.replace(tmp, meta_path)
-
-
-class CacheWriter:
-    """Puts entries from one background thread; :meth:`close` waits for what was submitted."""
-
-    _STOP = object()
-
-    def __init__(self, cache: AnswerCache) -> None:
-        self.cache = cache
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="answer-cache-writer", daemon=True)
-        self._thread.start()
-        self.errors = 0
-
-    def submit(self, key: str, completion: Completion) -> None:
-        self._queue.put((key, completion))
-
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is self._STOP:
-                return
-            try:
-                self.cache.put(*item)
-            except OSError as exc:  # the cache is an optimisation: never fail the collection for it
-                self.errors += 1
-                if self.errors == 1:
-                    log.warning("cannot write to the answer cache %s: %s", self.cache.root, exc)
-
-    def close(self) -> None:
-        self._queue.put(self._STOP)
-        self._thread.join()

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..data.topk import entry_key
-from .cache import AnswerCache, CacheWriter, cache_key
+from .cache import AnswerCache, cache_key
 from .prompts import Prompt
 from .ratelimit import RateLimiter
 from .retry import FAIL, FATAL, Backoff, classify
@@ -150,7 +150,6 @@ class Collector:
         self.fatal: str | None = None
         self._keys: dict[str, str] = {}
         self._hits: set[str] = set()
-        self._cache_writer: CacheWriter | None = None
         self._request_shape = {
             k: v for k, v in settings.request.body([]).items() if k not in ("messages", "model")
         }
@@ -211,8 +210,8 @@ class Collector:
             if isinstance(outcome, Failure):
                 return outcome
             completion = outcome
-            if self._cache_writer is not None:
-                self._cache_writer.submit(key, completion)
+            if self.cache is not None:  # before the worker moves on: a kill loses at most what is in flight
+                await asyncio.to_thread(self.cache.put, key, completion)
         return build_record(prompt, completion, s.selection, s.top_k, cached)
 
     # ------------------------------------------------------------------------------------------ the run
@@ -227,7 +226,6 @@ class Collector:
             shape, model = self._request_shape, self.settings.model_identity
             self._keys = {p.id: cache_key(model, shape, p.messages) for p in prompts}
             self._hits = await asyncio.to_thread(self.cache.existing, self._keys.values())
-            self._cache_writer = CacheWriter(self.cache)
 
         async def worker() -> None:
             while pending and not stop.is_set():
@@ -270,8 +268,6 @@ class Collector:
                 task.cancel()
             out.put_nowait(None)
             await writer
-            if self._cache_writer is not None:
-                await asyncio.to_thread(self._cache_writer.close)
         return self.counters
 
     async def _writer(self, out: asyncio.Queue[Record | Failure | None]) -> None:
