@@ -154,6 +154,11 @@ def _previous_summary(path: Path, rec: Recovered) -> CollectionSummary | None:
 async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     cfg = opts.config
     spec = cfg.spec
+    if "://" in cfg.artifacts:
+        raise ValueError(
+            f"artifacts {cfg.artifacts!r} is a URL: collection writes to a mounted directory "
+            "(spec.storage.pvc in a cluster, a local directory for `distillery run`)"
+        )
     layout = RunLayout(Path(cfg.artifacts))
     started = time.monotonic()
     api_key = cfg.teacher_api_key()
