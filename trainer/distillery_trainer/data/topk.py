@@ -131,6 +131,7 @@ def unloaded_identity(served_model: str, note: str) -> dict[str, Any]:
         "vocab_size": None,
         "vocab_sha256": None,
         "loaded": False,
+        "served_model": served_model,
         "note": note,
     }
 
