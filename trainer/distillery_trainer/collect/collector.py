@@ -280,14 +280,14 @@ class Collector:
             timeout = max(0.0, s.flush_seconds - (time.monotonic() - last))
             try:
                 item = await asyncio.wait_for(out.get(), timeout=timeout)
-            except asyncio.TimeoutError:
-                item = False  # type: ignore[assignment]
-            if item is None:
-                finished = True
-            elif isinstance(item, Failure):
-                failures.append(item)
-            elif isinstance(item, Record):
-                records.append(item)
+                if item is None:
+                    finished = True
+                elif isinstance(item, Failure):
+                    failures.append(item)
+                else:
+                    records.append(item)
+            except TimeoutError:
+                pass  # nothing new: time to flush what there is
             due = len(records) >= s.chunk_lines or time.monotonic() - last >= s.flush_seconds
             if finished or due:
                 if records or failures:
