@@ -56,6 +56,8 @@ class FakeOpenAIConfig:
     answer: Callable[[list[dict[str, Any]], int], str] = default_answer
     model: str = "fake-teacher"
     vocab_size: int = 1000
+    # log-probability of the sampled token at (word, position, sample): lets a test make one sample "best"
+    logprob: Callable[[str, int, int], float] = lambda word, pos, sample: -0.1
 
 
 class FakeOpenAI:
@@ -150,8 +152,11 @@ class FakeOpenAI:
         with self._lock:
             self.stats["requests"] += 1
             self.auth_headers.append(request.headers.get("Authorization", ""))
-        if self.config.api_key and request.headers.get("Authorization") != f"Bearer {self.config.api_key}":
-            return self._error(401, "invalid api key", "invalid_api_key")
+        presented = request.headers.get("Authorization", "")
+        if self.config.api_key and presented != f"Bearer {self.config.api_key}":
+            # Echoes the key it was given, as careless servers do: what the client logs must scrub it.
+            key = presented.removeprefix("Bearer ")
+            return self._error(401, f"Incorrect API key provided: {key}", "invalid_api_key")
         body = await request.json()
         messages = body.get("messages", [])
         fault = self._draw()
@@ -206,7 +211,7 @@ class FakeOpenAI:
                 "index": i,
                 "message": {"role": "assistant", "content": a},
                 "finish_reason": "stop",
-                "logprobs": self._logprobs(body, a) if body.get("logprobs") else None,
+                "logprobs": self._logprobs(body, a, i) if body.get("logprobs") else None,
             }
             for i, a in enumerate(answers)
         ]
@@ -229,14 +234,15 @@ class FakeOpenAI:
     def _token_id(self, token: str) -> int:
         return int(hashlib.sha256(token.encode()).hexdigest(), 16) % self.config.vocab_size
 
-    def _logprobs(self, body: dict[str, Any], answer: str) -> dict[str, Any]:
+    def _logprobs(self, body: dict[str, Any], answer: str, sample: int = 0) -> dict[str, Any]:
         k = int(body.get("top_logprobs") or 0)
         as_ids = bool(body.get("return_tokens_as_token_ids"))
         content = []
         for pos, word in enumerate(answer.split()):
             tid = self._token_id(word)
             name = f"token_id:{tid}" if as_ids else word
-            alts = [{"token": name, "logprob": -0.1, "bytes": list(word.encode())}]
+            lp = self.config.logprob(word, pos, sample)
+            alts = [{"token": name, "logprob": lp, "bytes": list(word.encode())}]
             for j in range(1, k):
                 alt = (tid + j * 7 + pos) % self.config.vocab_size
                 alts.append(
@@ -247,7 +253,7 @@ class FakeOpenAI:
                     }
                 )
             content.append(
-                {"token": name, "logprob": -0.1, "bytes": list(word.encode()), "top_logprobs": alts[:k]}
+                {"token": name, "logprob": lp, "bytes": list(word.encode()), "top_logprobs": alts[:k]}
             )
         return {"content": content}
 
