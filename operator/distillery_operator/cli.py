@@ -67,6 +67,8 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(name)s [%(levelname)s] %(message)s")
     logging.getLogger("distillery").setLevel(min(level, logging.INFO))
+    if not args.debug:  # one "Handler ... succeeded" line per watch event is noise, not news
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     namespaces = list(args.namespace or [])
     kopf.run(
         clusterwide=not namespaces,

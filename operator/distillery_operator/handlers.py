@@ -8,6 +8,8 @@
   run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
 - One ``@kopf.on.startup`` holds every setting.
 
+Every handler is ``async``: kopf runs synchronous ones in a thread pool, a thread hop per watch event.
+
 Load with ``kopf run -m distillery_operator.handlers``, or ``distillery operator``.
 """
 
@@ -34,7 +36,7 @@ CHILD_RESOURCES = {
     "distillery_pytorchjobs": ("kubeflow.org", "v1", "pytorchjobs"),
 }
 POD_RESOURCE = ("", "v1", "pods")
-MANAGED = {MANAGED_LABEL: MANAGED_BY, RUN_LABEL: kopf.PRESENT}
+MANAGED: dict[str, Any] = {MANAGED_LABEL: MANAGED_BY, RUN_LABEL: kopf.PRESENT}
 
 
 def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
@@ -75,12 +77,14 @@ async def shutdown(memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.index(*RUN_RESOURCE, id=RUN_INDEX)
-def index_run(body: kopf.Body, namespace: str, name: str, **_: Any) -> dict[Key, RunView]:
-    return {(namespace, name): run_view(body)}
+async def index_run(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Key, RunView]:
+    return {(namespace or "", name): run_view(body)}
 
 
-def index_child(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, Child]:
-    return {(namespace, labels[RUN_LABEL]): child_view(body)}
+async def index_child(
+    body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any
+) -> dict[Key, Child]:
+    return {(namespace or "", labels[RUN_LABEL]): child_view(body)}
 
 
 for _index_id, _resource in CHILD_RESOURCES.items():
@@ -88,8 +92,8 @@ for _index_id, _resource in CHILD_RESOURCES.items():
 
 
 @kopf.index(*POD_RESOURCE, id=POD_INDEX, labels=MANAGED)
-def index_pod(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) -> dict[Key, Pod]:
-    return {(namespace, labels[RUN_LABEL]): pod_view(body)}
+async def index_pod(body: kopf.Body, namespace: str | None, labels: kopf.Labels, **_: Any) -> dict[Key, Pod]:
+    return {(namespace or "", labels[RUN_LABEL]): pod_view(body)}
 
 
 # ---------------------------------------------------------------------------------------------- events
@@ -97,20 +101,21 @@ def index_pod(body: kopf.Body, namespace: str, labels: kopf.Labels, **_: Any) ->
 
 @kopf.on.event(*RUN_RESOURCE)
 async def run_changed(
-    type: str | None, namespace: str, name: str, uid: str, memo: kopf.Memo, **kwargs: Any
+    type: str | None, namespace: str | None, name: str, uid: str, memo: kopf.Memo, **kwargs: Any
 ) -> None:
     reconciler: Reconciler = memo["reconciler"]
+    key = (namespace or "", name)
     if type == "DELETED":
-        reconciler.forget((namespace, name), uid)
+        reconciler.forget(key, uid)
         return
     reconciler.bind(kwargs)
-    reconciler.request((namespace, name))
+    reconciler.request(key)
 
 
-async def child_changed(namespace: str, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
+async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.Memo, **kwargs: Any) -> None:
     reconciler: Reconciler = memo["reconciler"]
     reconciler.bind(kwargs)
-    reconciler.request((namespace, labels[RUN_LABEL]))
+    reconciler.request((namespace or "", labels[RUN_LABEL]))
 
 
 for _index_id, _resource in {**CHILD_RESOURCES, POD_INDEX: POD_RESOURCE}.items():

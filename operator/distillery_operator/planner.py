@@ -164,7 +164,7 @@ def plan(
 ) -> Plan:
     prior = prior_status(view.status)
     try:
-        spec = DistillationRunSpec.model_validate(view.spec)
+        spec = DistillationRunSpec.model_validate_json(view.spec_json)
     except ValidationError as exc:
         return _invalid(view, prior, format_errors(exc, ("spec",)), now)
     problems: list[tuple[str, str]] = []
@@ -193,7 +193,7 @@ def _invalid(
 ) -> Plan:
     st = prior.model_copy(deep=True)
     st.observed_generation = view.generation
-    st.phase = PHASE_FAILED
+    st.phase = "Failed"
     message = "invalid spec: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
     st.message = message
     st.completion_time = prior.completion_time if prior.phase == PHASE_FAILED else now
@@ -233,7 +233,7 @@ class _Walk:
         self.caps = caps
         self.prior = prior
         self.fp = fingerprints(spec)
-        self.st = prior.model_copy(deep=True)
+        self.st = prior_status(view.status)  # a second parse is cheaper than a deep copy
         self.st.observed_generation = view.generation
         self.out = Plan(status=self.st)
         self.failure: tuple[str, str] | None = None  # (stage, message)
@@ -621,11 +621,11 @@ class _Walk:
             stage, message = self.failure
             return PHASE_FAILED, STAGE_FAILED_REASON[stage], f"{stage} failed: {message}"
         if current is not None:
-            message = self._stage_status(current).message
+            stage_message = self._stage_status(current).message
             return (
                 STAGE_PHASE[current],
                 STAGE_RUNNING_REASON[current],
-                f"{current}: {message}" if message else current,
+                f"{current}: {stage_message}" if stage_message else current,
             )
         results = self.st.results
         assert results is not None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -20,6 +21,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import kopf
+from distillery_trainer.api.status import REASON_RETRYING
 
 from . import apply
 from .kube import Api
@@ -76,7 +78,7 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(microsecond=0)
 
 
-def run_ref(view: RunView) -> dict[str, Any]:
+def run_ref(view: RunView) -> kopf.RawBody:
     """Enough of the run for kopf to post an Event about it."""
     return {
         "apiVersion": "distillery.dev/v1alpha1",
@@ -104,7 +106,7 @@ class Reconciler:
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._failures: dict[Key, int] = {}
         self._warned: dict[Key, str] = {}
-        self._written: dict[str, dict[str, Any]] = {}  # run uid -> the status last written
+        self._written: dict[str, str] = {}  # run uid -> the status last written (JSON)
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected: dict[Key, dict[tuple[str, str], Expectation]] = {}
 
@@ -214,11 +216,11 @@ class Reconciler:
         view = self._view(key)
         if view is not None and self._warned.get(key) != dedupe:
             self._warned[key] = dedupe
-            self._event(view, "Warning", "Retrying", message)
+            self._event(view, "Warning", REASON_RETRYING, message)
 
     def _event(self, view: RunView, type_: str, reason: str, message: str) -> None:
         try:
-            self.post_event(run_ref(view), type=type_, reason=reason, message=message[:1024])
+            self.post_event(kopf.Body(run_ref(view)), type=type_, reason=reason, message=message[:1024])
         except LookupError:  # outside an operator (unit tests without kopf's posting context)
             logger.info("event %s %s: %s", type_, reason, message)
 
@@ -258,7 +260,7 @@ class Reconciler:
             return None
         written = self._written.get(view.uid)
         if written is not None:
-            view = dataclasses.replace(view, status=written)
+            view = dataclasses.replace(view, status_json=written)
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
         )
@@ -283,6 +285,7 @@ class Reconciler:
             for kind, name in result.delete:
                 gone = observed.child(kind, name)
                 await apply.remove(self.api, kind, view.namespace, name)
+                logger.info("%s/%s: deleted %s %s", view.namespace, view.name, kind, name)
                 self._expect(key, (kind, name), None, gone.uid if gone is not None else "")
             await self._ensure_all(view, result, observed)
         else:
@@ -300,14 +303,23 @@ class Reconciler:
         for desired, outcome in zip(result.apply, outcomes, strict=True):
             if isinstance(outcome, dict):
                 self._expect(key, (desired.kind, desired.name), child_view(outcome))
+                logger.info("%s/%s: applied %s %s", view.namespace, view.name, desired.kind, desired.name)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
 
     async def _write_status(self, view: RunView, result: Plan) -> None:
         new = result.status.to_dict()
-        old = self._written.get(view.uid)
-        if old is None:
-            old = prior_status(view.status).to_dict() if view.status else {}
-        await apply.write_status(self.api, view.namespace, view.name, old, new)
-        self._written[view.uid] = new
+        written = self._written.get(view.uid)
+        old = (
+            json.loads(written)
+            if written is not None
+            else prior_status(view.status).to_dict()
+            if view.status
+            else {}
+        )
+        if await apply.write_status(self.api, view.namespace, view.name, old, new) and old.get(
+            "phase"
+        ) != new.get("phase"):
+            logger.info("%s/%s: %s -> %s", view.namespace, view.name, old.get("phase", "-"), new.get("phase"))
+        self._written[view.uid] = json.dumps(new, separators=(",", ":"))

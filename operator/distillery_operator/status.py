@@ -147,7 +147,7 @@ def _condition(
     since = old.last_transition_time if old is not None and old.status == status else now
     return Condition(
         type=type_,
-        status=status,  # type: ignore[arg-type]
+        status=status,
         reason=reason,
         message=message,
         last_transition_time=since,

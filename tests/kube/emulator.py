@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import datetime
 import gzip
@@ -28,6 +29,7 @@ import json
 import re
 import secrets
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -38,6 +40,7 @@ from kmock._internal import dicts as kmock_dicts
 from kmock._internal.enums import action
 from kmock._internal.rendering import Request
 
+_CURRENT: contextvars.ContextVar[Request | None] = contextvars.ContextVar("kmock_request", default=None)
 NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?$")
 
 VERBS = {
@@ -85,6 +88,8 @@ class ApiServer(kmock.KubernetesEmulator):
     audit: list[AuditEntry] = attrs.field(factory=list, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     namespaces: set[str] = attrs.field(factory=lambda: {"default", "kube-system"})
+    # Called after every write that went through: (the audit entry, the request).
+    listeners: list[Callable[[AuditEntry, Request], None]] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _mutations: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
 
@@ -147,15 +152,48 @@ class ApiServer(kmock.KubernetesEmulator):
             await asyncio.sleep(0.2)
         return response
 
+    # kmock matches a request to its reactions by asking each reaction whether the request is among the
+    # requests it has seen, which walks every request received so far: quadratic in the requests served.
+    # While a request is handled, the root yields that request alone (a context variable: aiohttp runs
+    # each request in its own task), and only the requests in flight are kept (the audit keeps the
+    # history): the matching is constant time. Nothing here reads kmock's request history.
+    def __iter__(self) -> Iterator[Request]:
+        current = _CURRENT.get()
+        if current is not None:
+            yield current
+        else:
+            yield from super().__iter__()
+
     async def _handle(self, request: Request) -> Any:
-        # kmock matches a request to its reactions by scanning every request it ever received, for every
-        # reaction: quadratic in the requests served. Keeping only the requests in flight (the audit
-        # keeps the history) makes it linear; nothing here reads kmock's request history.
+        token = _CURRENT.set(request)
         try:
             return await self._serve(request)
         finally:
+            _CURRENT.reset(token)
             with contextlib.suppress(ValueError):
                 self._requests.remove(request)
+
+    # kmock finds an object by scanning all of them; a real API server (and this one) looks it up.
+    def _lookup(self, request: Request) -> Any:
+        obj = self.objects._objects.get((request.resource, request.namespace, request.name))
+        return obj
+
+    async def _serve_fetch(self, request: Request) -> Any:
+        obj = self._lookup(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: Request) -> Any:
+        meta = request.data.get("metadata", {}) if isinstance(request.data, dict) else {}
+        key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        return self.objects._objects[key].last.raw
+
+    async def _serve_update(self, request: Request) -> Any:
+        return self._lookup(request).last.raw
+
+    async def _serve_delete(self, request: Request) -> Any:
+        return self._lookup(request).last.raw
 
     async def _serve(self, request: Request) -> Any:
         entry = self._audit(request)
@@ -174,7 +212,11 @@ class ApiServer(kmock.KubernetesEmulator):
                 self._stamp_create(request)
             elif request.action == action.UPDATE:
                 self._stamp_update(request)
-            return await super()._handle(request)
+            response = await super()._handle(request)
+        if entry is not None:
+            for listener in self.listeners:
+                listener(entry, request)
+        return response
 
     def _audit(self, request: Request) -> AuditEntry | None:
         if request.resource is None or request.action is None or not request.resource.plural:

@@ -53,7 +53,7 @@ class World:
         self.caps = Capabilities()
 
     def view(self) -> RunView:
-        return RunView(self.name, "ns", UID, self.generation, self.spec, self.status)
+        return RunView.of(self.name, "ns", UID, self.generation, self.spec, self.status)
 
     def plan(self, advance: float = 1.0) -> Plan:
         self.now += timedelta(seconds=advance)
