@@ -57,6 +57,7 @@ class AuditEntry(NamedTuple):
     verb: str
     resource: str  # "batch/jobs", "pods", "distillery.dev/distillationruns/status"
     namespace: str | None
+    agent: str = ""  # the User-Agent: kopf/..., distillery-operator, or kmock/... for the tests' own requests
 
 
 @dataclass
@@ -67,6 +68,14 @@ class Fault:
     times: int
     namespace: str | None = None
     hits: int = 0
+
+
+def rbac_rules(entries: list[AuditEntry]) -> dict[str, set[str]]:
+    """What a Role must allow for the requests seen: ``{"batch/jobs": {"create", "list", ...}, ...}``."""
+    rules: dict[str, set[str]] = {}
+    for entry in entries:
+        rules.setdefault(entry.resource, set()).add(entry.verb)
+    return rules
 
 
 def rbac_resource(group: str, plural: str, subresource: str | None = None) -> str:
@@ -129,7 +138,8 @@ class ApiServer(kmock.KubernetesEmulator):
     async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
         await raw_request.read()
         watch = raw_request.query.get("watch") == "true"
-        self.audit.append(AuditEntry("watch" if watch else "list", "namespaces", None))
+        agent = raw_request.headers.get("User-Agent", "")
+        self.audit.append(AuditEntry("watch" if watch else "list", "namespaces", None, agent))
         if not watch:
             return aiohttp.web.json_response(
                 {
@@ -225,7 +235,7 @@ class ApiServer(kmock.KubernetesEmulator):
         if request.action == action.DELETE and request.name is None:
             verb = "deletecollection"
         res = rbac_resource(request.resource.group or "", request.resource.plural or "", request.subresource)
-        entry = AuditEntry(verb, res, request.namespace)
+        entry = AuditEntry(verb, res, request.namespace, request.headers.get("User-Agent", ""))
         self.audit.append(entry)
         return entry
 

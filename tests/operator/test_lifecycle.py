@@ -14,7 +14,9 @@ from distillery_trainer.cost import run_cost
 from tests.builders import make_run
 from tests.conftest import EXAMPLES
 from tests.kube.cluster import Cluster, now
+from tests.kube.emulator import AuditEntry, rbac_rules
 from tests.kube.fixtures import StartOperator
+from tests.kube.rbac import beyond_rbac
 
 from .reports import drive_to_evaluated, progress, results, summaries
 
@@ -35,7 +37,7 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 
 async def test_example_run_reaches_succeeded_with_retention_p95_and_cost(
-    cluster: Cluster, start_operator: StartOperator
+    cluster: Cluster, start_operator: StartOperator, api_audit: list[AuditEntry]
 ) -> None:
     await start_operator()
     run = await cluster.apply_run(example_run())
@@ -88,6 +90,12 @@ async def test_example_run_reaches_succeeded_with_retention_p95_and_cost(
         assert [o["uid"] for o in obj["metadata"]["ownerReferences"]] == [uid]
     assert children[("Deployment", f"{NAME}-serve")]["spec"]["replicas"] == 1
 
+    # Everything the operator asked of the API server is within what the chart's Role grants.
+    assert beyond_rbac(api_audit) == {}
+    assert {"create", "watch"} <= rbac_rules(api_audit)["batch/jobs"] and "delete" not in rbac_rules(
+        api_audit
+    )["pods"]
+
     # An Event for every stage transition, in order.
     await cluster.wait_for(lambda: len(cluster.events(NS, NAME)) >= 9, "the events to be posted")
     reasons = [e["reason"] for e in cluster.events(NS, NAME)]
@@ -138,6 +146,7 @@ async def test_failing_quality_gate_fails_the_run_and_scales_serving_to_zero(
     )
     assert cluster.creations("Job", NS, f"{NAME}-eval") == 1
     assert cluster.creations("PyTorchJob", NS, f"{NAME}-train") == 1
+    assert beyond_rbac(cluster.api.audit) == {}
 
 
 async def test_failed_gate_keeps_serving_when_asked_to(
@@ -230,6 +239,7 @@ async def test_training_edit_restarts_from_training(cluster: Cluster, start_oper
     await cluster.finish_evaluation(NS, NAME, results(0.93))
     status = await cluster.wait_phase(NS, NAME, "Succeeded")
     assert status["results"]["qualityRetention"] == 0.93 and status["results"]["cost"]["trainingUSD"] == 6.0
+    assert beyond_rbac(cluster.api.audit) == {}
 
 
 @pytest.mark.kubeflow(False)
@@ -323,3 +333,7 @@ async def test_a_namespaced_operator_leaves_other_namespaces_alone(
 
     await asyncio.sleep(1.0)
     assert cluster.status("ns-2", "theirs") == {} and cluster.children("ns-2", "theirs") == {}
+    assert beyond_rbac(cluster.api.audit) == {}
+    assert {e.namespace for e in cluster.api.audit if e.resource == "batch/jobs" and e.verb == "watch"} == {
+        "ns-1"
+    }

@@ -11,6 +11,7 @@ import pytest
 from tests.builders import make_run
 from tests.kube.cluster import Cluster, now, path
 from tests.kube.fixtures import StartOperator
+from tests.kube.rbac import beyond_rbac
 
 from .reports import drive_to_evaluated, progress, results, summaries
 from .test_lifecycle import NAME, NS, example_run
@@ -92,6 +93,7 @@ async def test_killed_at_every_stage_the_operator_resumes_without_duplicate_chil
     )
     reasons = Counter(e["reason"] for e in cluster.events(NS, NAME))
     assert all(count == 1 for count in reasons.values()), reasons
+    assert beyond_rbac(cluster.api.audit) == {}
 
 
 async def test_api_errors_during_apply_are_retried_and_leave_no_duplicates(
@@ -146,6 +148,7 @@ async def test_api_errors_during_apply_are_retried_and_leave_no_duplicates(
     retrying = [e for e in cluster.events(NS, NAME) if e["reason"] == "Retrying"]
     assert retrying and all(e["type"] == "Warning" for e in retrying)
     assert any("500" in e["message"] for e in retrying)
+    assert beyond_rbac(cluster.api.audit) == {}
 
 
 async def test_twenty_runs_in_two_namespaces(cluster: Cluster, start_operator: StartOperator) -> None:
