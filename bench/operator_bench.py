@@ -30,7 +30,7 @@ sys.path[:0] = [str(REPO), str(REPO / "operator"), str(REPO / "trainer")]
 import kmock  # noqa: E402
 
 from tests.builders import make_run  # noqa: E402
-from tests.kube.cluster import path, write_kubeconfig  # noqa: E402
+from tests.kube.cluster import die_with_parent, path, write_kubeconfig  # noqa: E402
 from tests.kube.emulator import ApiServer, AuditEntry, declare_resources  # noqa: E402
 
 
@@ -111,7 +111,9 @@ async def post_all(server: kmock.Server, bodies: list[dict[str, Any]], concurren
 
 async def start(cmd: list[str], env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
     handle = log.open("wb")
-    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=handle, stderr=handle)
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, env=env, stdout=handle, stderr=handle, preexec_fn=die_with_parent
+    )
     handle.close()
     return proc
 

@@ -4,8 +4,8 @@
   Deployment, PyTorchJob, Pod) in memory, keyed by ``(namespace, run)``. kopf fills the indices before any
   handler runs, so a restarted operator sees every child it made before it plans anything.
 - ``@kopf.on.event`` on runs and on children (matched by the ``app.kubernetes.io/managed-by`` and
-  ``distillery.dev/run`` labels, checked here rather than by the API server) requests a reconcile of the
-  run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
+  ``distillery.dev/run`` labels: a label selector on the watch, and the same filter again here for API
+  servers that ignore selectors) requests a reconcile of the run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
 - One ``@kopf.on.startup`` holds every setting.
 
 Every handler is ``async``: kopf runs synchronous ones in a thread pool, a thread hop per watch event.
@@ -37,6 +37,7 @@ CHILD_RESOURCES = {
 }
 POD_RESOURCE = ("", "v1", "pods")
 MANAGED: dict[str, Any] = {MANAGED_LABEL: MANAGED_BY, RUN_LABEL: kopf.PRESENT}
+CHILD_SELECTOR = f"{MANAGED_LABEL}={MANAGED_BY},{RUN_LABEL}"
 
 
 def login(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo | None:
@@ -62,6 +63,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     settings.networking.request_timeout = 60
     # Events of one object closer than this are handled together (kopf's default is 0.1 s).
     settings.batching.batch_window = 0.05
+    # Only the children of runs, filtered by the API server (a cluster's other pods never reach the
+    # operator); the handlers' label filters say the same, for API servers that ignore selectors.
+    for resource in (*CHILD_RESOURCES.values(), POD_RESOURCE):
+        settings.watching.label_selectors[resource] = CHILD_SELECTOR
     memo["config"] = config
     memo["reconciler"] = Reconciler(Api(functools.partial(login, settings)), config)
 

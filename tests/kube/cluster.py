@@ -46,6 +46,14 @@ def path(kind: str, namespace: str, name: str | None = None, sub: str | None = N
     return out + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
 
 
+def die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGKILL when the test process dies (no stray operators)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def pod_name(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(3)[:5]}"
 
@@ -402,6 +410,7 @@ class Operator:
             env=env,
             stdout=handle,
             stderr=handle,
+            preexec_fn=die_with_parent,
         )
         handle.close()
         return self

@@ -97,6 +97,8 @@ class ApiServer(kmock.KubernetesEmulator):
     audit: list[AuditEntry] = attrs.field(factory=list, init=False)
     faults: list[Fault] = attrs.field(factory=list, init=False)
     namespaces: set[str] = attrs.field(factory=lambda: {"default", "kube-system"})
+    # The label selector of the last list or watch of each resource (kmock ignores them).
+    selectors: dict[str, str | None] = attrs.field(factory=dict, init=False)
     # Called after every write that went through: (the audit entry, the request).
     listeners: list[Callable[[AuditEntry, Request], None]] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
@@ -237,6 +239,8 @@ class ApiServer(kmock.KubernetesEmulator):
         res = rbac_resource(request.resource.group or "", request.resource.plural or "", request.subresource)
         entry = AuditEntry(verb, res, request.namespace, request.headers.get("User-Agent", ""))
         self.audit.append(entry)
+        if verb in ("list", "watch"):
+            self.selectors[res] = request.params.get("labelSelector")
         return entry
 
     def _fault(self, entry: AuditEntry) -> Fault | None:

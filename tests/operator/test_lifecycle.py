@@ -3,6 +3,7 @@ lifecycle to a verdict, the quality gate, a failed shard, spec edits, the backen
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from distillery_trainer.cost import run_cost
 
 from tests.builders import make_run
 from tests.conftest import EXAMPLES
-from tests.kube.cluster import Cluster, now
+from tests.kube.cluster import Cluster, now, path
 from tests.kube.emulator import AuditEntry, rbac_rules
 from tests.kube.fixtures import StartOperator
 from tests.kube.rbac import beyond_rbac
@@ -89,6 +90,27 @@ async def test_example_run_reaches_succeeded_with_retention_p95_and_cost(
         assert labels["distillery.dev/stage"] in {"config", "collect", "train", "serve", "evaluate"}
         assert [o["uid"] for o in obj["metadata"]["ownerReferences"]] == [uid]
     assert children[("Deployment", f"{NAME}-serve")]["spec"]["replicas"] == 1
+
+    # Deleting the run leaves the rest to the garbage collector (owner references above): the operator
+    # forgets the run and writes nothing more, though its children's events still arrive.
+    await cluster.request("DELETE", path("DistillationRun", NS, NAME))
+    await cluster.roll_out(NS, f"{NAME}-serve")
+    before = [e for e in api_audit if e.agent == "distillery-operator"]
+    await asyncio.sleep(1.0)
+    assert [e for e in api_audit if e.agent == "distillery-operator"] == before
+
+    # Children are watched through a label selector (a real API server filters; kmock ignores it).
+    selector = "app.kubernetes.io/managed-by=distillery-operator,distillery.dev/run"
+    for resource in (
+        "pods",
+        "configmaps",
+        "services",
+        "batch/jobs",
+        "apps/deployments",
+        "kubeflow.org/pytorchjobs",
+    ):
+        assert cluster.api.selectors[resource] == selector, resource
+    assert cluster.api.selectors["distillery.dev/distillationruns"] is None
 
     # Everything the operator asked of the API server is within what the chart's Role grants.
     assert beyond_rbac(api_audit) == {}
@@ -196,8 +218,6 @@ async def test_a_failed_collection_shard_fails_the_run_with_the_shard_and_reason
         "Retrying",
         "CollectionFailed",
     ]
-    import asyncio
-
     await asyncio.sleep(1.5)
     assert cluster.api.count("patch", "distillery.dev/distillationruns/status") == writes
 
@@ -329,8 +349,6 @@ async def test_a_namespaced_operator_leaves_other_namespaces_alone(
     await cluster.apply_run(make_run("mine", "ns-1").storage().obj())
     await cluster.apply_run(make_run("theirs", "ns-2").storage().obj())
     await cluster.wait_phase("ns-1", "mine", "Collecting")
-    import asyncio
-
     await asyncio.sleep(1.0)
     assert cluster.status("ns-2", "theirs") == {} and cluster.children("ns-2", "theirs") == {}
     assert beyond_rbac(cluster.api.audit) == {}
