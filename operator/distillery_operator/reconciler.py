@@ -230,7 +230,7 @@ class Reconciler:
         store = self.indices.get(RUN_INDEX, {}).get(key)
         return next(iter(store), None) if store else None
 
-    def observe(self, key: Key, uid: str) -> Observed:
+    def observe(self, key: Key) -> Observed:
         """The run's children as the indices show them, corrected by this process's own recent writes
         the watch has not delivered yet (a just-created child is not created twice)."""
         children: dict[tuple[str, str], Child] = {}
@@ -264,7 +264,7 @@ class Reconciler:
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
         )
-        result = plan(view, self.observe(key, view.uid), self.clock(), settings=self.settings, caps=caps)
+        result = plan(view, self.observe(key), self.clock(), settings=self.settings, caps=caps)
         await self.execute(view, result)
         return result.requeue_after
 
@@ -279,7 +279,7 @@ class Reconciler:
     async def execute(self, view: RunView, result: Plan) -> None:
         """Apply a plan: deletions only after the status that explains them is written."""
         key = (view.namespace, view.name)
-        observed = self.observe(key, view.uid)
+        observed = self.observe(key)
         if result.delete:
             await self._write_status(view, result)
             for kind, name in result.delete:
