@@ -56,3 +56,7 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     """A fault-free fake OpenAI server; tests that want faults build their own FakeOpenAIConfig."""
     with FakeOpenAI(FakeOpenAIConfig()) as server:
         yield server
+
+
+# The Kubernetes API emulator and the operator process: `cluster`, `start_operator`, `api_audit`.
+from tests.kube.fixtures import api_audit, cluster, start_operator  # noqa: E402, F401

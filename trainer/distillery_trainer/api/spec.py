@@ -423,6 +423,10 @@ class Serving(ApiModel):
     replicas: int = Field(default=1, ge=1, le=1000, description="Replicas of the student's Deployment.")
     gpus: int = Field(default=1, ge=0, le=64, description="GPUs per replica (tensor parallel size).")
     keep: bool = Field(default=True, description="Keep serving after a passed evaluation.")
+    keep_on_failure: bool = Field(
+        default=False,
+        description="Keep serving when the run fails (the quality gate included), e.g. to inspect the student.",
+    )
     max_model_len: int | None = Field(default=None, ge=16, description="vLLM --max-model-len.")
     dtype: str = Field(default="auto", max_length=32, description="vLLM --dtype.")
     gpu_memory_utilization: float = Field(

@@ -1,0 +1,89 @@
+"""Stage 1: the collection Job (Indexed, one pod per shard) and, for a self-hosted teacher, its vLLM
+Deployment and Service (created first, torn down once the collection has ended)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillery_trainer.api.stage import TEACHER_API_KEY_ENV
+from distillery_trainer.serve import VllmServer
+
+from ..settings import Settings
+from .common import (
+    COLLECT,
+    TEACHER,
+    Run,
+    base_env,
+    finish,
+    labels,
+    metadata,
+    pod_spec,
+    resources,
+    secret_env,
+    stage_command,
+    volume_mounts,
+)
+from .config import TEACHER_SERVED_NAME
+from .serve import vllm_deployment, vllm_service
+
+
+def collect_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
+    spec = run.spec.collection
+    env = base_env(run, settings)
+    endpoint = run.spec.teacher.endpoint
+    if endpoint is not None and endpoint.api_key_secret_ref is not None:
+        env.append(secret_env(TEACHER_API_KEY_ENV, endpoint.api_key_secret_ref))
+    container = {
+        "name": "collect",
+        "image": run.spec.training.image or settings.trainer_image,
+        # The shard is the pod's JOB_COMPLETION_INDEX, which the Job controller sets.
+        "command": stage_command("collect", settings),
+        "env": env,
+        "resources": resources(cpu="500m", memory="1Gi"),
+        "volumeMounts": volume_mounts(run, settings),
+    }
+    meta = metadata(run, COLLECT, inputs=inputs, workload=True, settings=settings)
+    return finish(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": meta,
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": spec.shards,
+                "parallelism": min(spec.shards, spec.parallelism or spec.shards),
+                # A shard's pod is retried on its own; the Job fails once every shard has ended and
+                # any of them ran out of retries (reason FailedIndexes).
+                "backoffLimitPerIndex": spec.backoff_limit_per_index,
+                "template": {
+                    "metadata": {"labels": labels(run, COLLECT)},
+                    "spec": pod_spec(run, settings, [container], restart_policy="Never"),
+                },
+            },
+        }
+    )
+
+
+def _teacher_server(run: Run) -> VllmServer:
+    teacher = run.spec.teacher.self_hosted
+    assert teacher is not None
+    return VllmServer.for_teacher(teacher, run.spec.teacher.logprobs, teacher.model, TEACHER_SERVED_NAME)
+
+
+def teacher_deployment(run: Run, settings: Settings) -> dict[str, Any]:
+    teacher = run.spec.teacher.self_hosted
+    assert teacher is not None
+    return vllm_deployment(
+        run,
+        settings,
+        TEACHER,
+        _teacher_server(run),
+        replicas=1,
+        gpus=teacher.tensor_parallel_size,
+        image=run.spec.serving.image or settings.vllm_image,
+        inputs=None,
+    )
+
+
+def teacher_service(run: Run, settings: Settings) -> dict[str, Any]:
+    return vllm_service(run, settings, TEACHER)

@@ -1,0 +1,59 @@
+"""Stage 4: the evaluation Job, ``distillery-trainer evaluate`` against the student's Service. Its pod
+writes the verdict (the status ``results`` shape) as its termination message."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillery_trainer.api.stage import JUDGE_API_KEY_ENV, TEACHER_API_KEY_ENV
+
+from ..settings import Settings
+from .common import (
+    EVAL,
+    Run,
+    base_env,
+    finish,
+    labels,
+    metadata,
+    pod_spec,
+    resources,
+    secret_env,
+    stage_command,
+    volume_mounts,
+)
+
+
+def eval_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
+    env = base_env(run, settings)
+    judge = run.spec.evaluation.judge
+    if judge is not None and judge.endpoint.api_key_secret_ref is not None:
+        env.append(secret_env(JUDGE_API_KEY_ENV, judge.endpoint.api_key_secret_ref))
+    teacher = run.spec.teacher.endpoint
+    if teacher is not None and teacher.api_key_secret_ref is not None:
+        # The latency comparison calls the teacher the same way it calls the student.
+        env.append(secret_env(TEACHER_API_KEY_ENV, teacher.api_key_secret_ref))
+    container = {
+        "name": "evaluate",
+        "image": run.spec.training.image or settings.trainer_image,
+        "command": stage_command("evaluate", settings),
+        "env": env,
+        "resources": resources(cpu="1", memory="2Gi"),
+        "volumeMounts": volume_mounts(run, settings),
+    }
+    meta = metadata(run, EVAL, inputs=inputs, workload=True, settings=settings)
+    return finish(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": meta,
+            "spec": {
+                "completions": 1,
+                "parallelism": 1,
+                "backoffLimit": 1,
+                "template": {
+                    "metadata": {"labels": labels(run, EVAL)},
+                    "spec": pod_spec(run, settings, [container], restart_policy="Never"),
+                },
+            },
+        }
+    )

@@ -1,0 +1,115 @@
+"""Stage 3: the student's vLLM OpenAI-compatible server, a Deployment and a Service.
+
+The command line comes from :class:`distillery_trainer.serve.VllmServer`, the one builder the local
+launcher uses too. Readiness and liveness probe ``/health``; a long startup probe covers weight loading.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distillery_trainer.serve import VLLM_PORT, VllmServer
+
+from ..settings import Settings
+from .common import (
+    SERVE,
+    Run,
+    artifacts_root,
+    base_env,
+    finish,
+    labels,
+    metadata,
+    pod_spec,
+    resources,
+    selector,
+    volume_mounts,
+)
+
+PROBE_PERIOD = 10
+
+
+def student_server(run: Run, settings: Settings) -> VllmServer:
+    model = f"{artifacts_root(run, settings)}/student"
+    serving = run.spec.serving
+    return VllmServer.for_student(serving, model, run.name, gpu=serving.gpus > 0)
+
+
+def vllm_deployment(
+    run: Run,
+    settings: Settings,
+    component: str,
+    server: VllmServer,
+    *,
+    replicas: int,
+    gpus: int,
+    image: str,
+    inputs: str | None,
+) -> dict[str, Any]:
+    gpu_resource = run.spec.training.resources.gpu_resource
+    probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD}
+    container = {
+        "name": "vllm",
+        "image": image,
+        "command": server.command(),
+        "args": server.args(),
+        "env": base_env(run, settings),
+        "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
+        "resources": resources(gpus=gpus, gpu_resource=gpu_resource),
+        "volumeMounts": volume_mounts(run, settings, shm=True, config=False),
+        "startupProbe": {**probe, "failureThreshold": max(1, settings.startup_seconds // PROBE_PERIOD)},
+        "readinessProbe": {**probe, "failureThreshold": 3},
+        "livenessProbe": {**probe, "failureThreshold": 6},
+    }
+    meta = metadata(run, component, inputs=inputs, workload=True, settings=settings)
+    return finish(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": meta,
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": selector(run, component)},
+                # GPUs are scarce: replace a replica rather than surge past the quota.
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+                "template": {
+                    "metadata": {"labels": labels(run, component)},
+                    "spec": pod_spec(
+                        run, settings, [container], restart_policy="Always", shm=True, config=False
+                    ),
+                },
+            },
+        }
+    )
+
+
+def vllm_service(run: Run, settings: Settings, component: str) -> dict[str, Any]:
+    return finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(run, component, settings=settings),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": selector(run, component),
+                "ports": [{"name": "http", "port": VLLM_PORT, "targetPort": "http", "protocol": "TCP"}],
+            },
+        }
+    )
+
+
+def serve_deployment(run: Run, settings: Settings, inputs: str, *, replicas: int) -> dict[str, Any]:
+    serving = run.spec.serving
+    return vllm_deployment(
+        run,
+        settings,
+        SERVE,
+        student_server(run, settings),
+        replicas=replicas,
+        gpus=serving.gpus,
+        image=serving.image or settings.vllm_image,
+        inputs=inputs,
+    )
+
+
+def serve_service(run: Run, settings: Settings) -> dict[str, Any]:
+    return vllm_service(run, settings, SERVE)

@@ -1,0 +1,148 @@
+"""Stage 2: training with torchrun, as a Kubeflow PyTorchJob or, without Kubeflow, an Indexed Job.
+
+- PyTorchJob (``kubeflow.org/v1``): Master + (nodes - 1) Workers, ``nprocPerNode`` = GPUs per node. The
+  training operator sets ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and
+  ``PET_MASTER_PORT``, which torchrun reads, so the command needs no rendezvous flags.
+- Indexed Job + headless Service: pod *i* is ``<run>-train-<i>.<run>-train``; torchrun gets
+  ``--nnodes/--nproc-per-node/--node-rank $(JOB_COMPLETION_INDEX)/--master-addr/--master-port`` itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..settings import Settings
+from .common import (
+    PYTORCHJOB_PORT,
+    TORCH_PORT,
+    TRAIN,
+    Run,
+    base_env,
+    finish,
+    labels,
+    metadata,
+    pod_spec,
+    resources,
+    selector,
+    stage_command,
+    volume_mounts,
+)
+
+PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+
+def nproc_per_node(run: Run) -> int:
+    return max(1, run.spec.training.resources.gpus_per_node)
+
+
+def _container(run: Run, settings: Settings, name: str, command: list[str]) -> dict[str, Any]:
+    res = run.spec.training.resources
+    return {
+        "name": name,
+        "image": run.spec.training.image or settings.trainer_image,
+        "command": command,
+        "env": base_env(run, settings),
+        "resources": resources(
+            cpu=res.cpu, memory=res.memory, gpus=res.gpus_per_node, gpu_resource=res.gpu_resource
+        ),
+        "volumeMounts": volume_mounts(run, settings, shm=True),
+    }
+
+
+def _template(run: Run, settings: Settings, container: dict[str, Any], restart_policy: str) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": labels(run, TRAIN)},
+        "spec": pod_spec(run, settings, [container], restart_policy=restart_policy, shm=True),
+    }
+
+
+def pytorch_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
+    nodes = run.spec.training.resources.nodes
+    command = ["torchrun", "--no-python", *stage_command("train", settings)]
+    container = _container(run, settings, PYTORCHJOB_CONTAINER, command)
+    container["ports"] = [{"name": "pytorchjob-port", "containerPort": PYTORCHJOB_PORT, "protocol": "TCP"}]
+    replica_specs: dict[str, Any] = {
+        "Master": {
+            "replicas": 1,
+            "restartPolicy": "OnFailure",
+            "template": _template(run, settings, container, "OnFailure"),
+        }
+    }
+    if nodes > 1:
+        replica_specs["Worker"] = {
+            "replicas": nodes - 1,
+            "restartPolicy": "OnFailure",
+            "template": _template(run, settings, container, "OnFailure"),
+        }
+    return finish(
+        {
+            "apiVersion": "kubeflow.org/v1",
+            "kind": "PyTorchJob",
+            "metadata": metadata(run, TRAIN, inputs=inputs, workload=True, settings=settings),
+            "spec": {
+                "nprocPerNode": str(nproc_per_node(run)),
+                # Pods stay after the end: the master's termination message carries the progress.
+                "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3},
+                "pytorchReplicaSpecs": replica_specs,
+            },
+        }
+    )
+
+
+def train_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
+    nodes = run.spec.training.resources.nodes
+    name = run.child(TRAIN)
+    command = [
+        "torchrun",
+        f"--nnodes={nodes}",
+        f"--nproc-per-node={nproc_per_node(run)}",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        f"--master-addr={name}-0.{name}",
+        f"--master-port={TORCH_PORT}",
+        "--no-python",
+        *stage_command("train", settings),
+    ]
+    container = _container(run, settings, "train", command)
+    container["env"].insert(
+        0,
+        {
+            "name": "JOB_COMPLETION_INDEX",
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+    )
+    container["ports"] = [{"name": "torch", "containerPort": TORCH_PORT, "protocol": "TCP"}]
+    template = _template(run, settings, container, "Never")
+    template["spec"]["subdomain"] = name  # pod i resolves as <run>-train-<i>.<run>-train
+    return finish(
+        {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": metadata(run, TRAIN, inputs=inputs, workload=True, settings=settings),
+            "spec": {
+                "completionMode": "Indexed",
+                "completions": nodes,
+                "parallelism": nodes,
+                "backoffLimit": 3 * nodes,
+                "template": template,
+            },
+        }
+    )
+
+
+def rendezvous_service(run: Run, settings: Settings) -> dict[str, Any]:
+    return finish(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(run, TRAIN, settings=settings),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": selector(run, TRAIN),
+                "ports": [{"name": "torch", "port": TORCH_PORT, "targetPort": TORCH_PORT, "protocol": "TCP"}],
+            },
+        }
+    )

@@ -1,0 +1,63 @@
+"""The one place where API failures become intent: retry later (``kopf.TemporaryError``) or give up
+(``kopf.PermanentError``). Everything that talks to the API server goes through :func:`translate`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
+# First delays; the reconciler doubles them on every failure in a row, up to a minute.
+DEFAULT_DELAY = 0.5
+CONFLICT_DELAY = 0.2
+NOT_FOUND_DELAY = 2.0
+FORBIDDEN_DELAY = 30.0
+
+
+def _message(exc: ApiException) -> str:
+    try:
+        body = json.loads(exc.body or "")
+        return str(body.get("message") or exc.reason or "")
+    except (TypeError, ValueError, AttributeError):
+        return str(exc.reason or "")
+
+
+def _retry_after(exc: ApiException) -> float | None:
+    headers = exc.headers or {}
+    value = headers.get("Retry-After") or headers.get("retry-after")
+    try:
+        return max(0.5, float(value)) if value is not None else None
+    except ValueError:
+        return None
+
+
+def translate(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.PermanentError:
+    """``what`` names the request ("create Job team-a/x-collect"); the result says what to do."""
+    if isinstance(exc, (kopf.TemporaryError, kopf.PermanentError)):
+        return exc
+    if isinstance(exc, ApiException):
+        status = int(exc.status or 0)
+        detail = f"{what}: {status} {_message(exc)}".rstrip()
+        if status in RETRYABLE:
+            return kopf.TemporaryError(detail, delay=_retry_after(exc) or DEFAULT_DELAY)
+        if status == 409:
+            return kopf.TemporaryError(
+                f"{detail} (conflict; retrying with the latest version)", delay=CONFLICT_DELAY
+            )
+        if status in (401, 403):
+            return kopf.TemporaryError(
+                f"{detail}: the operator's ServiceAccount lacks this permission (see the chart's RBAC)",
+                delay=FORBIDDEN_DELAY,
+            )
+        if status == 404:
+            return kopf.TemporaryError(f"{detail} (not found; retrying)", delay=NOT_FOUND_DELAY)
+        return kopf.PermanentError(f"{detail}: rejected by the API server")
+    if isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+        return kopf.TemporaryError(
+            f"{what}: API server unreachable ({type(exc).__name__}: {exc})", delay=DEFAULT_DELAY
+        )
+    return kopf.PermanentError(f"{what}: {type(exc).__name__}: {exc}")

@@ -1,0 +1,143 @@
+"""A small asyncio Kubernetes REST client for the one writer (:mod:`.apply`): plain dicts in and out.
+
+It shares kopf's credentials (its login handlers parse the service account or the kubeconfig) and raises
+the ``kubernetes`` package's :class:`ApiException` on HTTP errors, which :mod:`.errors` maps to kopf's
+temporary and permanent errors. The operator's requests stay on its one event loop: no thread per call.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import kopf
+from kubernetes.client.exceptions import ApiException
+
+
+@dataclass(frozen=True)
+class Kind:
+    api_version: str
+    kind: str
+    plural: str
+
+    def path(self, namespace: str | None, name: str | None = None, sub: str | None = None) -> str:
+        root = "/api/v1" if self.api_version == "v1" else f"/apis/{self.api_version}"
+        out = f"{root}/namespaces/{namespace}/{self.plural}" if namespace else f"{root}/{self.plural}"
+        if name:
+            out += f"/{name}"
+        if sub:
+            out += f"/{sub}"
+        return out
+
+
+KINDS: dict[str, Kind] = {
+    k.kind: k
+    for k in (
+        Kind("v1", "ConfigMap", "configmaps"),
+        Kind("v1", "Service", "services"),
+        Kind("v1", "Pod", "pods"),
+        Kind("batch/v1", "Job", "jobs"),
+        Kind("apps/v1", "Deployment", "deployments"),
+        Kind("kubeflow.org/v1", "PyTorchJob", "pytorchjobs"),
+        Kind("distillery.dev/v1alpha1", "DistillationRun", "distillationruns"),
+    )
+}
+
+MERGE_PATCH = "application/merge-patch+json"
+
+
+class Api:
+    """Requests with kopf's ConnectionInfo; logs in again once on a 401 (rotated service-account tokens)."""
+
+    def __init__(self, login: Callable[[], kopf.ConnectionInfo | None], timeout: float = 60.0) -> None:
+        self._login = login
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+        self._server = ""
+        self._discovered: dict[str, tuple[float, bool]] = {}
+
+    def _connect(self) -> aiohttp.ClientSession:
+        info = self._login()
+        if info is None:
+            raise kopf.PermanentError(
+                "no Kubernetes credentials: run in a pod with a service account, or set KUBECONFIG"
+            )
+        self._server = info.server.rstrip("/")
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=64),
+            headers={**info.as_http_headers(), "User-Agent": "distillery-operator"},
+            timeout=self._timeout,
+            trust_env=info.trust_env,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> dict[str, Any]:
+        for attempt in (1, 2):
+            if self._session is None:
+                self._session = self._connect()
+            data = None if body is None else json.dumps(body)
+            headers = {"Content-Type": content_type} if body is not None else {}
+            async with self._session.request(
+                method, self._server + path, data=data, params=params, headers=headers
+            ) as resp:
+                text = await resp.text()
+                if resp.status == 401 and attempt == 1:
+                    await self.close()
+                    continue
+                if resp.status >= 400:
+                    exc = ApiException(status=resp.status, reason=resp.reason)
+                    exc.body = text
+                    exc.headers = dict(resp.headers)
+                    raise exc
+                return json.loads(text) if text else {}
+        raise AssertionError("unreachable")
+
+    async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return await self.request("GET", KINDS[kind].path(namespace, name))
+
+    async def create(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        return await self.request("POST", KINDS[manifest["kind"]].path(namespace), body=manifest)
+
+    async def patch(
+        self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, sub: str | None = None
+    ) -> dict[str, Any]:
+        return await self.request(
+            "PATCH", KINDS[kind].path(namespace, name, sub), body=patch, content_type=MERGE_PATCH
+        )
+
+    async def delete(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
+        return await self.request(
+            "DELETE", KINDS[kind].path(namespace, name), body={"propagationPolicy": "Background"}
+        )
+
+    async def has_resource(self, api_version: str, plural: str, ttl: float) -> bool:
+        """Discovery, cached for ``ttl`` seconds: does the cluster serve ``api_version``/``plural``?"""
+        key = f"{api_version}/{plural}"
+        cached = self._discovered.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        try:
+            doc = await self.request("GET", f"/apis/{api_version}")
+            found = any(r.get("name") == plural for r in doc.get("resources") or ())
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            found = False
+        self._discovered[key] = (time.monotonic(), found)
+        return found

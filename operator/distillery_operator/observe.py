@@ -1,0 +1,270 @@
+"""What the operator keeps of the objects it watches: small, immutable observations.
+
+kopf's indices (see :mod:`.handlers`) hold one observation per run and per child, keyed by
+``(namespace, run name)``, so a reconcile reads what exists from memory instead of listing the API. The
+planner reads only these types, which keeps it pure and the operator's memory flat.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .builders.common import COMPONENT_LABEL, HASH_ANNOTATION, INPUTS_ANNOTATION, RUN_LABEL
+from .builders.train import COMPLETION_INDEX_ANNOTATION
+
+PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch-replica-type")
+COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
+
+Key = tuple[str, str]  # (namespace, run name)
+
+
+@dataclass(frozen=True)
+class RunView:
+    """A run as the index keeps it: spec and status as JSON text (a tenth of the memory of dicts)."""
+
+    name: str
+    namespace: str
+    uid: str
+    generation: int
+    spec_json: str
+    status_json: str
+
+    @classmethod
+    def of(
+        cls,
+        name: str,
+        namespace: str,
+        uid: str,
+        generation: int,
+        spec: Mapping[str, Any],
+        status: Mapping[str, Any],
+    ) -> RunView:
+        return cls(name, namespace, uid, generation, _json(spec), _json(status))
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.spec_json)
+        return value
+
+    @property
+    def status(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.status_json)
+        return value
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
+@dataclass(frozen=True)
+class Child:
+    kind: str
+    name: str
+    uid: str = ""
+    resource_version: str = ""
+    owners: tuple[str, ...] = ()
+    hash: str | None = None
+    inputs: str | None = None
+    deleting: bool = False
+    generation: int = 1
+    replicas: int | None = None
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    def condition(self, type_: str) -> Mapping[str, Any] | None:
+        return condition(self.status, type_)
+
+    def is_true(self, type_: str) -> bool:
+        cond = self.condition(type_)
+        return cond is not None and cond.get("status") == "True"
+
+
+@dataclass(frozen=True)
+class Terminated:
+    container: str
+    exit_code: int
+    reason: str = ""
+    message: str = ""
+    finished_at: datetime | None = None
+
+    def json(self) -> dict[str, Any] | None:
+        """The termination message as a JSON object, or None when it is not one."""
+        try:
+            data = json.loads(self.message)
+        except (TypeError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+
+@dataclass(frozen=True)
+class Pod:
+    name: str
+    component: str
+    index: int | None = None
+    replica_type: str | None = None
+    phase: str | None = None
+    terminated: tuple[Terminated, ...] = ()
+    owners: tuple[str, ...] = ()
+
+    @property
+    def succeeded(self) -> Terminated | None:
+        return next((t for t in self.terminated if t.exit_code == 0), None)
+
+    @property
+    def failed(self) -> Terminated | None:
+        return next((t for t in self.terminated if t.exit_code != 0), None)
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Everything a reconcile knows about one run's children."""
+
+    children: Mapping[tuple[str, str], Child] = field(default_factory=dict)
+    pods: Sequence[Pod] = ()
+
+    def child(self, kind: str, name: str) -> Child | None:
+        return self.children.get((kind, name))
+
+    def pods_of(self, component: str, owner: Child | None = None) -> list[Pod]:
+        """The component's pods; with ``owner``, only the pods that child made (not a deleted predecessor's)."""
+        return sorted(
+            (p for p in self.pods if p.component == component and (owner is None or owner.uid in p.owners)),
+            key=lambda p: p.name,
+        )
+
+    @classmethod
+    def of(cls, children: Iterable[Child], pods: Iterable[Pod]) -> Observed:
+        return cls({(c.kind, c.name): c for c in children}, tuple(pods))
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None:
+    for cond in status.get("conditions") or ():
+        if isinstance(cond, Mapping) and cond.get("type") == type_:
+            return cond
+    return None
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def run_key(meta: Mapping[str, Any]) -> Key | None:
+    """The run a child belongs to, from its ``distillery.dev/run`` label."""
+    run = (meta.get("labels") or {}).get(RUN_LABEL)
+    namespace = meta.get("namespace")
+    return (namespace, run) if run and namespace else None
+
+
+def plain(value: Any) -> Any:
+    """A deep copy as plain dicts and lists (kopf hands out read-only views)."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def run_view(body: Mapping[str, Any]) -> RunView:
+    meta = body.get("metadata") or {}
+    spec = plain(body.get("spec") or {})
+    return RunView.of(
+        name=meta.get("name", ""),
+        namespace=meta.get("namespace", ""),
+        uid=meta.get("uid", ""),
+        generation=int(meta.get("generation") or 1),
+        spec=spec,
+        status=plain(body.get("status") or {}),
+    )
+
+
+def child_view(body: Mapping[str, Any]) -> Child:
+    meta = body.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    spec = body.get("spec") or {}
+    status = body.get("status") or {}
+    kind = body.get("kind") or ""
+    keep: dict[str, Any] = {}
+    if kind in ("Job", "PyTorchJob", "Deployment"):
+        keep = {
+            k: plain(v)
+            for k, v in status.items()
+            if k
+            in (
+                "conditions",
+                "startTime",
+                "completionTime",
+                "active",
+                "succeeded",
+                "failed",
+                "failedIndexes",
+                "completedIndexes",
+                "replicas",
+                "readyReplicas",
+                "updatedReplicas",
+                "availableReplicas",
+                "observedGeneration",
+            )
+        }
+    return Child(
+        kind=kind,
+        name=meta.get("name", ""),
+        uid=meta.get("uid", ""),
+        resource_version=str(meta.get("resourceVersion") or ""),
+        owners=tuple(
+            ref.get("uid", "") for ref in meta.get("ownerReferences") or () if isinstance(ref, Mapping)
+        ),
+        hash=annotations.get(HASH_ANNOTATION),
+        inputs=annotations.get(INPUTS_ANNOTATION),
+        deleting=bool(meta.get("deletionTimestamp")),
+        generation=int(meta.get("generation") or 1),
+        replicas=spec.get("replicas") if kind == "Deployment" else None,
+        status=keep,
+    )
+
+
+def pod_view(body: Mapping[str, Any]) -> Pod:
+    meta = body.get("metadata") or {}
+    labels = meta.get("labels") or {}
+    annotations = meta.get("annotations") or {}
+    status = body.get("status") or {}
+    index_text = annotations.get(COMPLETION_INDEX_ANNOTATION, labels.get(COMPLETION_INDEX_LABEL))
+    try:
+        index = int(index_text) if index_text is not None else None
+    except ValueError:
+        index = None
+    replica_type = next((labels[k] for k in PYTORCHJOB_REPLICA_TYPE_LABELS if k in labels), None)
+    terminated: list[Terminated] = []
+    for cs in status.get("containerStatuses") or ():
+        state = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+        if state:
+            terminated.append(
+                Terminated(
+                    container=cs.get("name", ""),
+                    exit_code=int(state.get("exitCode", -1)),
+                    reason=state.get("reason") or "",
+                    message=state.get("message") or "",
+                    finished_at=parse_time(state.get("finishedAt")),
+                )
+            )
+    return Pod(
+        name=meta.get("name", ""),
+        component=labels.get(COMPONENT_LABEL, ""),
+        index=index,
+        replica_type=replica_type.lower() if replica_type else None,
+        phase=status.get("phase"),
+        terminated=tuple(terminated),
+        owners=tuple(
+            ref.get("uid", "") for ref in meta.get("ownerReferences") or () if isinstance(ref, Mapping)
+        ),
+    )

@@ -1,0 +1,110 @@
+"""The operator's defaults, in one place: images, mount paths, placement, timings.
+
+Each comes from an environment variable (what the Helm chart sets) and may be overridden on the
+command line (`distillery operator --trainer-image ...`). The spec of a run wins over these defaults
+where it has a say (``training.image``, ``serving.image``, ``scheduling``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from distillery_trainer import __version__
+from distillery_trainer.serve import VLLM_IMAGE
+
+MANAGED_BY = "distillery-operator"
+DATA_MOUNT = "/data"
+CONFIG_MOUNT = "/etc/distillery"
+
+ENV_PREFIX = "DISTILLERY_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    trainer_image: str = f"ghcr.io/distillery-dev/distillery-trainer:{__version__}"
+    vllm_image: str = VLLM_IMAGE
+    image_pull_policy: str = "IfNotPresent"
+    data_mount: str = DATA_MOUNT
+    config_mount: str = CONFIG_MOUNT
+    # Every pod runs as this non-root user (the trainer image's user; the vLLM image runs as root by
+    # default but needs nothing of root: it only has to be able to write $HOME, an emptyDir here).
+    run_as_user: int = 1000
+    node_selector: Mapping[str, str] = field(default_factory=dict)
+    tolerations: tuple[Mapping[str, Any], ...] = ()
+    priority_class_name: str | None = None
+    queue_name: str | None = None
+    # A vLLM server loads its weights before /health answers: a startup probe this long (seconds).
+    startup_seconds: int = 1800
+    # How long a finished Job may wait for its pods' termination messages before the stage goes on
+    # (or, for the evaluation, fails) without them.
+    results_grace_seconds: float = 30.0
+    # How long the answer to "is Kubeflow's PyTorchJob installed?" is trusted.
+    discovery_ttl_seconds: float = 300.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        base = cls()
+        values: dict[str, Any] = {}
+
+        def get(name: str) -> str | None:
+            value = env.get(ENV_PREFIX + name)
+            return value if value not in (None, "") else None
+
+        for attr, var in (
+            ("trainer_image", "TRAINER_IMAGE"),
+            ("vllm_image", "VLLM_IMAGE"),
+            ("image_pull_policy", "IMAGE_PULL_POLICY"),
+            ("priority_class_name", "PRIORITY_CLASS"),
+            ("queue_name", "QUEUE_NAME"),
+        ):
+            if (value := get(var)) is not None:
+                values[attr] = value
+        for attr, var in (("run_as_user", "RUN_AS_USER"), ("startup_seconds", "STARTUP_SECONDS")):
+            if (value := get(var)) is not None:
+                values[attr] = int(value)
+        for attr, var in (
+            ("results_grace_seconds", "RESULTS_GRACE_SECONDS"),
+            ("discovery_ttl_seconds", "DISCOVERY_TTL_SECONDS"),
+        ):
+            if (value := get(var)) is not None:
+                values[attr] = float(value)
+        if (value := get("NODE_SELECTOR")) is not None:
+            values["node_selector"] = parse_node_selector(value)
+        if (value := get("TOLERATIONS")) is not None:
+            values["tolerations"] = parse_tolerations(value)
+        return replace(base, **values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_node_selector(text: str) -> dict[str, str]:
+    """``{"k": "v"}`` (JSON) or ``k=v,k2=v2``."""
+    text = text.strip()
+    if text.startswith("{"):
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("the node selector must be a JSON object of label: value")
+        return {str(k): str(v) for k, v in data.items()}
+    out: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key:
+            raise ValueError(f"node selector entry {part!r}: expected label=value")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def parse_tolerations(text: str) -> tuple[dict[str, Any], ...]:
+    """A JSON list of Kubernetes tolerations."""
+    data = json.loads(text)
+    if not isinstance(data, list) or not all(isinstance(t, dict) for t in data):
+        raise ValueError(
+            'tolerations must be a JSON list of objects, e.g. [{"key": "gpu", "operator": "Exists"}]'
+        )
+    return tuple(data)

@@ -1,0 +1,191 @@
+"""Status derived from observations (pure): what the stages reported, and the run's conditions.
+
+Stages report through their pods' termination messages (``≤ 4 KiB`` JSON, see
+:mod:`distillery_trainer.termination`): each collection shard a ``CollectionSummary``, the training
+master (rank 0) a ``TrainingProgress``, the evaluation pod the ``results`` shape. Workload pods need no
+API access for that. Conditions follow the Kubernetes conventions: ``lastTransitionTime`` moves only
+when a condition's status does, and every condition carries the generation it was computed for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from distillery_trainer.api.base import ApiModel
+from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.status import (
+    COND_DEGRADED,
+    COND_FAILED,
+    COND_PROGRESSING,
+    COND_READY,
+    COND_SUCCEEDED,
+    PHASE_FAILED,
+    PHASE_SUCCEEDED,
+    REASON_AS_EXPECTED,
+    CollectionStatus,
+    Condition,
+    Results,
+)
+from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
+from distillery_trainer.cost import tokens_usd
+from pydantic import ValidationError
+
+from .observe import Pod, Terminated
+
+M = TypeVar("M", bound=ApiModel)
+
+
+def lenient(model: type[M], data: dict[str, Any] | None) -> M | None:
+    """``data`` as ``model``, ignoring top-level keys it does not know (``truncated`` from a message cut
+    to 4 KiB, fields of a newer trainer); None when what is left does not validate."""
+    if data is None:
+        return None
+    known = {f.alias or name for name, f in model.model_fields.items()} | set(model.model_fields)
+    try:
+        return model.model_validate({k: v for k, v in data.items() if k in known})
+    except ValidationError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- messages
+
+
+def summaries(pods: Iterable[Pod]) -> list[CollectionSummary]:
+    """One summary per shard, from the collection pods that exited 0 (a retried shard reports once)."""
+    by_shard: dict[int, CollectionSummary] = {}
+    for pod in pods:
+        done = pod.succeeded
+        summary = lenient(CollectionSummary, done.json()) if done else None
+        if summary is not None:
+            by_shard[summary.shard] = summary
+    return [by_shard[k] for k in sorted(by_shard)]
+
+
+def finish_times(pods: Iterable[Pod]) -> list[datetime]:
+    return sorted(t.finished_at for p in pods if (t := p.succeeded) is not None and t.finished_at)
+
+
+def _is_master(pod: Pod) -> bool:
+    return pod.replica_type == "master" if pod.replica_type else pod.index in (None, 0)
+
+
+def training_progress(pods: Iterable[Pod]) -> TrainingProgress | None:
+    """Rank 0's last report: the PyTorchJob master's, or the Indexed Job's pod 0."""
+    found: list[tuple[float, TrainingProgress]] = []
+    for pod in pods:
+        if not _is_master(pod):
+            continue
+        for term in pod.terminated:
+            progress = lenient(TrainingProgress, term.json())
+            if progress is not None:
+                found.append((term.finished_at.timestamp() if term.finished_at else 0.0, progress))
+    return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def results(pods: Iterable[Pod]) -> Results | None:
+    for pod in pods:
+        done = pod.succeeded
+        found = lenient(Results, done.json()) if done else None
+        if found is not None:
+            return found
+    return None
+
+
+def failure_detail(pods: Sequence[Pod]) -> str:
+    """The last failed container's reason and message, for a failed stage's message."""
+    failed: list[tuple[str, Terminated]] = [(p.name, t) for p in pods if (t := p.failed) is not None]
+    if not failed:
+        return ""
+    name, term = failed[-1]
+    text = term.message.strip().splitlines()[-1][:300] if term.message.strip() else ""
+    return f"pod {name} exited {term.exit_code} ({term.reason or 'Error'}){': ' + text if text else ''}"
+
+
+# ---------------------------------------------------------------------------------------------- collection
+
+
+def apply_collection(status: CollectionStatus, found: Sequence[CollectionSummary], shards: int) -> None:
+    """Sum the shards' summaries into the stage's status."""
+    status.done = sum(s.done for s in found)
+    status.failed = sum(s.failed for s in found)
+    status.cached = sum(s.cached for s in found)
+    status.input_tokens = sum(s.input_tokens for s in found)
+    status.output_tokens = sum(s.output_tokens for s in found)
+    status.total = sum(s.total for s in found) if len(found) == shards else None
+
+
+def collection_summary(status: CollectionStatus, spec: DistillationRunSpec) -> CollectionSummary:
+    """The whole collection as one summary, for the cost model (``run_cost``) once the shards are gone."""
+    return CollectionSummary(
+        shard=0,
+        shards=1,
+        total=status.total or status.done + status.failed,
+        done=status.done,
+        failed=status.failed,
+        cached=status.cached,
+        input_tokens=status.input_tokens,
+        output_tokens=status.output_tokens,
+        cost_usd=tokens_usd(status.input_tokens, status.output_tokens, spec.teacher.pricing),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- conditions
+
+
+def _condition(
+    prior: Iterable[Condition],
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int,
+    now: datetime,
+) -> Condition:
+    old = next((c for c in prior if c.type == type_), None)
+    since = old.last_transition_time if old is not None and old.status == status else now
+    return Condition(
+        type=type_,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since,
+        observed_generation=generation,
+    )
+
+
+def conditions(
+    prior: Sequence[Condition],
+    *,
+    phase: str,
+    reason: str,
+    message: str,
+    degraded: tuple[str, str] | None,
+    ready: tuple[bool, str, str],
+    generation: int,
+    now: datetime,
+) -> list[Condition]:
+    """Ready / Progressing / Degraded always; Succeeded or Failed once the run has ended.
+
+    ``reason``/``message`` describe the phase (the running stage, or why the run ended); ``degraded`` is
+    a retrying child's (reason, message) while the run goes on; ``ready`` is (status, reason, message).
+    """
+    terminal = phase in (PHASE_SUCCEEDED, PHASE_FAILED)
+    out = [
+        _condition(prior, COND_READY, "True" if ready[0] else "False", ready[1], ready[2], generation, now),
+        _condition(
+            prior, COND_PROGRESSING, "False" if terminal else "True", reason, message, generation, now
+        ),
+    ]
+    if phase == PHASE_FAILED:
+        out.append(_condition(prior, COND_DEGRADED, "True", reason, message, generation, now))
+    elif degraded is not None:
+        out.append(_condition(prior, COND_DEGRADED, "True", degraded[0], degraded[1], generation, now))
+    else:
+        out.append(_condition(prior, COND_DEGRADED, "False", REASON_AS_EXPECTED, "", generation, now))
+    if phase == PHASE_SUCCEEDED:
+        out.append(_condition(prior, COND_SUCCEEDED, "True", reason, message, generation, now))
+    if phase == PHASE_FAILED:
+        out.append(_condition(prior, COND_FAILED, "True", reason, message, generation, now))
+    return out

@@ -1,0 +1,356 @@
+"""A Kubernetes API emulator for the operator's tests: kmock's, plus what a real API server does.
+
+kmock 0.8 stores objects, serves list/watch/get/create/patch/delete over real HTTP and streams watch
+events. A real API server also stamps every object (``uid``, ``resourceVersion``, ``generation``
+bumped on spec changes, ``creationTimestamp``, the URL's namespace), honours ``generateName`` (kopf's
+Events use it), keeps ``status`` behind the status subresource and answers a stale
+``resourceVersion`` with 409. :class:`ApiServer` adds exactly that, and two things for the tests:
+
+- ``audit``: every request as ``(verb, group/resource[/subresource], namespace)`` in RBAC terms, so the
+  chart's Role can be checked against what the operator really did;
+- ``inject``: answer the next N matching requests with an error (500, 409, ...) before they touch
+  the store, to test the operator's handling of a flaky API server.
+
+Label selectors, garbage collection and admission are still absent: the operator must not rely on
+them (it filters by labels itself; deletion cascading is asserted through owner references).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import copy
+import datetime
+import gzip
+import importlib.resources
+import itertools
+import json
+import re
+import secrets
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import aiohttp.web
+import attrs
+import kmock
+from kmock._internal import dicts as kmock_dicts
+from kmock._internal.enums import action
+from kmock._internal.rendering import Request
+
+_CURRENT: contextvars.ContextVar[Request | None] = contextvars.ContextVar("kmock_request", default=None)
+NAMESPACES_PATH = re.compile(r"^/api/v1/namespaces/?$")
+
+VERBS = {
+    action.LIST: "list",
+    action.WATCH: "watch",
+    action.FETCH: "get",
+    action.CREATE: "create",
+    action.UPDATE: "patch",
+    action.DELETE: "delete",
+}
+
+
+class AuditEntry(NamedTuple):
+    verb: str
+    resource: str  # "batch/jobs", "pods", "distillery.dev/distillationruns/status"
+    namespace: str | None
+    agent: str = ""  # the User-Agent: kopf/..., distillery-operator, or kmock/... for the tests' own requests
+
+
+@dataclass
+class Fault:
+    verb: str
+    resource: str
+    status: int
+    times: int
+    namespace: str | None = None
+    hits: int = 0
+
+
+def rbac_rules(entries: list[AuditEntry]) -> dict[str, set[str]]:
+    """What a Role must allow for the requests seen: ``{"batch/jobs": {"create", "list", ...}, ...}``."""
+    rules: dict[str, set[str]] = {}
+    for entry in entries:
+        rules.setdefault(entry.resource, set()).add(entry.verb)
+    return rules
+
+
+def rbac_resource(group: str, plural: str, subresource: str | None = None) -> str:
+    out = f"{group}/{plural}" if group else plural
+    return f"{out}/{subresource}" if subresource else out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _essence(obj: Any) -> dict[str, Any]:
+    """What a change of bumps ``metadata.generation``: everything but metadata and status."""
+    return {k: v for k, v in (obj or {}).items() if k not in ("metadata", "status")}
+
+
+@attrs.define(kw_only=True)
+class ApiServer(kmock.KubernetesEmulator):
+    audit: list[AuditEntry] = attrs.field(factory=list, init=False)
+    faults: list[Fault] = attrs.field(factory=list, init=False)
+    namespaces: set[str] = attrs.field(factory=lambda: {"default", "kube-system"})
+    # The label selector of the last list or watch of each resource (kmock ignores them).
+    selectors: dict[str, str | None] = attrs.field(factory=dict, init=False)
+    # Called after every write that went through: (the audit entry, the request).
+    listeners: list[Callable[[AuditEntry, Request], None]] = attrs.field(factory=list, init=False)
+    _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _mutations: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
+
+    # ------------------------------------------------------------------------------------------ the tests' API
+
+    def inject(
+        self, verb: str, resource: str, status: int, times: int = 1, namespace: str | None = None
+    ) -> Fault:
+        """Answer the next ``times`` requests ``verb resource`` (RBAC terms) with HTTP ``status``."""
+        fault = Fault(verb=verb, resource=resource, status=status, times=times, namespace=namespace)
+        self.faults.append(fault)
+        return fault
+
+    def count(self, verb: str, resource: str) -> int:
+        return sum(1 for e in self.audit if e.verb == verb and e.resource == resource)
+
+    # ------------------------------------------------------------------------------------------ the server
+
+    async def __call__(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        # kmock cannot parse the cluster-scoped /api/v1/namespaces (a namespaced operator lists them).
+        if NAMESPACES_PATH.match(raw_request.path):
+            return await self._serve_namespaces(raw_request)
+        return await super().__call__(raw_request)
+
+    def _namespace_objects(self) -> list[dict[str, Any]]:
+        names = set(self.namespaces) | {ns for (_, ns, _) in self.objects if ns}
+        return [
+            {
+                "apiVersion": "v1",
+                "kind": "Namespace",
+                "metadata": {"name": n, "uid": f"ns-{n}"},
+                "status": {"phase": "Active"},
+            }
+            for n in sorted(names)
+        ]
+
+    async def _serve_namespaces(self, raw_request: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        await raw_request.read()
+        watch = raw_request.query.get("watch") == "true"
+        agent = raw_request.headers.get("User-Agent", "")
+        self.audit.append(AuditEntry("watch" if watch else "list", "namespaces", None, agent))
+        if not watch:
+            return aiohttp.web.json_response(
+                {
+                    "apiVersion": "v1",
+                    "kind": "NamespaceList",
+                    "metadata": {"resourceVersion": "1"},
+                    "items": self._namespace_objects(),
+                }
+            )
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(raw_request)
+        for obj in self._namespace_objects():
+            await response.write(json.dumps({"type": "ADDED", "object": obj}).encode() + b"\n")
+        timeout = float(raw_request.query.get("timeoutSeconds") or 3600)
+        deadline = asyncio.get_running_loop().time() + timeout
+        while asyncio.get_running_loop().time() < deadline and self.active:
+            transport = raw_request.transport
+            if transport is None or transport.is_closing():
+                break
+            await asyncio.sleep(0.2)
+        return response
+
+    # kmock matches a request to its reactions by asking each reaction whether the request is among the
+    # requests it has seen, which walks every request received so far: quadratic in the requests served.
+    # While a request is handled, the root yields that request alone (a context variable: aiohttp runs
+    # each request in its own task), and only the requests in flight are kept (the audit keeps the
+    # history): the matching is constant time. Nothing here reads kmock's request history.
+    def __iter__(self) -> Iterator[Request]:
+        current = _CURRENT.get()
+        if current is not None:
+            yield current
+        else:
+            yield from super().__iter__()
+
+    async def _handle(self, request: Request) -> Any:
+        token = _CURRENT.set(request)
+        try:
+            return await self._serve(request)
+        finally:
+            _CURRENT.reset(token)
+            with contextlib.suppress(ValueError):
+                self._requests.remove(request)
+
+    # kmock finds an object by scanning all of them; a real API server (and this one) looks it up.
+    def _lookup(self, request: Request) -> Any:
+        obj = self.objects._objects.get((request.resource, request.namespace, request.name))
+        return obj
+
+    async def _serve_fetch(self, request: Request) -> Any:
+        obj = self._lookup(request)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: Request) -> Any:
+        meta = request.data.get("metadata", {}) if isinstance(request.data, dict) else {}
+        key = (request.resource, request.namespace or meta.get("namespace"), request.name or meta.get("name"))
+        return self.objects._objects[key].last.raw
+
+    async def _serve_update(self, request: Request) -> Any:
+        return self._lookup(request).last.raw
+
+    async def _serve_delete(self, request: Request) -> Any:
+        return self._lookup(request).last.raw
+
+    async def _serve(self, request: Request) -> Any:
+        entry = self._audit(request)
+        if entry is not None:
+            fault = self._fault(entry)
+            if fault is not None:
+                raise kmock.KubernetesError(
+                    status=fault.status,
+                    reason="InjectedFault",
+                    message=f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
+                )
+        if request.resource is None or request.action not in (action.CREATE, action.UPDATE, action.DELETE):
+            return await super()._handle(request)
+        async with self._mutations:  # the bookkeeping below reads the object before kmock changes it
+            if request.action == action.CREATE:
+                self._stamp_create(request)
+            elif request.action == action.UPDATE:
+                self._stamp_update(request)
+            response = await super()._handle(request)
+        if entry is not None:
+            for listener in self.listeners:
+                listener(entry, request)
+        return response
+
+    def _audit(self, request: Request) -> AuditEntry | None:
+        if request.resource is None or request.action is None or not request.resource.plural:
+            return None  # discovery (/api, /apis/<group>/<version>): non-resource URLs
+        verb = VERBS[request.action]
+        if request.action == action.DELETE and request.name is None:
+            verb = "deletecollection"
+        res = rbac_resource(request.resource.group or "", request.resource.plural or "", request.subresource)
+        entry = AuditEntry(verb, res, request.namespace, request.headers.get("User-Agent", ""))
+        self.audit.append(entry)
+        if verb in ("list", "watch"):
+            self.selectors[res] = request.params.get("labelSelector")
+        return entry
+
+    def _fault(self, entry: AuditEntry) -> Fault | None:
+        for fault in self.faults:
+            if (
+                fault.hits < fault.times
+                and fault.verb == entry.verb
+                and fault.resource == entry.resource
+                and fault.namespace in (None, entry.namespace)
+            ):
+                fault.hits += 1
+                return fault
+        return None
+
+    def _info(self, request: Request) -> Any:
+        for res in self.resources:
+            if res == request.resource:
+                return self.resources[res]
+        return None
+
+    def _has_status(self, request: Request) -> bool:
+        info = self._info(request)
+        return info is not None and "status" in info.subresources
+
+    def _current(self, request: Request) -> dict[str, Any] | None:
+        key = (request.resource, request.namespace, request.name)
+        if key not in self.objects:
+            return None
+        obj = self.objects[key]
+        return None if obj.deleted else copy.deepcopy(obj.raw)
+
+    def _stamp_create(self, request: Request) -> None:
+        data = request.data
+        if not isinstance(data, dict):
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="expected a JSON object")
+        meta = data.setdefault("metadata", {})
+        if not meta.get("name"):
+            prefix = meta.get("generateName")
+            if not prefix:
+                raise kmock.KubernetesError(
+                    status=422, reason="Invalid", message="metadata.name or generateName is required"
+                )
+            meta["name"] = prefix + secrets.token_hex(3)[:5]
+        if request.namespace:
+            if meta.get("namespace") not in (None, request.namespace):
+                raise kmock.KubernetesError(
+                    status=400,
+                    reason="BadRequest",
+                    message="the namespace of the object does not match the URL",
+                )
+            meta["namespace"] = request.namespace
+        meta["uid"] = str(uuid.uuid4())
+        meta["resourceVersion"] = str(next(self._versions))
+        meta["generation"] = 1
+        meta["creationTimestamp"] = _now()
+        meta.pop("deletionTimestamp", None)
+        if self._has_status(request):
+            data.pop("status", None)
+
+    def _stamp_update(self, request: Request) -> None:
+        current = self._current(request)
+        if current is None:
+            return  # kmock answers 404
+        patch = request.data
+        if isinstance(patch, dict):
+            asked = (patch.get("metadata") or {}).get("resourceVersion")
+            if asked is not None and asked != current["metadata"].get("resourceVersion"):
+                raise kmock.KubernetesError(
+                    status=409,
+                    reason="Conflict",
+                    message="the object has been modified; please apply your changes to the latest version",
+                )
+            if self._has_status(request):
+                if request.subresource == "status":
+                    for key in list(patch):
+                        if key not in ("status", "metadata"):
+                            del patch[key]
+                    patch.pop("metadata", None)
+                else:
+                    patch.pop("status", None)
+            new = kmock_dicts.patch_dict(current, patch)
+        elif isinstance(patch, list):
+            new = kmock_dicts.patch_dict(current, patch)
+        else:
+            raise kmock.KubernetesError(status=400, reason="BadRequest", message="unsupported patch body")
+        stamp: dict[str, Any] = {"resourceVersion": str(next(self._versions))}
+        generation = current["metadata"].get("generation") or 1
+        if _essence(new) != _essence(current):
+            stamp["generation"] = generation + 1
+        if isinstance(patch, dict):
+            patch.setdefault("metadata", {}).update(stamp)
+        else:
+            patch.extend({"op": "add", "path": f"/metadata/{k}", "value": v} for k, v in stamp.items())
+
+
+def declare_resources(server: ApiServer, *, pytorchjobs: bool = True) -> None:
+    """The built-in resources, the DistillationRun CRD's resource and (optionally) Kubeflow's PyTorchJob."""
+    # kmock's load_bundled() reads this file with a deprecated importlib API (a warning, an error here).
+    bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
+    server.resources.load_data(gzip.decompress(bundled))
+    verbs = {"get", "list", "watch", "create", "patch", "update", "delete"}
+    server.resources["distillery.dev/v1alpha1/distillationruns"] = kmock.ResourceInfo(
+        kind="DistillationRun",
+        singular="distillationrun",
+        namespaced=True,
+        verbs=verbs,
+        shortnames={"drun"},
+        subresources={"status"},
+    )
+    if pytorchjobs:
+        server.resources["kubeflow.org/v1/pytorchjobs"] = kmock.ResourceInfo(
+            kind="PyTorchJob", singular="pytorchjob", namespaced=True, verbs=verbs, subresources={"status"}
+        )

@@ -1,0 +1,421 @@
+"""The child manifests, without a server: valid for Kubernetes 1.30 and 1.37 (kubernetes-validate, strict),
+the PyTorchJob valid for Kubeflow's CRD schema, and every pod locked down and placed as asked."""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from distillery_operator.builders.collect import collect_job, teacher_deployment, teacher_service
+from distillery_operator.builders.common import (
+    HASH_ANNOTATION,
+    INPUTS_ANNOTATION,
+    MAX_RUN_NAME,
+    QUEUE_LABEL,
+    Run,
+)
+from distillery_operator.builders.config import config_map
+from distillery_operator.builders.evaluate import eval_job
+from distillery_operator.builders.serve import serve_deployment, serve_service, student_server
+from distillery_operator.builders.train import pytorch_job, rendezvous_service, train_job
+from distillery_operator.settings import Settings
+from distillery_operator.validate import _to_json_schema
+from distillery_trainer.api.resource import load_yaml
+from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.stage import StageConfig
+from distillery_trainer.serve import VLLM_IMAGE, VllmServer
+
+from tests.builders import make_run
+from tests.conftest import EXAMPLES, REPO
+
+K8S_VERSIONS = ("1.30", "1.37")
+SETTINGS = Settings(
+    node_selector={"pool": "gpu"},
+    tolerations=({"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},),
+)
+
+
+def example(name: str, **patch: Any) -> Run:
+    doc = load_yaml((EXAMPLES / name).read_text(encoding="utf-8"))
+    spec = doc["spec"]
+    spec.setdefault("storage", {"pvc": {"claimName": "distill-data"}})
+    spec.update(patch)
+    return Run(
+        doc["metadata"]["name"],
+        doc["metadata"].get("namespace", "default"),
+        "uid-1",
+        DistillationRunSpec.model_validate(spec),
+    )
+
+
+def custom() -> Run:
+    doc = (
+        make_run("custom", "ns-1")
+        .spec(
+            {
+                "storage": {"url": "s3://bucket/prefix"},
+                "collection": {"shards": 16, "parallelism": 4, "backoffLimitPerIndex": 5},
+                "training": {
+                    "backend": "job",
+                    "image": "registry.local/trainer:dev",
+                    "resources": {
+                        "nodes": 3,
+                        "gpusPerNode": 2,
+                        "gpuResource": "amd.com/gpu",
+                        "cpu": "8",
+                        "memory": "64Gi",
+                    },
+                },
+                "serving": {
+                    "replicas": 3,
+                    "gpus": 2,
+                    "image": "registry.local/vllm:dev",
+                    "extraArgs": ["--enable-prefix-caching"],
+                },
+                "evaluation": {
+                    "judge": {
+                        "endpoint": {
+                            "baseURL": "https://judge.example/v1",
+                            "model": "judge",
+                            "apiKeySecretRef": {"name": "judge", "key": "token"},
+                        }
+                    }
+                },
+                "scheduling": {
+                    "nodeSelector": {"pool": "a100", "zone": "z1"},
+                    "tolerations": [
+                        {"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"}
+                    ],
+                    "priorityClassName": "batch-high",
+                    "queueName": "team-a",
+                },
+            }
+        )
+        .obj()
+    )
+    return Run("custom", "ns-1", "uid-2", DistillationRunSpec.model_validate(doc["spec"]))
+
+
+RUNS = {
+    "run.yaml": lambda: example("run.yaml"),
+    "whitebox-kd.yaml": lambda: example("whitebox-kd.yaml"),
+    "local-cpu.yaml": lambda: example("local-cpu.yaml"),
+    "custom": custom,
+}
+
+
+def children(run: Run, settings: Settings = SETTINGS) -> dict[str, dict[str, Any]]:
+    out = {
+        "config": config_map(run, settings),
+        "collect": collect_job(run, settings, "in-c"),
+        "pytorchjob": pytorch_job(run, settings, "in-t"),
+        "train-job": train_job(run, settings, "in-t"),
+        "rendezvous": rendezvous_service(run, settings),
+        "serve": serve_deployment(run, settings, "in-s", replicas=run.spec.serving.replicas),
+        "serve-svc": serve_service(run, settings),
+        "eval": eval_job(run, settings, "in-e"),
+    }
+    if run.spec.teacher.self_hosted is not None:
+        out["teacher"] = teacher_deployment(run, settings)
+        out["teacher-svc"] = teacher_service(run, settings)
+    return out
+
+
+def all_manifests() -> Iterator[tuple[str, dict[str, Any]]]:
+    for run_id, make in RUNS.items():
+        for child_id, manifest in children(make()).items():
+            yield f"{run_id}:{child_id}", manifest
+
+
+MANIFESTS = dict(all_manifests())
+BUILTIN = {k: v for k, v in MANIFESTS.items() if v["kind"] != "PyTorchJob"}
+PYTORCHJOBS = {k: v for k, v in MANIFESTS.items() if v["kind"] == "PyTorchJob"}
+
+
+def pod_templates(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    if manifest["kind"] == "PyTorchJob":
+        return [r["template"] for r in manifest["spec"]["pytorchReplicaSpecs"].values()]
+    if manifest["kind"] in ("Job", "Deployment"):
+        return [manifest["spec"]["template"]]
+    return []
+
+
+WORKLOADS = {k: v for k, v in MANIFESTS.items() if pod_templates(v)}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+@pytest.mark.parametrize("key", sorted(BUILTIN))
+def test_builtin_manifests_are_valid_kubernetes(key: str, version: str) -> None:
+    kubernetes_validate.validate(BUILTIN[key], version, strict=True)
+
+
+@functools.cache
+def pytorchjob_validator() -> jsonschema.Draft4Validator:
+    schema = yaml.safe_load(
+        (REPO / "tests/data/kubeflow-pytorchjob-v1.schema.yaml").read_text(encoding="utf-8")
+    )
+    return jsonschema.Draft4Validator(_to_json_schema(schema))
+
+
+@pytest.mark.parametrize("key", sorted(PYTORCHJOBS))
+def test_pytorchjobs_match_the_kubeflow_schema(key: str) -> None:
+    job = PYTORCHJOBS[key]
+    errors = [f"{list(e.absolute_path)}: {e.message}" for e in pytorchjob_validator().iter_errors(job)]
+    assert errors == []
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    assert set(replicas) <= {"Master", "Worker"} and replicas["Master"]["replicas"] == 1
+    for replica in replicas.values():
+        assert replica["restartPolicy"] in ("Always", "OnFailure", "Never", "ExitCode")
+        assert replica["template"]["spec"]["containers"][0]["name"] == "pytorch"  # what Kubeflow looks for
+        template = {
+            "apiVersion": "v1",
+            "kind": "PodTemplate",
+            "metadata": {"name": "t"},
+            "template": replica["template"],
+        }
+        for version in K8S_VERSIONS:
+            kubernetes_validate.validate(template, version, strict=True)
+
+
+def test_the_schema_catches_what_kubeflow_would_reject() -> None:
+    job = copy.deepcopy(next(iter(PYTORCHJOBS.values())))
+    job["spec"]["nprocPerNode"] = 8  # a string in Kubeflow's API
+    job["spec"]["runPolicy"]["cleanPodPolicies"] = "None"  # a typo
+    del job["spec"]["pytorchReplicaSpecs"]
+    messages = [e.message for e in pytorchjob_validator().iter_errors(job)]
+    assert any("is not of type 'string'" in m for m in messages)
+    assert any("cleanPodPolicies" in m for m in messages)
+    assert any("pytorchReplicaSpecs" in m for m in messages)
+
+
+def test_pytorchjob_shape_follows_the_resources() -> None:
+    run = example("whitebox-kd.yaml")  # 2 nodes x 4 GPUs
+    job = pytorch_job(run, SETTINGS, "x")
+    assert job["spec"]["nprocPerNode"] == "4"
+    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
+    container = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    assert container["command"] == [
+        "torchrun",
+        "--no-python",
+        "distillery-trainer",
+        "train",
+        "--config",
+        "/etc/distillery/stage.yaml",
+    ]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    volumes = {
+        v["name"]: v for v in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
+    }
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory"}
+    assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "distill-rwx"
+    one_node = pytorch_job(example("run.yaml"), SETTINGS, "x")
+    assert (
+        set(one_node["spec"]["pytorchReplicaSpecs"]) == {"Master"} and one_node["spec"]["nprocPerNode"] == "8"
+    )
+
+
+def test_the_indexed_job_backend_runs_torchrun_with_explicit_rendezvous() -> None:
+    run = custom()  # 3 nodes x 2 GPUs, backend job
+    job = train_job(run, SETTINGS, "x")
+    spec = job["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 3, 3)
+    pod = spec["template"]["spec"]
+    assert pod["subdomain"] == "custom-train" and pod["restartPolicy"] == "Never"
+    container = pod["containers"][0]
+    assert container["command"][:6] == [
+        "torchrun",
+        "--nnodes=3",
+        "--nproc-per-node=2",
+        "--node-rank=$(JOB_COMPLETION_INDEX)",
+        "--master-addr=custom-train-0.custom-train",
+        "--master-port=29500",
+    ]
+    index_env = container["env"][0]
+    assert index_env["name"] == "JOB_COMPLETION_INDEX"  # defined before it is referenced
+    assert "job-completion-index" in index_env["valueFrom"]["fieldRef"]["fieldPath"]
+    assert (
+        container["resources"]["limits"]["amd.com/gpu"] == "2"
+        and container["image"] == "registry.local/trainer:dev"
+    )
+    service = rendezvous_service(run, SETTINGS)
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"].items() <= pod_labels(job).items()
+
+
+def pod_labels(manifest: dict[str, Any]) -> dict[str, str]:
+    return dict(pod_templates(manifest)[0]["metadata"]["labels"])
+
+
+@pytest.mark.parametrize("key", sorted(WORKLOADS))
+def test_every_pod_is_locked_down_and_placed(key: str) -> None:
+    manifest = WORKLOADS[key]
+    run_id = key.split(":")[0]
+    for template in pod_templates(manifest):
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] != 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert pod["automountServiceAccountToken"] is False  # workload pods need no API access
+        for container in pod["containers"]:
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}
+            for env in container.get("env", []):
+                assert "value" in env or "secretKeyRef" in env["valueFrom"] or "fieldRef" in env["valueFrom"]
+        tolerations = pod["tolerations"]
+        assert tolerations[0] == dict(SETTINGS.tolerations[0])
+        if run_id == "custom":
+            assert pod["nodeSelector"] == {"pool": "a100", "zone": "z1"}  # the spec wins over the default
+            assert pod["priorityClassName"] == "batch-high"
+            assert {"key": "team", "operator": "Equal", "value": "a", "effect": "NoSchedule"} in tolerations
+        else:
+            assert pod["nodeSelector"] == {"pool": "gpu"} and "priorityClassName" not in pod
+        assert QUEUE_LABEL not in template["metadata"]["labels"]  # Kueue admits the workload, not its pods
+    assert (manifest["metadata"]["labels"].get(QUEUE_LABEL) == "team-a") == (run_id == "custom")
+
+
+@pytest.mark.parametrize("key", sorted(MANIFESTS))
+def test_names_labels_and_owner(key: str) -> None:
+    manifest = MANIFESTS[key]
+    meta = manifest["metadata"]
+    run = RUNS[key.split(":")[0]]()
+    assert meta["name"].startswith(run.name + "-") and meta["namespace"] == run.namespace
+    labels = meta["labels"]
+    assert labels["distillery.dev/run"] == run.name and labels["app.kubernetes.io/instance"] == run.name
+    assert labels["app.kubernetes.io/managed-by"] == "distillery-operator"
+    assert (
+        labels["app.kubernetes.io/part-of"] == "distillery"
+        and labels["app.kubernetes.io/name"] == "distillery"
+    )
+    assert labels["distillery.dev/stage"] in ("config", "collect", "train", "serve", "evaluate")
+    assert meta["ownerReferences"] == [
+        {
+            "apiVersion": "distillery.dev/v1alpha1",
+            "kind": "DistillationRun",
+            "name": run.name,
+            "uid": run.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+    ]
+    assert len(meta["annotations"][HASH_ANNOTATION]) == 16
+
+
+def test_the_stage_config_is_the_spec_plus_where_things_are_and_never_a_secret() -> None:
+    run = example("run.yaml")
+    data = config_map(run, SETTINGS)["data"]["stage.yaml"]
+    config = StageConfig.model_validate(yaml.safe_load(data))
+    assert config.spec == run.spec
+    assert config.artifacts == "/data/runs/team-a/contracts-8b" and config.cache_dir == "/data/cache"
+    assert (config.teacher.base_url, config.teacher.model) == ("https://api.openai.com/v1", "gpt-4o")
+    assert config.student.base_url == "http://contracts-8b-serve.team-a.svc:8000/v1"
+    assert config.student.model == "contracts-8b"
+    assert config.run.uid == "uid-1"
+    # The Secret is named, its value is nowhere; pods get it as secretKeyRef env vars.
+    collect = collect_job(run, SETTINGS, "x")["spec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in collect["env"] if "valueFrom" in e}
+    assert refs == {"DISTILLERY_TEACHER_API_KEY": {"name": "openai", "key": "api-key"}}
+    evaluate = eval_job(run, SETTINGS, "x")["spec"]["template"]["spec"]["containers"][0]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"]["name"] for e in evaluate["env"] if "valueFrom" in e}
+    assert refs == {"DISTILLERY_JUDGE_API_KEY": "openai", "DISTILLERY_TEACHER_API_KEY": "openai"}
+    self_hosted = example("whitebox-kd.yaml")
+    teacher = StageConfig.model_validate(
+        yaml.safe_load(config_map(self_hosted, SETTINGS)["data"]["stage.yaml"])
+    ).teacher
+    assert (teacher.base_url, teacher.model) == ("http://qwen-kd-teacher.team-a.svc:8000/v1", "teacher")
+    url = custom()
+    config = StageConfig.model_validate(yaml.safe_load(config_map(url, SETTINGS)["data"]["stage.yaml"]))
+    assert (
+        config.artifacts == "s3://bucket/prefix/runs/ns-1/custom"
+        and config.cache_dir == "s3://bucket/prefix/cache"
+    )
+
+
+def test_collection_is_an_indexed_job_with_bounded_parallelism() -> None:
+    spec = collect_job(custom(), SETTINGS, "x")["spec"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"]) == ("Indexed", 16, 4)
+    assert spec["backoffLimitPerIndex"] == 5 and spec["template"]["spec"]["restartPolicy"] == "Never"
+    container = spec["template"]["spec"]["containers"][0]
+    assert container["command"] == ["distillery-trainer", "collect", "--config", "/etc/distillery/stage.yaml"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert "/etc/distillery" in mounts and "/data" not in mounts  # s3 storage: no volume
+    example_mounts = {
+        m["mountPath"]
+        for m in collect_job(example("run.yaml"), SETTINGS, "x")["spec"]["template"]["spec"]["containers"][0][
+            "volumeMounts"
+        ]
+    }
+    assert "/data" in example_mounts
+
+
+def test_serving_is_vllm_with_the_shared_argument_builder() -> None:
+    run = custom()
+    deployment = serve_deployment(run, SETTINGS, "x", replicas=3)
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    server = VllmServer.for_student(run.spec.serving, "s3://bucket/prefix/runs/ns-1/custom/student", "custom")
+    assert container["command"] + container["args"] == server.command() + server.args()
+    assert student_server(run, SETTINGS) == server
+    assert "--enable-prefix-caching" in container["args"] and "--tensor-parallel-size" in container["args"]
+    assert container["image"] == "registry.local/vllm:dev"
+    assert (
+        example("run.yaml")
+        and serve_deployment(example("run.yaml"), SETTINGS, "x", replicas=1)["spec"]["template"]["spec"][
+            "containers"
+        ][0]["image"]
+        == VLLM_IMAGE
+    )
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+    startup = container["startupProbe"]
+    assert startup["failureThreshold"] * startup["periodSeconds"] >= SETTINGS.startup_seconds
+    assert container["resources"]["limits"]["amd.com/gpu"] == "2"
+    assert (
+        deployment["spec"]["replicas"] == 3
+        and deployment["metadata"]["annotations"][INPUTS_ANNOTATION] == "x"
+    )
+    service = serve_service(run, SETTINGS)
+    assert service["spec"]["ports"][0]["port"] == 8000
+    assert service["spec"]["selector"].items() <= pod_labels(deployment).items()
+    assert deployment["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
+    model = example("run.yaml")
+    args = serve_deployment(model, SETTINGS, "x", replicas=1)["spec"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert args[args.index("--model") + 1] == "/data/runs/team-a/contracts-8b/student"
+    assert args[args.index("--served-model-name") + 1] == "contracts-8b"
+
+
+def test_a_self_hosted_teacher_is_served_with_its_logprobs() -> None:
+    run = example("whitebox-kd.yaml")
+    container = teacher_deployment(run, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    args = container["args"]
+    assert args[args.index("--model") + 1] == "Qwen/Qwen2.5-7B-Instruct"
+    assert args[args.index("--served-model-name") + 1] == "teacher"
+    assert args[args.index("--max-logprobs") + 1] == "64"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+def test_builds_are_deterministic_and_the_hash_follows_the_content() -> None:
+    first, again = children(example("run.yaml")), children(example("run.yaml"))
+    assert first == again
+    changed = children(example("run.yaml", serving={"replicas": 2, "gpus": 1}))
+    assert (
+        changed["serve"]["metadata"]["annotations"][HASH_ANNOTATION]
+        != first["serve"]["metadata"]["annotations"][HASH_ANNOTATION]
+    )
+    assert changed["collect"] == first["collect"] or changed["config"] != first["config"]
+
+
+def test_the_longest_run_name_fits_every_child() -> None:
+    run = example("run.yaml")
+    long = Run("r" * MAX_RUN_NAME, run.namespace, run.uid, run.spec)
+    for manifest in children(long).values():
+        assert len(manifest["metadata"]["name"]) <= 63 - len("-99999")
+        kubernetes_validate.validate(manifest, "1.37", strict=True) if manifest[
+            "kind"
+        ] != "PyTorchJob" else None

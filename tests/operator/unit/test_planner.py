@@ -1,0 +1,508 @@
+"""The planner, pure: observations in, desired children, deletions, status and events out."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from distillery_operator.builders.common import INPUTS_ANNOTATION
+from distillery_operator.observe import Child, Observed, Pod, RunView, Terminated, child_view
+from distillery_operator.planner import Capabilities, Plan, fingerprints, plan
+from distillery_operator.settings import Settings
+from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.summaries import CollectionSummary
+from distillery_trainer.cost import run_cost
+
+from tests.builders import make_run
+from tests.operator.reports import progress, results, summaries
+from tests.operator.unit.test_health_lua import health
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+UID = "run-uid"
+SETTINGS = Settings(results_grace_seconds=30)
+
+
+def spec_of(**patch: Any) -> dict[str, Any]:
+    builder = (
+        make_run("r", "ns")
+        .storage()
+        .spec(
+            {
+                "teacher": {"pricing": {"inputPerMTokUSD": 2.5, "outputPerMTokUSD": 10}},
+                "collection": {"shards": 2},
+                "training": {"resources": {"gpusPerNode": 4}},
+            }
+        )
+    )
+    return builder.spec(patch).obj()["spec"]
+
+
+class World:
+    """A run, the children that exist, and one planning pass after another (its status fed back)."""
+
+    def __init__(self, spec: dict[str, Any] | None = None, name: str = "r") -> None:
+        self.spec = spec or spec_of()
+        self.name = name
+        self.generation = 1
+        self.status: dict[str, Any] = {}
+        self.children: dict[tuple[str, str], Child] = {}
+        self.pods: list[Pod] = []
+        self.now = T0
+        self.caps = Capabilities()
+
+    def view(self) -> RunView:
+        return RunView.of(self.name, "ns", UID, self.generation, self.spec, self.status)
+
+    def plan(self, advance: float = 1.0) -> Plan:
+        self.now += timedelta(seconds=advance)
+        out = plan(
+            self.view(),
+            Observed(dict(self.children), tuple(self.pods)),
+            self.now,
+            settings=SETTINGS,
+            caps=self.caps,
+        )
+        self.status = out.status.to_dict()
+        for desired in out.apply:
+            ref = (desired.kind, desired.name)
+            if ref not in self.children:  # the writer creates it; its status starts empty
+                manifest = json.loads(json.dumps(desired.manifest))
+                manifest["metadata"]["uid"] = f"uid-{desired.name}-{desired.kind}"
+                self.children[ref] = child_view(manifest)
+            elif desired.mutable:
+                old = self.children[ref]
+                manifest = json.loads(json.dumps(desired.manifest))
+                manifest["metadata"]["uid"] = old.uid
+                updated = child_view(manifest)
+                generation = old.generation + (1 if "spec" in manifest and old.hash != updated.hash else 0)
+                self.children[ref] = Child(
+                    **{**updated.__dict__, "status": old.status, "generation": generation}
+                )
+        for ref in out.delete:
+            self.children.pop(ref, None)
+        return out
+
+    def child(self, kind: str, suffix: str) -> Child:
+        return self.children[(kind, f"{self.name}-{suffix}")]
+
+    def set_status(self, kind: str, suffix: str, **status: Any) -> None:
+        old = self.child(kind, suffix)
+        self.children[(kind, old.name)] = Child(**{**old.__dict__, "status": {**old.status, **status}})
+
+    def pod(
+        self,
+        component: str,
+        owner: Child,
+        message: Any,
+        *,
+        exit_code: int = 0,
+        index: int | None = None,
+        replica_type: str | None = None,
+    ) -> None:
+        text = message if isinstance(message, str) else json.dumps(message)
+        self.pods.append(
+            Pod(
+                name=f"{owner.name}-{len(self.pods)}",
+                component=component,
+                index=index,
+                replica_type=replica_type,
+                terminated=(
+                    Terminated("main", exit_code, "Completed" if exit_code == 0 else "Error", text, self.now),
+                ),
+                owners=(owner.uid,),
+            )
+        )
+
+    # Controllers -------------------------------------------------------------------------------------
+
+    def collect(self, shards: int = 2, *, reports: bool = True) -> None:
+        job = self.child("Job", "collect")
+        if reports:
+            for s in summaries(shards):
+                self.pod("collect", job, s, index=s["shard"])
+        self.set_status(
+            "Job",
+            "collect",
+            completionTime=iso(self.now),
+            conditions=[{"type": "Complete", "status": "True"}],
+        )
+
+    def train(self, report: dict[str, Any] | None = None, hours: float = 0.5) -> None:
+        job = self.child("PyTorchJob", "train")
+        if report is not None:
+            self.pod("train", job, report, replica_type="master")
+        self.set_status(
+            "PyTorchJob",
+            "train",
+            startTime=iso(self.now - timedelta(hours=hours)),
+            completionTime=iso(self.now),
+            conditions=[{"type": "Succeeded", "status": "True"}],
+        )
+
+    def roll_out(self, suffix: str = "serve") -> None:
+        dep = self.child("Deployment", suffix)
+        n = dep.replicas or 0
+        self.set_status(
+            "Deployment",
+            suffix,
+            observedGeneration=dep.generation,
+            readyReplicas=n,
+            updatedReplicas=n,
+            replicas=n,
+        )
+
+    def evaluate(self, data: dict[str, Any] | None) -> None:
+        job = self.child("Job", "eval")
+        if data is not None:
+            self.pod("eval", job, data)
+        self.set_status(
+            "Job", "eval", completionTime=iso(self.now), conditions=[{"type": "Complete", "status": "True"}]
+        )
+
+    def to_serving(self) -> None:
+        self.plan()
+        self.collect()
+        self.plan()
+        self.train(progress(gpu_hours=2.5))
+        self.plan()
+
+    def to_evaluated(self, retention: float = 0.91) -> Plan:
+        self.to_serving()
+        self.roll_out()
+        self.plan()
+        self.evaluate(results(retention))
+        return self.plan()
+
+
+def iso(when: datetime) -> str:
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def kinds(out: Plan) -> list[tuple[str, str]]:
+    return [(d.kind, d.name) for d in out.apply]
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+def reasons(out: Plan) -> list[str]:
+    return [e.reason for e in out.events]
+
+
+def test_a_new_run_gets_its_config_and_collection_job() -> None:
+    world = World()
+    out = world.plan()
+    assert kinds(out) == [("ConfigMap", "r-config"), ("Job", "r-collect")]
+    assert out.delete == [] and reasons(out) == ["Collecting"]
+    st = world.status
+    assert st["phase"] == "Collecting" and st["observedGeneration"] == 1
+    assert st["collection"]["state"] == "Running" and st["collection"]["message"] == "0/2 shards done"
+    assert conditions(st) == {
+        "Ready": ("False", "Collecting"),
+        "Progressing": ("True", "Collecting"),
+        "Degraded": ("False", "AsExpected"),
+    }
+    job = world.child("Job", "collect")
+    assert job.inputs == fingerprints(DistillationRunSpec.model_validate(world.spec))["collect"]
+
+
+def test_planning_again_changes_nothing() -> None:
+    world = World()
+    world.plan()
+    first = dict(world.status)
+    again = world.plan(advance=60)
+    assert world.status == first  # no timestamps move, no ETA from the clock: no status write
+    assert again.events == [] and again.delete == []
+
+
+def test_the_stages_follow_each_other_to_a_verdict_with_cost() -> None:
+    world = World()
+    world.plan()
+    world.collect()
+    out = world.plan()
+    assert ("PyTorchJob", "r-train") in kinds(out)
+    assert reasons(out) == ["CollectionSucceeded", "Training"]
+    assert world.status["collection"]["done"] == 2 * 1498 and world.status["collection"]["total"] == 3000
+    world.train(progress(gpu_hours=2.5))
+    out = world.plan()
+    assert ("Deployment", "r-serve") in kinds(out) and ("Service", "r-serve") in kinds(out)
+    assert world.status["training"]["gpuHours"] == 2.5 and world.status["phase"] == "Serving"
+    out = world.plan()
+    assert ("Job", "r-eval") not in kinds(out)  # not before the student is served
+    world.roll_out()
+    out = world.plan()
+    assert ("Job", "r-eval") in kinds(out) and world.status["endpoint"] == "http://r-serve.ns.svc:8000/v1"
+    world.evaluate(results(0.93))
+    out = world.plan()
+    st = world.status
+    assert st["phase"] == "Succeeded" and reasons(out) == ["EvaluationSucceeded", "QualityGatePassed"]
+    spec = DistillationRunSpec.model_validate(world.spec)
+    expected = run_cost(spec, [CollectionSummary.model_validate(s) for s in summaries(2)], 2.5)
+    assert st["results"]["cost"] == expected.to_dict() and st["results"]["gatePassed"] is True
+    assert conditions(st)["Ready"] == ("True", "QualityGatePassed") and st["completionTime"]
+    assert health({"metadata": {"generation": 1}, "status": st})[0] == "Healthy"
+    assert world.plan().events == []  # and it stays so
+
+
+def test_without_kubeflow_training_is_an_indexed_job_and_a_headless_service() -> None:
+    world = World()
+    world.caps = Capabilities(pytorchjob=False)
+    world.plan()
+    world.collect()
+    out = world.plan()
+    assert ("Job", "r-train") in kinds(out) and ("Service", "r-train") in kinds(out)
+    assert ("PyTorchJob", "r-train") not in kinds(out)
+
+
+def test_a_finished_job_waits_a_moment_for_its_pods_reports() -> None:
+    world = World()
+    world.plan()
+    world.collect(reports=False)
+    out = world.plan()
+    assert (
+        world.status["phase"] == "Collecting" and out.requeue_after is not None and out.requeue_after <= 30.5
+    )
+    assert "reading the shards' summaries (0/2)" in world.status["collection"]["message"]
+    world.plan(advance=31)
+    assert world.status["phase"] == "Training"
+    assert "2 shard summaries missing" in world.status["collection"]["message"]
+
+
+def test_training_gpu_hours_fall_back_to_duration_times_gpus() -> None:
+    world = World()
+    world.plan()
+    world.collect()
+    world.plan()
+    world.train(progress(gpu_hours=0.0), hours=0.5)
+    world.plan()
+    assert world.status["training"]["gpuHours"] == 0.5 * 1 * 4
+
+
+def test_a_failed_shard_fails_the_run_and_a_retrying_one_degrades_it() -> None:
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    world.pod("collect", job, "Traceback\nConnectionError: teacher unreachable", exit_code=1, index=1)
+    world.set_status("Job", "collect", failed=1)
+    out = world.plan()
+    assert world.status["phase"] == "Collecting" and conditions(world.status)["Degraded"] == (
+        "True",
+        "Retrying",
+    )
+    assert reasons(out) == ["Retrying"] and "teacher unreachable" in out.events[0].message
+    assert world.plan().events == []  # said once
+    world.set_status(
+        "Job",
+        "collect",
+        failedIndexes="1",
+        conditions=[
+            {
+                "type": "Failed",
+                "status": "True",
+                "reason": "FailedIndexes",
+                "message": "Job has failed indexes",
+            }
+        ],
+    )
+    out = world.plan()
+    st = world.status
+    assert st["phase"] == "Failed" and conditions(st)["Failed"] == ("True", "CollectionFailed")
+    assert st["message"].startswith("collect failed: Job r-collect failed (FailedIndexes)")
+    assert "failed shards: 1" in st["message"] and "teacher unreachable" in st["message"]
+    assert [(e.type, e.reason) for e in out.events] == [("Warning", "CollectionFailed")]
+    assert ("PyTorchJob", "r-train") not in kinds(out)
+    assert health({"metadata": {"generation": 1}, "status": st})[0] == "Degraded"
+    assert world.plan().events == []
+
+
+def test_a_quality_gate_failure_scales_serving_to_zero_unless_kept_on_failure() -> None:
+    world = World()
+    out = world.to_evaluated(retention=0.5)
+    assert world.status["phase"] == "Failed" and conditions(world.status)["Failed"] == (
+        "True",
+        "QualityGateFailed",
+    )
+    deployment = next(d for d in out.apply if d.kind == "Deployment")
+    assert deployment.manifest["spec"]["replicas"] == 0 and "endpoint" not in world.status
+    assert world.status["serving"]["message"] == "scaled to zero: the run failed"
+
+    kept = World(spec_of(serving={"keepOnFailure": True}))
+    out = kept.to_evaluated(retention=0.5)
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 1
+    assert kept.status["endpoint"]
+
+
+def test_a_passed_run_not_kept_scales_to_zero_and_is_ready() -> None:
+    world = World(spec_of(serving={"keep": False}))
+    out = world.to_evaluated()
+    assert world.status["phase"] == "Succeeded"
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 0
+    assert conditions(world.status)["Ready"][0] == "True"
+
+
+def test_serving_that_never_becomes_ready_fails_the_run() -> None:
+    world = World()
+    world.to_serving()
+    world.set_status(
+        "Deployment",
+        "serve",
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": "timed out",
+            }
+        ],
+    )
+    out = world.plan()
+    assert world.status["phase"] == "Failed" and conditions(world.status)["Failed"] == (
+        "True",
+        "ServingFailed",
+    )
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 0
+
+
+def test_a_deployment_is_ready_only_once_its_new_generation_rolled_out() -> None:
+    world = World()
+    world.to_serving()
+    dep = world.child("Deployment", "serve")
+    world.set_status(
+        "Deployment", "serve", observedGeneration=dep.generation - 1, readyReplicas=1, updatedReplicas=1
+    )
+    world.children[("Deployment", dep.name)] = Child(
+        **{**world.child("Deployment", "serve").__dict__, "generation": 2}
+    )
+    world.plan()
+    assert world.status["phase"] == "Serving" and "endpoint" not in world.status
+
+
+def test_an_evaluation_without_results_fails_after_the_grace() -> None:
+    world = World()
+    world.to_serving()
+    world.roll_out()
+    world.plan()
+    world.evaluate(None)
+    world.plan()
+    assert world.status["phase"] == "Evaluating"
+    world.plan(advance=31)
+    assert conditions(world.status)["Failed"] == ("True", "EvaluationFailed")
+    assert "left no results" in world.status["message"]
+
+
+def test_a_training_edit_restarts_from_training() -> None:
+    world = World()
+    world.to_evaluated()
+    old_train = world.child("PyTorchJob", "train")
+    world.spec = {**world.spec, "training": {**world.spec["training"], "epochs": 5}}
+    world.generation = 2
+    out = world.plan()
+    assert set(out.delete) == {
+        ("PyTorchJob", "r-train"),
+        ("Deployment", "r-serve"),
+        ("Service", "r-serve"),
+        ("Job", "r-eval"),
+    }
+    assert ("PyTorchJob", "r-train") not in kinds(out)  # created once the old one is gone
+    st = world.status
+    assert st["phase"] == "Training" and st["observedGeneration"] == 2
+    assert "results" not in st and "endpoint" not in st and st["collection"]["state"] == "Succeeded"
+    assert st["training"]["state"] == "Running" and st["serving"]["state"] == "Pending"
+    assert [(e.reason, e.message) for e in out.events][0] == (
+        "SpecChanged",
+        "spec.student/spec.training changed: restarting from train",
+    )
+    out = world.plan()
+    assert ("PyTorchJob", "r-train") in kinds(out) and "SpecChanged" not in reasons(out)
+    assert world.child("PyTorchJob", "train").inputs != old_train.inputs
+
+
+def test_a_serving_edit_updates_the_deployment_in_place_and_evaluates_again() -> None:
+    world = World()
+    world.to_evaluated()
+    world.spec = {**world.spec, "serving": {"replicas": 2}}
+    world.generation = 2
+    out = world.plan()
+    assert out.delete == [("Job", "r-eval")]
+    deployment = next(d for d in out.apply if d.kind == "Deployment")
+    assert (
+        deployment.manifest["spec"]["replicas"] == 2
+        and deployment.manifest["metadata"]["annotations"][INPUTS_ANNOTATION]
+    )
+    assert world.status["phase"] == "Serving" and "results" not in world.status
+
+
+def test_verdict_only_edits_rejudge_without_running_anything() -> None:
+    world = World()
+    world.to_evaluated(retention=0.8)
+    assert world.status["phase"] == "Failed"
+    world.spec = {**world.spec, "evaluation": {"minQualityRetention": 0.75}, "cost": {"gpuHourUSD": 3.0}}
+    world.generation = 2
+    out = world.plan()
+    assert out.delete == [] and world.status["phase"] == "Succeeded"
+    assert world.status["results"]["cost"]["trainingUSD"] == 7.5  # 2.5 GPU-hours at the new price
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 1
+
+
+def test_a_child_of_someone_else_blocks_the_stage_instead_of_being_taken() -> None:
+    world = World()
+    world.children[("Job", "r-collect")] = Child(
+        kind="Job", name="r-collect", uid="x", owners=("another-run",)
+    )
+    out = world.plan()
+    assert ("Job", "r-collect") not in kinds(out) and out.delete == []
+    assert conditions(world.status)["Degraded"] == ("True", "Retrying")
+    assert "does not belong to this run" in world.status["collection"]["message"]
+
+
+def test_a_child_being_deleted_is_waited_for() -> None:
+    world = World()
+    world.plan()
+    old = world.child("Job", "collect")
+    world.children[("Job", old.name)] = Child(**{**old.__dict__, "deleting": True, "inputs": "old"})
+    out = world.plan()
+    assert ("Job", "r-collect") not in kinds(out) and out.delete == []
+    assert "waiting for the previous Job" in world.status["collection"]["message"]
+
+
+def test_a_finished_stage_whose_child_was_removed_is_not_run_again() -> None:
+    world = World()
+    world.plan()
+    world.collect()
+    world.plan()
+    del world.children[("Job", "r-collect")]
+    out = world.plan()
+    assert ("Job", "r-collect") not in kinds(out) and world.status["phase"] == "Training"
+
+
+def test_a_self_hosted_teacher_comes_first_and_goes_after_collection() -> None:
+    world = World(make_run("r", "ns").self_hosted().kd().storage().obj()["spec"])
+    out = world.plan()
+    assert kinds(out) == [("ConfigMap", "r-config"), ("Deployment", "r-teacher"), ("Service", "r-teacher")]
+    world.roll_out("teacher")
+    out = world.plan()
+    assert ("Job", "r-collect") in kinds(out)
+    world.collect(shards=1)
+    out = world.plan()
+    assert set(out.delete) == {("Deployment", "r-teacher"), ("Service", "r-teacher")}
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "path"),
+    [
+        ({**spec_of(), "colection": {}}, "r", "spec.colection: unknown field"),
+        ({k: v for k, v in spec_of().items() if k != "storage"}, "r", "spec.storage: required in a cluster"),
+        (spec_of(), "r" * 60, "metadata.name: at most"),
+    ],
+)
+def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
+    spec: dict[str, Any], name: str, path: str
+) -> None:
+    world = World(spec, name)
+    out = world.plan()
+    assert out.apply == [] and world.status["phase"] == "Failed"
+    assert conditions(world.status)["Failed"] == ("True", "InvalidSpec") and path in world.status["message"]
+    assert reasons(out) == ["InvalidSpec"] and world.plan().events == []

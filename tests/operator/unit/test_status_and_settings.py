@@ -1,0 +1,167 @@
+"""Status derivation helpers, the operator's settings, and `distillery operator`'s command line."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from distillery_operator.cli import build_parser
+from distillery_operator.observe import Pod, Terminated, pod_view
+from distillery_operator.settings import Settings, parse_node_selector, parse_tolerations
+from distillery_operator.status import (
+    conditions,
+    failure_detail,
+    lenient,
+    results,
+    summaries,
+    training_progress,
+)
+from distillery_trainer.api.status import Condition, Results
+from distillery_trainer.termination import compact
+
+from tests.operator.reports import progress
+from tests.operator.reports import results as results_message
+from tests.operator.reports import summaries as summary_messages
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+
+
+def pod(name: str, message: str, exit_code: int = 0, **kw: object) -> Pod:
+    return Pod(name=name, component="x", terminated=(Terminated("c", exit_code, "", message, T0),), **kw)  # type: ignore[arg-type]
+
+
+def test_reports_are_read_from_termination_messages_even_cut_to_4_kib() -> None:
+    import json
+
+    shards = summary_messages(3)
+    pods = [pod(f"p{i}", json.dumps(s)) for i, s in enumerate(shards)]
+    pods.append(pod("retry-of-0", json.dumps(shards[0])))  # a retried shard reports once
+    pods.append(pod("failed", "Traceback...\nOSError: disk full", exit_code=1))
+    assert [s.shard for s in summaries(pods)] == [0, 1, 2]
+    big = {**results_message(), "report": "x" * 5000}
+    cut = compact(big)  # what the evaluation pod writes: the biggest field dropped, "truncated" added
+    found = results([pod("eval", cut)])
+    assert isinstance(found, Results) and found.quality_retention == 0.91 and found.report is None
+    assert failure_detail(pods) == "pod failed exited 1 (Error): OSError: disk full"
+    assert lenient(Results, {"qualityRetention": "not a number"}) is None
+
+
+def test_rank_zero_reports_training() -> None:
+    import json
+
+    worker = pod("w", json.dumps(progress(gpu_hours=1.0)), replica_type="worker")
+    master = pod("m", json.dumps(progress(gpu_hours=2.5)), replica_type="master")
+    assert training_progress([worker, master]).gpu_hours == 2.5  # type: ignore[union-attr]
+    indexed = pod("i0", json.dumps(progress(gpu_hours=4.0)), index=0)
+    other = pod("i1", json.dumps(progress(gpu_hours=9.0)), index=1)
+    assert training_progress([other, indexed]).gpu_hours == 4.0  # type: ignore[union-attr]
+
+
+def test_a_pod_is_observed_from_its_status() -> None:
+    body = {
+        "metadata": {
+            "name": "r-collect-3-abcde",
+            "labels": {
+                "app.kubernetes.io/component": "collect",
+                "batch.kubernetes.io/job-completion-index": "3",
+            },
+            "ownerReferences": [{"uid": "job-uid"}],
+        },
+        "status": {
+            "phase": "Failed",
+            "containerStatuses": [
+                {
+                    "name": "collect",
+                    "state": {
+                        "terminated": {
+                            "exitCode": 2,
+                            "reason": "Error",
+                            "message": "m",
+                            "finishedAt": "2026-03-01T00:00:00Z",
+                        }
+                    },
+                }
+            ],
+        },
+    }
+    seen = pod_view(body)
+    assert (seen.index, seen.component, seen.owners, seen.failed.exit_code) == (3, "collect", ("job-uid",), 2)  # type: ignore[union-attr]
+
+
+def test_conditions_move_their_transition_time_only_on_a_change() -> None:
+    first = conditions(
+        [],
+        phase="Training",
+        reason="Training",
+        message="a",
+        degraded=None,
+        ready=(False, "Training", "a"),
+        generation=1,
+        now=T0,
+    )
+    later = T0 + timedelta(minutes=5)
+    again = conditions(
+        first,
+        phase="Serving",
+        reason="Serving",
+        message="b",
+        degraded=None,
+        ready=(False, "Serving", "b"),
+        generation=2,
+        now=later,
+    )
+    by_type = {c.type: c for c in again}
+    assert by_type["Progressing"].last_transition_time == T0  # still True
+    assert by_type["Progressing"].reason == "Serving" and by_type["Progressing"].observed_generation == 2
+    done = conditions(
+        again,
+        phase="Succeeded",
+        reason="QualityGatePassed",
+        message="c",
+        degraded=None,
+        ready=(True, "QualityGatePassed", "c"),
+        generation=2,
+        now=later,
+    )
+    by_type = {c.type: c for c in done}
+    assert by_type["Ready"].status == "True" and by_type["Ready"].last_transition_time == later
+    assert by_type["Succeeded"].status == "True" and "Failed" not in by_type
+    assert all(isinstance(c, Condition) for c in done)
+
+
+def test_settings_come_from_the_environment() -> None:
+    s = Settings.from_env(
+        {
+            "DISTILLERY_TRAINER_IMAGE": "reg/trainer:1",
+            "DISTILLERY_NODE_SELECTOR": "pool=gpu, zone=a",
+            "DISTILLERY_TOLERATIONS": '[{"key": "gpu", "operator": "Exists"}]',
+            "DISTILLERY_QUEUE_NAME": "q",
+            "DISTILLERY_RUN_AS_USER": "2000",
+            "DISTILLERY_RESULTS_GRACE_SECONDS": "5",
+        }
+    )
+    assert (s.trainer_image, s.queue_name, s.run_as_user, s.results_grace_seconds) == (
+        "reg/trainer:1",
+        "q",
+        2000,
+        5.0,
+    )
+    assert s.node_selector == {"pool": "gpu", "zone": "a"} and s.tolerations == (
+        {"key": "gpu", "operator": "Exists"},
+    )
+    assert Settings.from_env({}) == Settings()
+    assert s.with_overrides(queue_name="other", trainer_image=None).queue_name == "other"
+    assert parse_node_selector('{"a": "b"}') == {"a": "b"}
+    with pytest.raises(ValueError, match="label=value"):
+        parse_node_selector("nonsense")
+    with pytest.raises(ValueError, match="JSON list"):
+        parse_tolerations('{"key": "x"}')
+
+
+def test_the_operator_command_line() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["operator", "-n", "a", "--namespace", "b", "--queue-name", "q"])
+    assert args.namespace == ["a", "b"] and args.queue_name == "q" and args.peering is None
+    assert parser.parse_args(["operator", "-A"]).all_namespaces is True
+    with pytest.raises(SystemExit):
+        parser.parse_args(["operator", "-A", "-n", "a"])
