@@ -56,3 +56,10 @@ def fake_openai() -> Iterator[FakeOpenAI]:
     """A fault-free fake OpenAI server; tests that want faults build their own FakeOpenAIConfig."""
     with FakeOpenAI(FakeOpenAIConfig()) as server:
         yield server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Records what the operator asks of the API emulator in every test, for the chart's RBAC test.
+    from tests.chart.audit import AuditRecorder
+
+    config.pluginmanager.register(AuditRecorder(), "distillery-operator-audit")

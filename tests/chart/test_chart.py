@@ -15,56 +15,11 @@ import yaml
 from tests.conftest import REPO
 
 from .helm import CHART, NAMESPACE, Rendered, Tools, render, walk
+from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
 
 # The Kubernetes versions every rendered object must be valid for: the oldest the chart supports
 # (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-
-NAMESPACED = {"rbac": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"]}}
-GPU_KUEUE = {
-    "workloads": {
-        "trainerImage": "registry.example/distillery-trainer:0.1.0",
-        "vllmImage": "registry.example/vllm-openai:v0.32.0",
-        "imagePullPolicy": "Always",
-        "gpuResource": "amd.com/gpu",
-        "storageClassName": "fast-rwx",
-        "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
-        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        "priorityClassName": "batch-high",
-        "kueue": {"queueName": "team-a-gpus"},
-    }
-}
-EVERYTHING = {
-    **NAMESPACED,
-    **GPU_KUEUE,
-    "image": {
-        "repository": "registry.example/distillery-operator",
-        "tag": "0.1.0-rc1",
-        "pullPolicy": "Always",
-    },
-    "imagePullSecrets": [{"name": "registry"}],
-    "serviceAccount": {"create": True, "name": "distillery", "annotations": {"iam.example/role": "x"}},
-    "operator": {
-        "logLevel": "debug",
-        "probePort": 9000,
-        "nodeSelector": {"kubernetes.io/os": "linux"},
-        "tolerations": [{"key": "control-plane", "operator": "Exists"}],
-        "affinity": {
-            "nodeAffinity": {
-                "requiredDuringSchedulingIgnoredDuringExecution": {
-                    "nodeSelectorTerms": [
-                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}
-                    ]
-                }
-            }
-        },
-        "priorityClassName": "system-cluster-critical",
-        "podAnnotations": {"prometheus.io/scrape": "false"},
-        "podLabels": {"team": "platform"},
-        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
-    },
-}
-SCENARIOS = {"defaults": {}, "namespaced": NAMESPACED, "gpu-kueue": GPU_KUEUE, "everything": EVERYTHING}
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
