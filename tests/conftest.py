@@ -62,4 +62,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # Records what the operator asks of the API emulator in every test, for the chart's RBAC test.
     from tests.chart.audit import AuditRecorder
 
-    config.pluginmanager.register(AuditRecorder(), "distillery-operator-audit")
+    recorder = AuditRecorder()
+    recorder.install()
+    config.pluginmanager.register(recorder, "distillery-operator-audit")

@@ -4,8 +4,7 @@ chart's RBAC test (tests/chart/test_rbac.py).
 The emulator (``tests/kube/emulator.py``) keeps an audit of every request as ``(verb, resource,
 namespace)`` in RBAC terms. The tests themselves also talk to it — they play the Job, Deployment and
 training controllers (create pods, patch statuses) — so the operator's part is the audit *minus* the
-test's own requests, which kmock's request log tells apart: the operator (kopf and its REST client)
-sends the kubeconfig's bearer token, the test's client sends none.
+test's own requests, told apart by their credentials (:meth:`AuditRecorder.install`).
 
 :class:`AuditRecorder` is a pytest plugin (registered by ``tests/conftest.py``): after each test that
 used the ``cluster`` fixture it keeps one :class:`Record` (the operators' command lines and their
@@ -87,26 +86,13 @@ def _resource_names(api: Any) -> dict[str, tuple[str, str]]:
     return names
 
 
-def operator_requests(cluster: Any) -> list[ApiRequest]:
-    """The emulator's audit of the test's ``cluster``, less the requests the test itself sent."""
-    from kmock._internal.enums import action
+Key = tuple[str, str, str | None]  # an audit entry: (verb, RBAC resource string, namespace)
 
-    from tests.kube.emulator import VERBS, rbac_resource
 
-    api = cluster.api
+def operator_requests(api: Any, sent: Counter[Key]) -> list[ApiRequest]:
+    """The emulator's audit less the requests the test sent: what the operator asked for."""
     audit = Counter((e.verb, e.resource, e.namespace) for e in api.audit)
-    for request in api:  # kmock's log of every request, headers included
-        if request.headers.get("Authorization"):
-            continue  # the operator's
-        if request.resource is None or request.action is None or not request.resource.plural:
-            continue  # discovery: not in the audit either
-        verb = VERBS[request.action]
-        if request.action == action.DELETE and request.name is None:
-            verb = "deletecollection"
-        group = request.resource.group or ""
-        audit[
-            (verb, rbac_resource(group, request.resource.plural, request.subresource), request.namespace)
-        ] -= 1
+    audit.subtract(sent)
     names = _resource_names(api)
     out = set()
     for (verb, resource, namespace), count in audit.items():
@@ -122,6 +108,29 @@ class AuditRecorder:
     expected: set[str] = field(default_factory=set)  # node ids of the tests that record
     deselected: bool = False  # some recording test was left out of this session
     failures: set[str] = field(default_factory=set)  # node ids of tests that failed (any phase)
+    sent: dict[int, Counter[Key]] = field(default_factory=dict)  # id(emulator) -> the test's requests
+
+    def install(self) -> None:
+        """Tell the test's own requests from the operator's as the emulator audits them.
+
+        The audit entry does not say who sent the request; the request does: the operator (kopf and its
+        REST client) sends the kubeconfig's bearer token, the test's client none. This wraps the
+        emulator's ``_audit`` to count the credential-less ones per emulator.
+        """
+        try:
+            from tests.kube.emulator import ApiServer
+        except ModuleNotFoundError:
+            return  # the operator's emulator is not on this branch: nothing records
+        original = ApiServer._audit
+        sent = self.sent
+
+        def _audit(api: Any, request: Any) -> Any:
+            entry = original(api, request)
+            if entry is not None and not request.headers.get("Authorization"):
+                sent.setdefault(id(api), Counter())[(entry.verb, entry.resource, entry.namespace)] += 1
+            return entry
+
+        ApiServer._audit = _audit  # type: ignore[method-assign]
 
     @staticmethod
     def _records(item: pytest.Item) -> bool:
@@ -139,11 +148,12 @@ class AuditRecorder:
 
     @pytest.hookimpl(hookwrapper=True)
     def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-        cluster = getattr(item, "funcargs", {}).get("cluster")
+        cluster = getattr(item, "funcargs", {}).get("cluster") if self._records(item) else None
         yield  # the operators stop in the fixture's teardown: their last requests count too
-        if cluster is not None and self._records(item):
+        if cluster is not None:
+            sent = self.sent.pop(id(cluster.api), Counter())
             args = [list(op.args) for op in cluster.operators]
-            self.records.append(Record(item.nodeid, args, operator_requests(cluster)))
+            self.records.append(Record(item.nodeid, args, operator_requests(cluster.api, sent)))
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         if report.failed:
