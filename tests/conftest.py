@@ -60,3 +60,12 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 # The Kubernetes API emulator and the operator process: `cluster`, `start_operator`, `api_audit`.
 from tests.kube.fixtures import api_audit, cluster, start_operator  # noqa: E402, F401
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Records what the operator asks of the API emulator in every test, for the chart's RBAC test.
+    from tests.chart.audit import AuditRecorder
+
+    recorder = AuditRecorder()
+    recorder.install()
+    config.pluginmanager.register(recorder, "distillery-operator-audit")

@@ -32,7 +32,9 @@ class Settings:
     config_mount: str = CONFIG_MOUNT
     # Every pod runs as this non-root user (the trainer image's user; the vLLM image runs as root by
     # default but needs nothing of root: it only has to be able to write $HOME, an emptyDir here).
-    run_as_user: int = 1000
+    run_as_user: int = 10001
+    # The extended resource a GPU is requested as, when a run's training.resources.gpuResource is unset.
+    gpu_resource: str = "nvidia.com/gpu"
     node_selector: Mapping[str, str] = field(default_factory=dict)
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str | None = None
@@ -61,6 +63,7 @@ class Settings:
             ("image_pull_policy", "IMAGE_PULL_POLICY"),
             ("priority_class_name", "PRIORITY_CLASS"),
             ("queue_name", "QUEUE_NAME"),
+            ("gpu_resource", "GPU_RESOURCE"),
         ):
             if (value := get(var)) is not None:
                 values[attr] = value

@@ -64,7 +64,7 @@ def test_short_spec_gets_documented_defaults() -> None:
         "forwardKL",
     )
     assert not spec.training.dpo.enabled and spec.training.dpo.beta == 0.1
-    assert spec.training.resources.gpu_resource == "nvidia.com/gpu"
+    assert spec.training.resources.gpu_resource is None  # the operator's default (nvidia.com/gpu) applies
     assert spec.training.backend == "pytorchjob"
     assert (spec.serving.engine, spec.serving.replicas, spec.serving.keep) == ("vllm", 1, True)
     assert spec.evaluation.min_quality_retention == 0.9

@@ -3,7 +3,7 @@
 Builders are pure: a :class:`Run` (the parts of the DistillationRun they need) and the operator's
 :class:`~distillery_operator.settings.Settings` in, a plain manifest (dict) out. No API calls.
 
-Every pod runs as a non-root user (``runAsNonRoot``, UID 1000 by default), without privilege escalation,
+Every pod runs as a non-root user (``runAsNonRoot``, UID 10001 by default, the trainer image's user), without privilege escalation,
 with every capability dropped and the RuntimeDefault seccomp profile, and without a service-account
 token (workload pods never talk to the API server). Two deliberate exceptions, the same for all images:
 the root filesystem stays writable (torch, Triton and vLLM write caches where their images say; ``HOME``

@@ -45,7 +45,7 @@ def vllm_deployment(
     image: str,
     inputs: str | None,
 ) -> dict[str, Any]:
-    gpu_resource = run.spec.training.resources.gpu_resource
+    gpu_resource = run.spec.training.resources.gpu_resource or settings.gpu_resource
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD}
     container = {
         "name": "vllm",

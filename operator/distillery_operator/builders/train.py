@@ -44,7 +44,10 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
         "command": command,
         "env": base_env(run, settings),
         "resources": resources(
-            cpu=res.cpu, memory=res.memory, gpus=res.gpus_per_node, gpu_resource=res.gpu_resource
+            cpu=res.cpu,
+            memory=res.memory,
+            gpus=res.gpus_per_node,
+            gpu_resource=res.gpu_resource or settings.gpu_resource,
         ),
         "volumeMounts": volume_mounts(run, settings, shm=True),
     }

@@ -366,8 +366,11 @@ class Resources(ApiModel):
     gpus_per_node: int = Field(
         default=1, ge=0, le=64, description="GPUs per node; torchrun processes per node."
     )
-    gpu_resource: str = Field(
-        default="nvidia.com/gpu", min_length=1, max_length=253, description="Extended resource name of a GPU."
+    gpu_resource: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Extended resource name of a GPU. Default: the operator's (nvidia.com/gpu unless the chart says).",
     )
     cpu: Quantity | None = Field(default=None, description="CPU request per pod.")
     memory: Quantity | None = Field(default=None, description="Memory request per pod.")

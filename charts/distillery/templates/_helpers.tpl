@@ -1,0 +1,172 @@
+{{/*
+Names, labels, the operator's command line and environment, and the RBAC rules: each defined once here.
+*/}}
+
+{{- define "distillery.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "distillery.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "distillery.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "distillery.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "distillery.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{- define "distillery.labels" -}}
+helm.sh/chart: {{ include "distillery.chart" . }}
+{{ include "distillery.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: distillery
+{{- end }}
+
+{{- define "distillery.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "distillery.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "distillery.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+The namespaces a namespaced operator watches: rbac.watchNamespaces, or the release namespace.
+Rendered as a JSON list (include returns a string); fromJsonArray turns it back.
+*/}}
+{{- define "distillery.watchNamespaces" -}}
+{{- if .Values.rbac.watchNamespaces }}
+{{- .Values.rbac.watchNamespaces | uniq | toJson }}
+{{- else }}
+{{- list .Release.Namespace | toJson }}
+{{- end }}
+{{- end }}
+
+{{- define "distillery.namespaced" -}}
+{{- if eq .Values.rbac.scope "namespaced" }}true{{ end }}
+{{- end }}
+
+{{/*
+The operator's command line after the image's entrypoint (`distillery operator`): scope, kopf's health
+endpoint, log level. Every workload default travels as an environment variable instead (below).
+*/}}
+{{- define "distillery.operatorArgs" -}}
+{{- if include "distillery.namespaced" . }}
+{{- range include "distillery.watchNamespaces" . | fromJsonArray }}
+- --namespace={{ . }}
+{{- end }}
+{{- else }}
+- --all-namespaces
+{{- end }}
+- --liveness=http://0.0.0.0:{{ .Values.operator.probePort }}/healthz
+{{- if eq .Values.operator.logLevel "info" }}
+- --verbose
+{{- else if eq .Values.operator.logLevel "debug" }}
+- --debug
+{{- end }}
+{{- end }}
+
+{{/*
+values → the operator's DISTILLERY_* settings: the chart's one coupling to the operator's settings.
+Empty values set nothing, so the operator's own default applies.
+*/}}
+{{- define "distillery.operatorEnv" -}}
+{{- $w := .Values.workloads }}
+{{- $env := dict
+  "DISTILLERY_TRAINER_IMAGE" $w.trainerImage
+  "DISTILLERY_VLLM_IMAGE" $w.vllmImage
+  "DISTILLERY_IMAGE_PULL_POLICY" $w.imagePullPolicy
+  "DISTILLERY_GPU_RESOURCE" $w.gpuResource
+  "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
+  "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
+}}
+{{- if $w.nodeSelector }}
+{{- $_ := set $env "DISTILLERY_NODE_SELECTOR" (toJson $w.nodeSelector) }}
+{{- end }}
+{{- if $w.tolerations }}
+{{- $_ := set $env "DISTILLERY_TOLERATIONS" (toJson $w.tolerations) }}
+{{- end }}
+{{- range $name := keys $env | sortAlpha }}
+{{- with get $env $name }}
+- name: {{ $name }}
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+RBAC: exactly the verbs the operator uses on exactly the kinds it manages, and nothing on Secrets
+(pods receive API keys as secretKeyRefs; the operator never reads them). tests/chart/test_rbac.py
+checks these rules against every request the operator makes in its integration tests.
+*/}}
+
+{{/* In every namespace the operator works in. */}}
+{{- define "distillery.rules.namespaced" -}}
+# DistillationRuns: watched; only their status is written.
+- apiGroups: [distillery.dev]
+  resources: [distillationruns]
+  verbs: [list, watch]
+- apiGroups: [distillery.dev]
+  resources: [distillationruns/status]
+  verbs: [patch]
+# The children of a run: created, read back when creating finds one already there, and watched.
+# The stage configuration and the serving objects are patched when the spec changes; Jobs and
+# PyTorchJobs are immutable, so a changed stage deletes and recreates them. ConfigMaps go with
+# their run (owner references): never deleted by the operator.
+- apiGroups: [""]
+  resources: [configmaps]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [services]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get, list, watch, create, delete]
+- apiGroups: [kubeflow.org]
+  resources: [pytorchjobs]
+  verbs: [get, list, watch, create, delete]
+# Pods, read-only: the stages report through their termination messages.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+# kopf posts Events about each run.
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+{{- end }}
+
+{{/* Cluster-scoped reads kopf makes to follow the cluster's resources (and, namespaced, its namespaces). */}}
+{{- define "distillery.rules.cluster" -}}
+# kopf notices CRDs installed after it started (Kubeflow's PyTorchJob).
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if include "distillery.namespaced" . }}
+# kopf learns which of the watched namespaces exist.
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end }}

@@ -1,0 +1,55 @@
+"""Values the chart is rendered with in the tests: defaults, namespaced, GPU placement with Kueue, all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMESPACED: dict[str, Any] = {"rbac": {"scope": "namespaced", "watchNamespaces": ["team-a", "team-b"]}}
+GPU_KUEUE: dict[str, Any] = {
+    "workloads": {
+        "trainerImage": "registry.example/distillery-trainer:0.1.0",
+        "vllmImage": "registry.example/vllm-openai:v0.32.0",
+        "imagePullPolicy": "Always",
+        "gpuResource": "amd.com/gpu",
+        "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        "priorityClassName": "batch-high",
+        "kueue": {"queueName": "team-a-gpus"},
+    }
+}
+EVERYTHING: dict[str, Any] = {
+    **NAMESPACED,
+    **GPU_KUEUE,
+    "image": {
+        "repository": "registry.example/distillery-operator",
+        "tag": "0.1.0-rc1",
+        "pullPolicy": "Always",
+    },
+    "imagePullSecrets": [{"name": "registry"}],
+    "serviceAccount": {"create": True, "name": "distillery", "annotations": {"iam.example/role": "x"}},
+    "operator": {
+        "logLevel": "debug",
+        "probePort": 9000,
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "control-plane", "operator": "Exists"}],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {"matchExpressions": [{"key": "pool", "operator": "In", "values": ["system"]}]}
+                    ]
+                }
+            }
+        },
+        "priorityClassName": "system-cluster-critical",
+        "podAnnotations": {"prometheus.io/scrape": "false"},
+        "podLabels": {"team": "platform"},
+        "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    },
+}
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespaced": NAMESPACED,
+    "gpu-kueue": GPU_KUEUE,
+    "everything": EVERYTHING,
+}

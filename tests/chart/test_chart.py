@@ -1,0 +1,316 @@
+"""The Helm chart, rendered by the real ``helm``: lint, schema, every object valid for Kubernetes 1.30+,
+the operator's pod locked down, RBAC that never touches Secrets, and the values reaching the operator."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.conftest import REPO
+
+from .helm import CHART, NAMESPACE, Rendered, Tools, render, walk
+from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
+
+# The Kubernetes versions every rendered object must be valid for: the oldest the chart supports
+# (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+
+
+@pytest.fixture(scope="module", params=list(SCENARIOS))
+def scenario(
+    request: pytest.FixtureRequest, k8s_tools: Tools, tmp_path_factory: pytest.TempPathFactory
+) -> Rendered:
+    return render(k8s_tools, tmp_path_factory.mktemp("values"), SCENARIOS[request.param], crds=True)
+
+
+def rendered(k8s_tools: Tools, tmp_path: Path, values: dict[str, Any] | None = None) -> Rendered:
+    return render(k8s_tools, tmp_path, values)
+
+
+# ---------------------------------------------------------------------------------------------- helm
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_helm_lint_strict_is_clean(k8s_tools: Tools, tmp_path: Path, name: str) -> None:
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump(SCENARIOS[name]), encoding="utf-8")
+    out = k8s_tools.run(k8s_tools.helm, "lint", "--strict", CHART, "-f", values)
+    lines = (out.stdout + out.stderr).splitlines()
+    assert not [ln for ln in lines if "[WARNING]" in ln or "[ERROR]" in ln], out.stdout + out.stderr
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_every_rendered_object_is_valid_kubernetes_strictly(scenario: Rendered) -> None:
+    kinds = {o["kind"] for o in scenario.objects}
+    assert {"CustomResourceDefinition", "ServiceAccount", "Deployment", "ClusterRole"} <= kinds
+    for obj in scenario.objects:
+        for version in K8S_VERSIONS:
+            try:
+                kubernetes_validate.validate(obj, version, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                raise AssertionError(
+                    f"{obj['kind']} {obj['metadata']['name']} (k8s {version}): {exc}"
+                ) from exc
+
+
+def test_the_chart_crd_is_the_generated_file_one_source(k8s_tools: Tools, tmp_path: Path) -> None:
+    """charts/distillery/crds is a link to crds/, and `helm package` ships the file's bytes."""
+    link = CHART / "crds"
+    assert link.is_symlink() and link.resolve() == (REPO / "crds").resolve()
+    k8s_tools.run(k8s_tools.helm, "package", CHART, "--destination", tmp_path)
+    (package,) = tmp_path.glob("distillery-*.tgz")
+    with tarfile.open(package) as tar:
+        member = tar.extractfile("distillery/crds/distillery.dev_distillationruns.yaml")
+        assert member is not None
+        packaged = member.read()
+    assert packaged == (REPO / "crds" / "distillery.dev_distillationruns.yaml").read_bytes()
+
+
+def test_values_schema_rejects_unknown_keys_and_bad_values(k8s_tools: Tools, tmp_path: Path) -> None:
+    for values, expected in (
+        ({"rbac": {"scop": "cluster"}}, "scop"),
+        ({"workloads": {"kueue": {"queue": "q"}}}, "queue"),
+        ({"typo": 1}, "typo"),
+        ({"rbac": {"scope": "everywhere"}}, "scope"),
+        ({"operator": {"logLevel": "loud"}}, "logLevel"),
+        ({"rbac": {"watchNamespaces": ["Not_A_Namespace"]}}, "watchNamespaces"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(values), encoding="utf-8")
+        out = k8s_tools.run(k8s_tools.helm, "template", "x", CHART, "-f", path, check=False)
+        assert out.returncode != 0 and expected in out.stderr, (values, out.stderr)
+
+
+def _schema_node(schema: dict[str, Any], dotted: str) -> dict[str, Any] | None:
+    node: dict[str, Any] = schema
+    for part in dotted.split("."):
+        props = node.get("properties")
+        if props is None or part not in props:
+            return None
+        node = props[part]
+    return node
+
+
+def test_values_schema_describes_every_key_with_its_default() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text(encoding="utf-8"))
+    values = yaml.safe_load((CHART / "values.yaml").read_text(encoding="utf-8"))
+    checked = 0
+    for dotted, value in walk(values):
+        parent = dotted.rpartition(".")[0]
+        parent_node = _schema_node(schema, parent) if parent else schema
+        if parent_node is not None and "properties" not in parent_node:
+            continue  # inside a free-form map (resources.requests, nodeSelector): its parent has the default
+        node = _schema_node(schema, dotted)
+        assert node is not None, f"values.yaml key {dotted} is not in values.schema.json"
+        assert node.get("description"), f"{dotted}: no description in values.schema.json"
+        assert "default" in node and node["default"] == value, (
+            f"{dotted}: values.schema.json default {node.get('default')!r} != values.yaml {value!r}"
+        )
+        checked += 1
+    assert checked >= 30
+
+    def closed(node: dict[str, Any], where: str) -> None:
+        if "properties" in node:
+            assert node.get("additionalProperties") is False, f"{where}: additionalProperties must be false"
+            for key, sub in node["properties"].items():
+                closed(sub, f"{where}.{key}")
+        for sub in (node.get("items"),):
+            if isinstance(sub, dict):
+                closed(sub, f"{where}[]")
+
+    closed(schema, "values")
+    # And no key the schema describes is missing from values.yaml.
+    declared = {
+        d.replace("properties.", "")
+        for d, n in walk(schema)
+        if isinstance(n, dict) and "description" in n and "default" in n and ".items" not in d
+    }
+    present = {d for d, _ in walk(values)}
+    assert declared <= present, f"in the schema but not in values.yaml: {sorted(declared - present)}"
+
+
+# ---------------------------------------------------------------------------------------------- the operator's pod
+
+
+def test_operator_deployment_is_one_locked_down_replica_probed_by_kopf(
+    k8s_tools: Tools, tmp_path: Path
+) -> None:
+    out = rendered(k8s_tools, tmp_path)
+    dep = out.one("Deployment")
+    assert dep["metadata"]["namespace"] == NAMESPACE
+    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == out.one("ServiceAccount")["metadata"]["name"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 10001  # Dockerfile.operator's USER
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False and sc["privileged"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]} and sc["runAsNonRoot"] is True
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {"/tmp"}
+    # kopf's health endpoint: the --liveness URL's port and path are what the probes ask.
+    (port,) = container["ports"]
+    assert (port["name"], port["containerPort"]) == ("probes", 8080)
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "probes"}, probe
+    assert container["image"] == "ghcr.io/distillery-dev/distillery-operator:0.1.0"
+
+
+def test_scope_and_log_level_become_the_operator_flags(k8s_tools: Tools, tmp_path: Path) -> None:
+    args = rendered(k8s_tools, tmp_path).operator_container()["args"]
+    assert args == ["--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz", "--verbose"]
+    args = rendered(k8s_tools, tmp_path, EVERYTHING).operator_container()["args"]
+    assert args == [
+        "--namespace=team-a",
+        "--namespace=team-b",
+        "--liveness=http://0.0.0.0:9000/healthz",
+        "--debug",
+    ]
+    quiet = {"rbac": {"scope": "namespaced"}, "operator": {"logLevel": "warning"}}
+    args = rendered(k8s_tools, tmp_path, quiet).operator_container()["args"]
+    assert args == [f"--namespace={NAMESPACE}", "--liveness=http://0.0.0.0:8080/healthz"]
+
+
+def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, tmp_path: Path) -> None:
+    # Defaults: only what has a value; the operator's own defaults cover the rest.
+    assert rendered(k8s_tools, tmp_path).env() == {
+        "DISTILLERY_GPU_RESOURCE": "nvidia.com/gpu",
+        "DISTILLERY_IMAGE_PULL_POLICY": "IfNotPresent",
+    }
+    env = rendered(k8s_tools, tmp_path, GPU_KUEUE).env()
+    assert env == {
+        "DISTILLERY_TRAINER_IMAGE": "registry.example/distillery-trainer:0.1.0",
+        "DISTILLERY_VLLM_IMAGE": "registry.example/vllm-openai:v0.32.0",
+        "DISTILLERY_IMAGE_PULL_POLICY": "Always",
+        "DISTILLERY_GPU_RESOURCE": "amd.com/gpu",
+        "DISTILLERY_NODE_SELECTOR": '{"node.kubernetes.io/instance-type":"p5.48xlarge"}',
+        "DISTILLERY_TOLERATIONS": '[{"effect":"NoSchedule","key":"nvidia.com/gpu","operator":"Exists"}]',
+        "DISTILLERY_PRIORITY_CLASS": "batch-high",
+        "DISTILLERY_QUEUE_NAME": "team-a-gpus",
+    }
+    assert json.loads(env["DISTILLERY_TOLERATIONS"]) == GPU_KUEUE["workloads"]["tolerations"]
+    everything = rendered(k8s_tools, tmp_path, EVERYTHING).env()
+    assert (
+        everything["HTTPS_PROXY"] == "http://proxy:3128"
+        and everything["DISTILLERY_QUEUE_NAME"] == "team-a-gpus"
+    )
+
+
+def test_operator_pod_placement_is_its_own_not_the_workloads(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path, EVERYTHING)
+    pod = out.one("Deployment")["spec"]["template"]
+    assert pod["spec"]["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert pod["spec"]["tolerations"] == [{"key": "control-plane", "operator": "Exists"}]
+    assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
+    assert pod["spec"]["imagePullSecrets"] == [{"name": "registry"}]
+    assert pod["metadata"]["labels"]["team"] == "platform"
+    assert pod["metadata"]["annotations"] == {"prometheus.io/scrape": "false"}
+    assert out.operator_container()["image"] == "registry.example/distillery-operator:0.1.0-rc1"
+    assert out.one("ServiceAccount")["metadata"]["name"] == "distillery"
+
+
+def test_an_existing_service_account_must_be_named(k8s_tools: Tools, tmp_path: Path) -> None:
+    path = tmp_path / "v.yaml"
+    path.write_text(yaml.safe_dump({"serviceAccount": {"create": False}}), encoding="utf-8")
+    out = k8s_tools.run(k8s_tools.helm, "template", "x", CHART, "-f", path, check=False)
+    assert out.returncode != 0 and "serviceAccount.name is required" in out.stderr
+    out2 = rendered(k8s_tools, tmp_path, {"serviceAccount": {"create": False, "name": "platform-sa"}})
+    assert not out2.of_kind("ServiceAccount")
+    assert out2.one("Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "platform-sa"
+    assert out2.one("ClusterRoleBinding")["subjects"][0]["name"] == "platform-sa"
+
+
+# ---------------------------------------------------------------------------------------------- RBAC
+
+
+def _rules(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(obj.get("rules") or ())
+
+
+def test_rbac_never_grants_secrets_or_wildcards(scenario: Rendered) -> None:
+    for obj in scenario.of_kind("ClusterRole") + scenario.of_kind("Role"):
+        for rule in _rules(obj):
+            assert "secrets" not in rule["resources"], obj["metadata"]["name"]
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule.get(field, ()), (obj["kind"], rule)
+            assert not {"escalate", "bind", "impersonate", "update", "deletecollection"} & set(rule["verbs"])
+            assert "nonResourceURLs" not in rule
+
+
+def test_cluster_mode_binds_one_cluster_role(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path)
+    assert not out.of_kind("Role") and not out.of_kind("RoleBinding")
+    role, binding = out.one("ClusterRole"), out.one("ClusterRoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": role["metadata"]["name"],
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "distillery", "namespace": NAMESPACE}]
+    resources = {r for rule in _rules(role) for r in rule["resources"]}
+    assert "namespaces" not in resources  # a cluster-wide kopf does not scan namespaces
+    assert {
+        "distillationruns",
+        "distillationruns/status",
+        "pods",
+        "events",
+        "customresourcedefinitions",
+    } <= resources
+
+
+def test_namespaced_mode_grants_roles_per_namespace_and_only_cluster_reads(
+    k8s_tools: Tools, tmp_path: Path
+) -> None:
+    cluster = rendered(k8s_tools, tmp_path).one("ClusterRole")
+    out = rendered(k8s_tools, tmp_path, NAMESPACED)
+    roles = {r["metadata"]["namespace"]: r for r in out.of_kind("Role")}
+    bindings = {b["metadata"]["namespace"]: b for b in out.of_kind("RoleBinding")}
+    assert set(roles) == set(bindings) == {"team-a", "team-b"}
+    for ns, binding in bindings.items():
+        assert (
+            binding["roleRef"]["kind"] == "Role"
+            and binding["roleRef"]["name"] == roles[ns]["metadata"]["name"]
+        )
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": "distillery", "namespace": NAMESPACE}
+        ]
+    # The same namespaced rules as the cluster-wide role: one definition in _helpers.tpl.
+    cluster_scoped = {"customresourcedefinitions", "namespaces"}
+    namespaced_part = [r for r in _rules(cluster) if not set(r["resources"]) & cluster_scoped]
+    for role in roles.values():
+        assert _rules(role) == namespaced_part
+    # What is left cluster-wide only reads namespaces (which exist) and CRDs (Kubeflow installed later).
+    reads = out.one("ClusterRole")
+    for rule in _rules(reads):
+        assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"list", "watch"}
+    assert {r for rule in _rules(reads) for r in rule["resources"]} == cluster_scoped
+
+
+def test_rbac_can_be_left_to_the_platform(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path, {"rbac": {"create": False}})
+    assert not {"Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding"} & {o["kind"] for o in out.objects}
+
+
+# ---------------------------------------------------------------------------------------------- NOTES.txt
+
+
+def test_notes_give_the_next_steps_for_the_mode(k8s_tools: Tools, tmp_path: Path) -> None:
+    notes = rendered(k8s_tools, tmp_path).notes
+    assert "kubectl -n distillery-system rollout status deployment/distillery" in notes
+    assert "every namespace" in notes and "kubectl apply -f examples/run.yaml" in notes
+    assert "get drun -w" in notes and "docs/gitops-argocd.md" in notes and "Kueue" not in notes
+    notes = rendered(k8s_tools, tmp_path, {**NAMESPACED, **GPU_KUEUE}).notes
+    assert "It watches DistillationRuns in: team-a, team-b." in notes
+    assert "kubectl -n team-a create secret generic openai" in notes
+    assert 'LocalQueue "team-a-gpus"' in notes
