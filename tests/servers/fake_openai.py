@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import json
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,18 @@ def default_answer(messages: list[dict[str, Any]], sample: int) -> str:
     last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     text = " ".join(reversed(str(last).split()))
     return text if sample == 0 else f"{text} #{sample}"
+
+
+def sequence_latency(values: Sequence[float]) -> Callable[[random.Random], float]:
+    """A ``latency`` that hands out ``values`` in turn (cycling): a known latency distribution, exactly."""
+    it = itertools.cycle(list(values))
+    lock = threading.Lock()
+
+    def latency(rng: random.Random) -> float:
+        with lock:
+            return next(it)
+
+    return latency
 
 
 @dataclass
