@@ -294,13 +294,12 @@ class FakeOpenAI:
             "model": body.get("model", self.config.model),
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }
-        if (body.get("stream_options") or {}).get("include_usage"):
-            final["usage"] = {
-                "prompt_tokens": 5,
-                "completion_tokens": len(words),
-                "total_tokens": 5 + len(words),
-            }
         await resp.write(f"data: {json.dumps(final)}\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage"):
+            # As OpenAI does: the usage comes last, in a chunk of its own with no choices.
+            usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+            tail = {**final, "choices": [], "usage": usage}
+            await resp.write(f"data: {json.dumps(tail)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp

@@ -214,25 +214,31 @@ class ChatClient:
                 if resp.status != 200:
                     t.error, t.detail = f"http_{resp.status}", _error_detail(await resp.text())
                     return t
-                async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue  # blank separators, SSE comments (pings), event names
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        break
-                    try:
-                        chunk = json.loads(data)
-                    except ValueError:
-                        t.error, t.detail = "malformed", f"unreadable stream chunk: {data[:200]!r}"
-                        return t
-                    if chunk.get("usage"):
-                        usage_tokens = chunk["usage"].get("completion_tokens")
-                    for choice in chunk.get("choices") or ():
-                        if (choice.get("delta") or {}).get("content"):
-                            chunks += 1
-                            if t.ttft is None:
-                                t.ttft = time.perf_counter() - t.start
+                # Whole network reads split into lines by hand: a readline() per SSE line costs more than
+                # the parsing (one await per line, blank separators included). Read to the end of the body
+                # even after [DONE], or the connection cannot go back to the pool.
+                buf = b""
+                async for piece in resp.content.iter_any():
+                    buf += piece
+                    *lines, buf = buf.split(b"\n")
+                    for raw in lines:
+                        if not raw.startswith(b"data:"):
+                            continue  # blank separators, SSE comments (pings), event names
+                        data = raw[5:].strip()
+                        if data == b"[DONE]":
+                            continue
+                        try:
+                            chunk = json.loads(data.decode("utf-8", "replace"))
+                        except ValueError:
+                            t.error, t.detail = "malformed", f"unreadable stream chunk: {data[:200]!r}"
+                            return t
+                        if chunk.get("usage"):
+                            usage_tokens = chunk["usage"].get("completion_tokens")
+                        for choice in chunk.get("choices") or ():
+                            if (choice.get("delta") or {}).get("content"):
+                                chunks += 1
+                                if t.ttft is None:
+                                    t.ttft = time.perf_counter() - t.start
         except asyncio.TimeoutError:
             t.error, t.detail = "timeout", f"no complete answer within {self._timeout.total:g} s"
             return t

@@ -209,14 +209,15 @@ def metric_means(scores: Sequence[ItemScore], metrics: Sequence[str]) -> dict[st
 def judge_summary(scores: Sequence[ItemScore]) -> dict[str, Any]:
     judged = [s.judgment for s in scores if s.judgment is not None]
     ok = [j for j in judged if j.ok and j.student is not None and j.teacher is not None]
+    margins = [(j.student or 0.0) - (j.teacher or 0.0) for j in ok]
     failures = Counter(j.error for j in judged if j.error is not None)
     return {
         "requested": len(judged),
         "scored": len(ok),
         "failures": dict(failures),
-        "studentWins": sum(1 for j in ok if j.student > j.teacher),  # type: ignore[operator]
-        "ties": sum(1 for j in ok if j.student == j.teacher),
-        "teacherWins": sum(1 for j in ok if j.student < j.teacher),  # type: ignore[operator]
+        "studentWins": sum(1 for m in margins if m > 0),
+        "ties": sum(1 for m in margins if m == 0),
+        "teacherWins": sum(1 for m in margins if m < 0),
         "positionConsistency": _mean([1.0 if j.consistent else 0.0 for j in ok]),
         "unreadableSamples": [j.raw for j in judged if j.error == "unparseable"][:3],
     }
