@@ -110,13 +110,21 @@ async def run_load(
     requests: int,
     concurrency: int,
     sampling: dict[str, Any],
+    per_prompt: Sequence[dict[str, Any]] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> LoadResult:
-    """``requests`` streamed chat completions, ``concurrency`` at a time, cycling through ``prompts``."""
+    """``requests`` streamed chat completions, ``concurrency`` at a time, cycling through ``prompts``.
+
+    ``per_prompt`` (one dict per prompt) overrides ``sampling`` for that prompt, e.g. its own output
+    length, as vLLM's benchmark datasets carry one per prompt.
+    """
     import asyncio
 
     if not prompts:
         raise ValueError("the latency harness needs at least one prompt")
+    if per_prompt is not None and len(per_prompt) != len(prompts):
+        raise ValueError("per_prompt needs one entry per prompt")
+    params = [dict(sampling, **(per_prompt[i] if per_prompt else {})) for i in range(len(prompts))]
     result = LoadResult(requests=requests, concurrency=concurrency)
     timings: list[StreamTiming | None] = [None] * requests
     next_index = 0
@@ -127,7 +135,7 @@ async def run_load(
         while next_index < requests:
             i = next_index
             next_index += 1
-            timings[i] = await client.stream(prompts[i % len(prompts)], **sampling)
+            timings[i] = await client.stream(prompts[i % len(prompts)], **params[i % len(prompts)])
             done += 1
             if progress is not None:
                 progress(done, requests)
