@@ -206,3 +206,7 @@ def test_nothing_to_evaluate_writes_results_and_exits_one(tmp_path: Path) -> Non
     assert out.exit_code == 1
     doc = read_results(tmp_path)
     assert doc["results"]["gatePassed"] is False and "no held-out prompts" in doc["gate"]["verdict"]
+    # held-out prompts, but nothing serves the student: said at once, not after every request's retries
+    write_collected(tmp_path, [{"id": "e", "messages": [{"role": "user", "content": "x"}], "response": "y"}])
+    out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    assert out.exit_code == 1 and "does not answer" in read_results(tmp_path)["gate"]["verdict"]

@@ -159,7 +159,7 @@ async def _teacher_load(
         return result, None
 
 
-async def _evaluate(config: StageConfig, log: Log) -> Outcome:
+async def _measure(config: StageConfig, log: Log) -> Outcome:
     started = time.monotonic()
     spec, ev = config.spec, config.spec.evaluation
     layout = RunLayout(Path(config.artifacts))
@@ -191,6 +191,7 @@ async def _evaluate(config: StageConfig, log: Log) -> Outcome:
     teacher_load: LoadResult | None = None
     teacher_note: str | None = None
     scores = score_items([], [], ev.metrics)
+    prompts = [it.messages for it in items]
     if problem is None and config.student is not None:
         async with ChatClient(
             config.student.base_url,
@@ -201,20 +202,24 @@ async def _evaluate(config: StageConfig, log: Log) -> Outcome:
         ) as student:
             why = await student.reachable()
             if why is not None:
-                notes.append(f"the student endpoint {config.student.base_url} did not answer: {why}")
-            log(f"{len(items)} held-out prompts; asking the student ({config.student.model})")
-            answers = await bounded(
-                items, lambda it: student.complete(it.messages, **sampling), limit, "student answers", log
-            )
-            scores = score_items(items, answers, ev.metrics)
-            if ev.judge is not None:
-                await _judge(config, scores, limit, log)
-            log(f"student latency: {ev.load.requests} streamed requests at concurrency {limit}")
-            prompts = [it.messages for it in items]
-            student_load = await run_load(
-                student, prompts, requests=ev.load.requests, concurrency=limit, sampling=load_sampling
-            )
-        if ev.load.compare_teacher:
+                problem = (
+                    f"the student endpoint {config.student.base_url} does not answer ({why}): is it served?"
+                )
+            else:
+                log(f"{len(items)} held-out prompts; asking the student ({config.student.model})")
+                answers = await bounded(
+                    items, lambda it: student.complete(it.messages, **sampling), limit, "student answers", log
+                )
+                scores = score_items(items, answers, ev.metrics)
+                if ev.judge is not None:
+                    await _judge(config, scores, limit, log)
+                log(f"student latency: {ev.load.requests} streamed requests at concurrency {limit}")
+                student_load = await run_load(
+                    student, prompts, requests=ev.load.requests, concurrency=limit, sampling=load_sampling
+                )
+        if problem is not None:
+            pass
+        elif ev.load.compare_teacher:
             teacher_load, teacher_note = await _teacher_load(config, prompts, load_sampling, log)
         else:
             teacher_note = "not measured (evaluation.load.compareTeacher is false)"
@@ -331,9 +336,12 @@ def _round(v: float | None) -> float | None:
     return round(v, 3) if v is not None else None
 
 
-def evaluate(config: StageConfig, *, log: Log = _stderr, termination_path: str | None = None) -> Outcome:
-    """Run the whole evaluation and write its outputs; never raises for a failed request."""
-    out = asyncio.run(_evaluate(config, log))
+async def evaluate_async(
+    config: StageConfig, *, log: Log = _stderr, termination_path: str | None = None
+) -> Outcome:
+    """The whole evaluation, its outputs written; never raises for a failed request. For callers that
+    already run an event loop; :func:`evaluate` is the synchronous entry point."""
+    out = await _measure(config, log)
     layout = RunLayout(Path(config.artifacts))
     atomic_write(layout.eval_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in out.rows))
     out.doc["results"] = out.results.to_dict()
@@ -343,3 +351,8 @@ def evaluate(config: StageConfig, *, log: Log = _stderr, termination_path: str |
     write_termination_message(out.results.to_dict(), termination_path)
     log(out.doc["gate"]["verdict"])
     return out
+
+
+def evaluate(config: StageConfig, *, log: Log = _stderr, termination_path: str | None = None) -> Outcome:
+    """Run the whole evaluation and write its outputs; never raises for a failed request."""
+    return asyncio.run(evaluate_async(config, log=log, termination_path=termination_path))

@@ -97,8 +97,14 @@ def _server(args: argparse.Namespace) -> tuple[Any, str]:
         model_dir = materialize(base.model, cache)
     except ModelNotFound as exc:
         _fail(str(exc))
-    if not args.config and not os.path.isdir(model_dir):
-        _fail(f"{base.model}: not a model directory, .gguf file or pkg:// reference that exists here")
+    looks_local = (
+        model_dir.startswith(("/", ".", "~")) or model_dir.endswith(".gguf") or os.path.exists(model_dir)
+    )
+    if looks_local and not os.path.isfile(os.path.join(model_dir, "config.json")):
+        what = "the run's trained student (run the train stage first)" if args.config else "a model directory"
+        _fail(
+            f"{model_dir}: no config.json here: --model must be {what}, a .gguf file or pkg://<package>/<file>"
+        )
     name = base.served_model_name or Path(base.model.rstrip("/")).name.removesuffix(".gguf")
     overrides: dict[str, Any] = {
         "model": model_dir,
