@@ -237,10 +237,12 @@ def known_distribution(args: argparse.Namespace, tokenizer: str) -> dict[str, An
 
 def real_vllm(args: argparse.Namespace, tokenizer: str) -> dict[str, Any]:
     def run(base_url: str) -> dict[str, Any]:
-        print(f"warm-up: {args.concurrency * 4} requests", file=sys.stderr)
-        ours(base_url, args.served_name, args.concurrency * 4, args.concurrency * 2, args.output_len)
+        width = args.concurrency if args.alternate else 2 * args.concurrency
+        print(f"warm-up: {2 * width} requests", file=sys.stderr)
+        ours(base_url, args.served_name, 2 * width, width, args.output_len)
         return compare("Real vLLM (CPU build, SmolLM2-135M)", base_url, args.served_name, tokenizer,
-                       args.requests, args.concurrency, args.output_len, args.rounds, together=True)  # fmt: skip
+                       args.requests, args.concurrency, args.output_len, args.rounds,
+                       together=not args.alternate)  # fmt: skip
 
     if args.base_url:
         return run(args.base_url)
@@ -289,6 +291,9 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=2, help="real vLLM, per client (both run at once)")
     p.add_argument("--output-len", type=int, default=0, help="real vLLM; 0: 8-32 tokens, by prompt")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--alternate", action="store_true", help="real vLLM: one client after the other, not side by side"
+    )
     p.add_argument("--fake-requests", type=int, default=200)
     p.add_argument("--fake-concurrency", type=int, default=16)
     p.add_argument("--capacity-requests", type=int, default=3000)
