@@ -149,7 +149,7 @@ class ChatClient:
             ) as resp:
                 await resp.read()
                 return None
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             return f"{type(exc).__name__}: {exc}"[:300]
 
     # ------------------------------------------------------------------------------------------ one answer
@@ -182,7 +182,7 @@ class ChatClient:
                     if resp.status in RETRYABLE_STATUS:
                         raise _Retryable(kind, detail, _retry_after(resp.headers))
                     raise _Final(kind, detail)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise _Retryable("timeout", f"no answer within {self._timeout.total:g} s") from exc
         except (aiohttp.ClientError, OSError) as exc:
             raise _Retryable("connection", f"{type(exc).__name__}: {exc}"[:300]) from exc
@@ -239,7 +239,7 @@ class ChatClient:
                                 chunks += 1
                                 if t.ttft is None:
                                     t.ttft = time.perf_counter() - t.start
-        except asyncio.TimeoutError:
+        except TimeoutError:
             t.error, t.detail = "timeout", f"no complete answer within {self._timeout.total:g} s"
             return t
         except (aiohttp.ClientError, OSError) as exc:

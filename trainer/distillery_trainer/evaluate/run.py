@@ -21,7 +21,7 @@ import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -264,7 +264,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
         "kind": "EvaluationResults",
         "run": {"name": config.run.name, "namespace": config.run.namespace},
-        "finishedAt": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
         "durationSeconds": round(time.monotonic() - started, 3),
         "results": {},
         "gate": gate,
