@@ -70,6 +70,8 @@ def load_eval_items(layout: RunLayout, max_samples: int | None = None) -> EvalDa
                 if row.get("split") != "eval":
                     out.train_lines += 1
                     continue
+                if row.get("sample") not in (None, 0):
+                    continue  # seqkd's other samples of the same prompt: the first is the teacher's answer
                 item = _item(row)
                 if item is None:
                     out.bad_lines += 1
