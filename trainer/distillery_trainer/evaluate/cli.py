@@ -39,4 +39,11 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         print(f"evaluate: cannot read the stage config: {exc}", file=sys.stderr)
         return 2
+    if "://" in config.artifacts:
+        print(
+            f"evaluate: artifacts {config.artifacts!r} is a URL: evaluation reads and writes a mounted directory "
+            "(spec.storage.pvc in a cluster, a local directory for `distillery run`)",
+            file=sys.stderr,
+        )
+        return 2
     return evaluate(config, termination_path=args.termination_log).exit_code
