@@ -13,13 +13,15 @@ the client's timeout, a dropped connection, malformed JSON. Prompts containing `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import json
 import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +46,18 @@ def default_answer(messages: list[dict[str, Any]], sample: int) -> str:
     last = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     text = " ".join(reversed(str(last).split()))
     return text if sample == 0 else f"{text} #{sample}"
+
+
+def sequence_latency(values: Sequence[float]) -> Callable[[random.Random], float]:
+    """A ``latency`` that hands out ``values`` in turn (cycling): a known latency distribution, exactly."""
+    it = itertools.cycle(list(values))
+    lock = threading.Lock()
+
+    def latency(rng: random.Random) -> float:
+        with lock:
+            return next(it)
+
+    return latency
 
 
 @dataclass
@@ -261,6 +275,7 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         words = answer.split()
+        first = time.monotonic()
         for i, word in enumerate(words):
             chunk = {
                 "id": "chatcmpl-stream",
@@ -273,7 +288,8 @@ class FakeOpenAI:
             }
             await resp.write(f"data: {json.dumps(chunk)}\n\n".encode())
             if self.config.token_delay:
-                await asyncio.sleep(self.config.token_delay)
+                # Paced against the clock, not sleep after sleep: a late wake-up does not add up over tokens.
+                await asyncio.sleep(max(0.0, first + (i + 1) * self.config.token_delay - time.monotonic()))
         final: dict[str, Any] = {
             "id": "chatcmpl-stream",
             "object": "chat.completion.chunk",
@@ -281,13 +297,12 @@ class FakeOpenAI:
             "model": body.get("model", self.config.model),
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         }
-        if (body.get("stream_options") or {}).get("include_usage"):
-            final["usage"] = {
-                "prompt_tokens": 5,
-                "completion_tokens": len(words),
-                "total_tokens": 5 + len(words),
-            }
         await resp.write(f"data: {json.dumps(final)}\n\n".encode())
+        if (body.get("stream_options") or {}).get("include_usage"):
+            # As OpenAI does: the usage comes last, in a chunk of its own with no choices.
+            usage = {"prompt_tokens": 5, "completion_tokens": len(words), "total_tokens": 5 + len(words)}
+            tail = {**final, "choices": [], "usage": usage}
+            await resp.write(f"data: {json.dumps(tail)}\n\n".encode())
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -304,3 +319,72 @@ class FakeOpenAI:
             },
             status=status,
         )
+
+
+# ---------------------------------------------------------------------------------------------- own process
+
+
+def fixed_answer(words: int) -> Callable[[list[dict[str, Any]], int], str]:
+    text = " ".join(f"w{i}" for i in range(words))
+    return lambda messages, sample: text
+
+
+@contextlib.contextmanager
+def fake_openai_process(
+    delays: Sequence[float] = (), token_delay: float = 0.0, words: int | None = None
+) -> Iterator[str]:
+    """The fake server in a process of its own (no GIL shared with the client under test, as a real
+    server would be); yields its base URL. ``delays``: the known latency distribution
+    (:func:`sequence_latency`); ``words``: a fixed answer of that many words."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    spec = json.dumps({"delays": list(delays), "tokenDelay": token_delay, "words": words})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tests.servers.fake_openai", spec],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=root,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        port = proc.stdout.readline().strip()
+        if not port:
+            raise RuntimeError("the fake OpenAI server process did not start")
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # its cue to stop
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+def _main(spec_json: str) -> None:
+    import sys
+
+    spec = json.loads(spec_json)
+    config = FakeOpenAIConfig(token_delay=float(spec.get("tokenDelay") or 0.0))
+    if spec.get("delays"):
+        config.latency = sequence_latency(spec["delays"])
+    if spec.get("words"):
+        config.answer = fixed_answer(int(spec["words"]))
+    with FakeOpenAI(config) as server:
+        print(server.port, flush=True)
+        sys.stdin.read()  # until the parent closes our stdin
+
+
+if __name__ == "__main__":
+    import sys
+
+    _main(sys.argv[1])

@@ -12,7 +12,11 @@ import sys
 from collections.abc import Sequence
 
 # Stage command modules, in pipeline order. Each defines ``register(subparsers) -> None``.
-COMMAND_MODULES: tuple[str, ...] = ("distillery_trainer.collect.command",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "distillery_trainer.collect.command",
+    "distillery_trainer.serve.cli",
+    "distillery_trainer.evaluate.cli",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,358 @@
+"""``evaluate``: quality, latency and cost of the served student, and the gate verdict.
+
+Reads the held-out prompts and the teacher's answers from ``collect/``, asks the student (and the judge),
+runs the latency harness against the student (and the teacher, when asked and reachable), prices the run
+from ``collect/summary-*.json`` and ``train/progress.json``, then writes, in this order:
+``eval/items.jsonl`` (every prompt's answers and scores), the report (``eval/report.md`` + PNGs),
+``eval/results.json`` (the commit point) and the termination message (the status ``Results``, ≤ 4 KiB).
+
+Nothing that goes wrong with a request ends the evaluation: failures are counted by kind and left out
+of every score. The exit code is 0 when a retention figure came out (the gate verdict is in the
+results, pass or fail), 1 when it could not (no held-out prompts, no student, nothing scored) — the
+results are written either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ..api.base import API_GROUP, API_VERSION
+from ..api.spec import DistillationRunSpec
+from ..api.stage import StageConfig
+from ..api.status import Results
+from ..api.summaries import CollectionSummary, TrainingProgress
+from ..cost import run_cost
+from ..layout import RunLayout, atomic_write, atomic_write_json
+from ..termination import write_termination_message
+from .client import ChatClient, Completion
+from .data import EvalData, load_eval_items
+from .judge import judge_pair
+from .latency import LoadResult, run_load
+from .quality import Retention, by_category, choose_mode, judge_summary, metric_means, retention, score_items
+from .report import write_report
+
+MAX_RETRIES = 3  # per quality/judge request; the latency harness never retries
+T = TypeVar("T")
+R = TypeVar("R")
+Log = Callable[[str], None]
+
+
+def _stderr(msg: str) -> None:
+    print(f"evaluate: {msg}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Outcome:
+    doc: dict[str, Any]  # what results.json holds
+    results: Results  # the status shape (the termination message)
+    exit_code: int
+    rows: list[dict[str, Any]]  # eval/items.jsonl
+    examples: list[dict[str, Any]]  # a few answers side by side, for the report
+
+
+def sampling_of(spec: DistillationRunSpec) -> dict[str, Any]:
+    """The student is sampled exactly as the teacher was for the collection."""
+    s = spec.teacher.sampling
+    out: dict[str, Any] = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens}
+    if s.seed is not None:
+        out["seed"] = s.seed
+    return out
+
+
+async def bounded(
+    items: Sequence[T], fn: Callable[[T], Awaitable[R]], limit: int, label: str, log: Log
+) -> list[R]:
+    sem = asyncio.Semaphore(limit)
+    done = 0
+    step = max(1, len(items) // 10)
+
+    async def one(x: T) -> R:
+        nonlocal done
+        async with sem:
+            r = await fn(x)
+        done += 1
+        if done % step == 0 or done == len(items):
+            log(f"{label} {done}/{len(items)}")
+        return r
+
+    return list(await asyncio.gather(*(one(x) for x in items)))
+
+
+def gate_verdict(r: Retention, threshold: float) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "threshold": threshold,
+        "retention": r.retention,
+        "passed": False,
+        "conclusive": None,
+    }
+    if r.retention is None:
+        out["verdict"] = f"FAILED: no quality retention could be measured ({r.problem})"
+        return out
+    passed = r.retention >= threshold
+    out["passed"] = passed
+    iv = r.interval
+    span = ""
+    if iv is not None:
+        out["interval"] = iv.to_dict()
+        out["conclusive"] = iv.low >= threshold if passed else iv.high < threshold
+        span = f" ({iv.confidence:.0%} interval {iv.low:.3f}–{iv.high:.3f}"
+        span += (
+            ")"
+            if out["conclusive"]
+            else f", which straddles {threshold:g}: more held-out prompts would settle it)"
+        )
+    word, cmp = ("PASSED", "≥") if passed else ("FAILED", "<")
+    out["verdict"] = f"{word}: quality retention {r.retention:.3f} {cmp} {threshold:g}{span}"
+    return out
+
+
+def _read_cost_inputs(layout: RunLayout, notes: list[str]) -> tuple[list[CollectionSummary], float | None]:
+    summaries = []
+    for path in sorted(layout.collect_dir.glob("summary-*.json")):
+        try:
+            summaries.append(CollectionSummary.model_validate(json.loads(path.read_text(encoding="utf-8"))))
+        except ValueError as exc:
+            notes.append(f"{path.name} is unreadable and was left out of the cost: {str(exc)[:200]}")
+    gpu_hours = None
+    if layout.progress_file.exists():
+        try:
+            progress = TrainingProgress.model_validate(
+                json.loads(layout.progress_file.read_text(encoding="utf-8"))
+            )
+            gpu_hours = progress.gpu_hours
+        except ValueError as exc:
+            notes.append(f"train/progress.json is unreadable, training cost unknown: {str(exc)[:200]}")
+    return summaries, gpu_hours
+
+
+async def _teacher_load(
+    config: StageConfig, prompts: list[list[dict[str, Any]]], sampling: dict[str, Any], log: Log
+) -> tuple[LoadResult | None, str | None]:
+    load = config.spec.evaluation.load
+    try:
+        endpoint = config.teacher_endpoint()
+    except ValueError as exc:
+        return None, f"not measured: {exc}"
+    async with ChatClient(
+        endpoint.base_url,
+        endpoint.model,
+        config.teacher_api_key(),
+        timeout=config.spec.collection.timeout_seconds,
+        concurrency=load.concurrency,
+    ) as client:
+        why = await client.reachable()
+        if why is not None:
+            return None, f"not measured: the teacher endpoint {endpoint.base_url} is unreachable ({why})"
+        log(f"teacher latency: {load.requests} streamed requests at concurrency {load.concurrency}")
+        result = await run_load(
+            client, prompts, requests=load.requests, concurrency=load.concurrency, sampling=sampling
+        )
+        return result, None
+
+
+async def _measure(config: StageConfig, log: Log) -> Outcome:
+    started = time.monotonic()
+    spec, ev = config.spec, config.spec.evaluation
+    layout = RunLayout(Path(config.artifacts))
+    notes: list[str] = []
+    data: EvalData = load_eval_items(layout, ev.max_samples)
+    if data.bad_lines:
+        notes.append(f"{data.bad_lines} unreadable line(s) in collect/shard-*.jsonl were skipped")
+    if data.duplicates:
+        notes.append(f"{data.duplicates} duplicate held-out prompt(s) counted once")
+    items = data.items
+    sampling = sampling_of(spec)
+    load_sampling = dict(sampling, max_tokens=ev.load.max_tokens or sampling["max_tokens"])
+    limit = ev.load.concurrency
+    timeout = spec.collection.timeout_seconds
+
+    problem = None
+    if not items:
+        problem = (
+            f'no held-out prompts: {layout.collect_dir}/shard-*.jsonl has no lines with "split": "eval" '
+            f"({data.shards} shard file(s) read; data.evalFraction decides the split at collection)"
+        )
+    elif config.student is None:
+        problem = (
+            "the stage config has no student endpoint: set `student: {baseURL, model}` (the served student)"
+        )
+
+    answers: list[Completion] = []
+    student_load: LoadResult | None = None
+    teacher_load: LoadResult | None = None
+    teacher_note: str | None = None
+    scores = score_items([], [], ev.metrics)
+    prompts = [it.messages for it in items]
+    if problem is None and config.student is not None:
+        async with ChatClient(
+            config.student.base_url,
+            config.student.model,
+            timeout=timeout,
+            max_retries=MAX_RETRIES,
+            concurrency=limit,
+        ) as student:
+            why = await student.reachable()
+            if why is not None:
+                problem = (
+                    f"the student endpoint {config.student.base_url} does not answer ({why}): is it served?"
+                )
+            else:
+                log(f"{len(items)} held-out prompts; asking the student ({config.student.model})")
+                answers = await bounded(
+                    items, lambda it: student.complete(it.messages, **sampling), limit, "student answers", log
+                )
+                scores = score_items(items, answers, ev.metrics)
+                if ev.judge is not None:
+                    await _judge(config, scores, limit, log)
+                log(f"student latency: {ev.load.requests} streamed requests at concurrency {limit}")
+                student_load = await run_load(
+                    student, prompts, requests=ev.load.requests, concurrency=limit, sampling=load_sampling
+                )
+        if problem is not None:
+            pass
+        elif ev.load.compare_teacher:
+            teacher_load, teacher_note = await _teacher_load(config, prompts, load_sampling, log)
+        else:
+            teacher_note = "not measured (evaluation.load.compareTeacher is false)"
+
+    mode = choose_mode(scores, ev.judge is not None)
+    r = retention(scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence)
+    if problem is not None:
+        r.problem = problem
+    gate = gate_verdict(r, ev.min_quality_retention)
+    student_errors = Counter(a.error for a in answers if a.error is not None)
+    judge = judge_summary(scores) if ev.judge is not None else None
+    judge_request_failures = sum(
+        v for k, v in (judge or {}).get("failures", {}).items() if k != "unparseable"
+    )
+    load_errors = sum(student_load.errors.values()) if student_load else 0
+    summaries, gpu_hours = _read_cost_inputs(layout, notes)
+    cost = run_cost(spec, summaries, gpu_hours)
+    results = Results(
+        quality_retention=r.retention,
+        retention_interval=r.interval,
+        student_score=r.student_score,
+        teacher_score=r.teacher_score,
+        metric=r.metric,
+        samples=r.samples,
+        gate_passed=gate["passed"],
+        latency_ms=student_load.to_latency() if student_load else None,
+        teacher_latency_ms=teacher_load.to_latency() if teacher_load else None,
+        throughput_tokens_per_sec=_round(student_load.tokens_per_second()) if student_load else None,
+        errors=sum(student_errors.values()) + judge_request_failures + load_errors,
+        cost=cost,
+    )
+    if student_errors:
+        notes.append(
+            f"{sum(student_errors.values())} of {len(items)} student answers failed ({dict(student_errors)}): "
+            "left out of every score"
+        )
+    if judge and judge["failures"]:
+        notes.append(
+            f"{judge['requested'] - judge['scored']} judgment(s) unusable ({judge['failures']}): left out"
+        )
+    doc: dict[str, Any] = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": "EvaluationResults",
+        "run": {"name": config.run.name, "namespace": config.run.namespace},
+        "finishedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "durationSeconds": round(time.monotonic() - started, 3),
+        "results": {},
+        "gate": gate,
+        "quality": {
+            "mode": r.mode,
+            "metric": r.metric,
+            "formula": r.formula,
+            "prompts": len(items),
+            "answered": sum(1 for a in answers if a.ok),
+            "scored": r.samples,
+            "studentErrors": dict(student_errors),
+            "problem": r.problem,
+            "metrics": metric_means(scores, ev.metrics),
+            "judge": judge,
+            "categories": by_category(
+                scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence
+            ),
+        },
+        "latency": {
+            "student": student_load.summary() if student_load else None,
+            "teacher": teacher_load.summary() if teacher_load else None,
+            "teacherNote": teacher_note,
+            "sampling": load_sampling,
+        },
+        "cost": {**cost.to_dict(), "gpuHours": gpu_hours, "collectionShards": len(summaries)},
+        "data": {
+            "shards": data.shards,
+            "heldOut": len(items),
+            "badLines": data.bad_lines,
+            "duplicates": data.duplicates,
+        },
+        "notes": notes,
+    }
+    examples = [
+        {
+            "prompt": s.item.messages[-1].get("content", ""),
+            "teacher": s.item.teacher,
+            "student": s.answer.text,
+        }
+        for s in scores[:5]
+    ]
+    ok = problem is None and r.retention is not None
+    return Outcome(doc, results, 0 if ok else 1, [s.to_row() for s in scores], examples)
+
+
+async def _judge(config: StageConfig, scores: list[Any], limit: int, log: Log) -> None:
+    judge = config.spec.evaluation.judge
+    assert judge is not None
+    todo = [s for s in scores if s.answer.ok and s.answer.text is not None]
+    async with ChatClient(
+        judge.endpoint.base_url,
+        judge.endpoint.model,
+        config.judge_api_key(),
+        timeout=config.spec.collection.timeout_seconds,
+        max_retries=MAX_RETRIES,
+        concurrency=2 * limit,
+    ) as client:
+        log(f"judging {len(todo)} answer pairs with {judge.endpoint.model} (both orders)")
+
+        async def one(s: Any) -> None:
+            s.judgment = await judge_pair(
+                client, s.item.messages, s.item.teacher, s.answer.text, judge.rubric
+            )
+
+        await bounded(todo, one, limit, "judged", log)
+
+
+def _round(v: float | None) -> float | None:
+    return round(v, 3) if v is not None else None
+
+
+async def evaluate_async(
+    config: StageConfig, *, log: Log = _stderr, termination_path: str | None = None
+) -> Outcome:
+    """The whole evaluation, its outputs written; never raises for a failed request. For callers that
+    already run an event loop; :func:`evaluate` is the synchronous entry point."""
+    out = await _measure(config, log)
+    layout = RunLayout(Path(config.artifacts))
+    atomic_write(layout.eval_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in out.rows))
+    out.doc["results"] = out.results.to_dict()
+    out.results.report = str(write_report(layout, out.doc, out.examples))
+    out.doc["results"] = out.results.to_dict()
+    atomic_write_json(layout.results_file, out.doc)
+    write_termination_message(out.results.to_dict(), termination_path)
+    log(out.doc["gate"]["verdict"])
+    return out
+
+
+def evaluate(config: StageConfig, *, log: Log = _stderr, termination_path: str | None = None) -> Outcome:
+    """Run the whole evaluation and write its outputs; never raises for a failed request."""
+    return asyncio.run(evaluate_async(config, log=log, termination_path=termination_path))
