@@ -15,9 +15,8 @@ from distillery_trainer.api.status import DistillationRunStatus, Latency, Result
 from tests.conftest import EXAMPLES, REPO
 
 from .helm import Tools
-from .operator_branch import PRESENT, REASON
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(not PRESENT, reason=REASON)]
+pytestmark = pytest.mark.slow
 
 CRD = REPO / "crds" / "distillery.dev_distillationruns.yaml"
 

@@ -13,10 +13,7 @@ import aiohttp
 import pytest
 
 from .helm import Tools, render
-from .operator_branch import PRESENT, REASON
 from .scenarios import EVERYTHING, GPU_KUEUE
-
-pytestmark = pytest.mark.skipif(not PRESENT, reason=REASON)
 
 
 def _parse(args: list[str]) -> Any:

@@ -15,12 +15,10 @@ import pytest
 
 from .audit import ApiRequest, Record, operator_records
 from .helm import Rendered, Tools, render
-from .operator_branch import PRESENT, REASON
 
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.operator_audit,
-    pytest.mark.skipif(not PRESENT, reason=REASON),
 ]
 
 Grant = tuple[str, str, str]  # (verb, group, resource)
