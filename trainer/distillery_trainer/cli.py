@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Stage command modules, in pipeline order. Each defines ``register(subparsers) -> None``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("distillery_trainer.train.command",)
 
 
 def build_parser() -> argparse.ArgumentParser:
