@@ -213,6 +213,14 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(
 # ---------------------------------------------------------------------------------------------- guards
 
 
+def test_object_store_artifacts_are_refused_with_the_reason(tmp_path: Path, student_dir: Path) -> None:
+    config = tiny.stage_config(tmp_path, student_dir, {**TRAINING, "method": "sft"})
+    config.write_text(config.read_text().replace(f"artifacts: {tmp_path}", "artifacts: s3://bucket/runs/x"))
+    out = tiny.run_train(config)
+    assert out.returncode == 1 and "mounted volume" in out.stderr
+    assert json.loads((tmp_path / "termination.log").read_text())["state"] == "Failed"
+
+
 def test_tokenizer_mismatch_is_refused_before_the_first_step(tmp_path: Path, collected: Path) -> None:
     other = tmp_path / "other-student"
     tiny.make_llama(other, tiny.make_tokenizer(tmp_path / "other-tok", merges=8), seed=3)
@@ -227,12 +235,16 @@ def test_tokenizer_mismatch_is_refused_before_the_first_step(tmp_path: Path, col
     assert json.loads((root / "termination.log").read_text())["state"] == "Failed"
 
 
-def test_kd_without_collected_logprobs_says_what_to_do(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+def test_kd_without_collected_logprobs_says_what_to_do(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
     root = new_run(tmp_path, collected)
     for f in RunLayout(root).collect_dir.glob("*.logprobs.safetensors"):
         f.unlink()
     training = {**TRAINING, "method": "kd", "maxSteps": 5}
-    out = tiny.run_train(tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}}))
+    out = tiny.run_train(
+        tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}})
+    )
     assert out.returncode == 1
     assert "needs the teacher's logprobs" in out.stderr and "use training.method sft" in out.stderr
 
@@ -260,6 +272,7 @@ def test_time_budget_ends_the_run_with_a_student(tmp_path: Path, student_dir: Pa
         "maxSteps": 1_000_000,
         "maxSeconds": 2,
         "checkpointEverySteps": 100_000,
+        "gradientCheckpointing": True,
     }
     check_ok(tiny.run_train(tiny.stage_config(root, student_dir, training)))
     p = progress(root)

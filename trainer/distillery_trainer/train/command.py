@@ -43,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
+    from ..api.summaries import TrainingProgress
     from ..data.shards import DataError
     from ..models import ModelNotFound
     from ..termination import write_termination_message
@@ -55,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
     env = init_distributed()
     run = None
     code = 0
+    failure = None
     try:
         run = TrainingRun(cfg, env)
         progress = run.run()
@@ -67,10 +69,18 @@ def main(args: argparse.Namespace) -> int:
         )
     except (TrainingError, DataError, ModelNotFound) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        code = 1
+        failure, code = str(exc), 1
+    except BaseException as exc:
+        failure = f"{type(exc).__name__}: {exc}"
+        raise
     finally:
-        if env.is_main and run is not None:
-            write_termination_message(run.reporter.progress.to_dict())
+        if env.is_main:
+            summary = (
+                run.reporter.progress
+                if run is not None
+                else TrainingProgress(state="Failed", method=cfg.spec.training.method, message=failure)
+            )
+            write_termination_message(summary.to_dict())
         shutdown(env)
     return code
 

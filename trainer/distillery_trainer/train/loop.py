@@ -164,7 +164,10 @@ class TrainingRun:
         self.reporter.update(force=True, total_steps=total, state="Running", message=None)
 
         compute = autocast_dtype(t.precision, env.device)
-        student = load_causal_lm(student_path, env.device)
+        # FSDP: load on the CPU; fully_shard then moves each layer's shard to the GPU, one layer at a time,
+        # so a model that does not fit one GPU never has to.
+        sharded = env.distributed and t.strategy == "fsdp"
+        student = load_causal_lm(student_path, torch.device("cpu") if sharded else env.device)
         if t.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.config.use_cache = False
