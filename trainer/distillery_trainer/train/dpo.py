@@ -156,6 +156,7 @@ def run_dpo(run: TrainingRun, tokenizer: Any, chat: ChatFormat, student_config: 
         seed=t.seed,
         logging_steps=1,
         save_strategy="no",
+        ddp_find_unused_parameters=False,
         report_to="none",
         disable_tqdm=True,
     )
