@@ -14,6 +14,7 @@ from collections.abc import Sequence
 # Stage command modules, in pipeline order. Each defines ``register(subparsers) -> None``.
 COMMAND_MODULES: tuple[str, ...] = (
     "distillery_trainer.collect.command",
+    "distillery_trainer.train.command",
     "distillery_trainer.serve.cli",
     "distillery_trainer.evaluate.cli",
 )
