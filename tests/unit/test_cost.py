@@ -51,3 +51,11 @@ def test_cached_answers_do_not_count_as_traffic_and_nothing_is_invented() -> Non
     assert cost.serving_usd_per_month == serving_usd_per_month(1, 1, 2.0)
     cached = [CollectionSummary(shard=0, shards=1, total=5, done=5, cached=5)]
     assert run_cost(spec, cached, None).teacher_usd_per_month is None
+
+
+def test_no_teacher_price_means_no_teacher_monthly_cost() -> None:
+    spec = parse_run(
+        make_run().spec({"teacher": {"pricing": {"inputPerMTokUSD": 0, "outputPerMTokUSD": 0}}}).obj()
+    ).spec
+    paid = [CollectionSummary(shard=0, shards=1, total=5, done=5, input_tokens=500, output_tokens=100)]
+    assert run_cost(spec, paid, None).teacher_usd_per_month is None

@@ -5,7 +5,7 @@
 - serving: replicas × GPUs × ``cost.gpuHourUSD`` × 730 h a month (a GPU-less replica counts as one
   device-hour at the same price, so a CPU deployment is not free on paper);
 - the teacher API it replaces: ``cost.requestsPerMonth`` × the average request's tokens at
-  ``teacher.pricing`` — the seed's $4000/month → $380/month comparison.
+  ``teacher.pricing`` — the seed's $4000/month → $380/month comparison (none without a price).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def run_cost(
     collection = sum(s.cost_usd for s in shards) if shards else None
     serving = serving_usd_per_month(spec.serving.replicas, spec.serving.gpus, spec.cost.gpu_hour_usd)
     teacher = None
-    if answered > 0:
+    if answered > 0 and (pricing.input_per_mtok_usd or pricing.output_per_mtok_usd):
         per_request = tokens_usd(input_tokens / answered, output_tokens / answered, pricing)
         teacher = per_request * spec.cost.requests_per_month
     return CostResults(
