@@ -3,6 +3,8 @@
 - ``ensure``: a child missing from the index is created; a 409 means it exists (a previous operator
   process made it, or the index lags): read it, check it is this run's, and patch only what differs. A
   child that is known and carries the desired hash is left alone, so a steady run costs no API call.
+  A non-exclusive child (the run's PersistentVolumeClaim) is only ever created: one found under its
+  name is used as it is, whoever made it.
 - ``remove``: delete with background propagation; a 404 is success.
 - ``write_status``: a JSON merge patch of what changed in ``status``, nothing when nothing did.
 
@@ -91,6 +93,8 @@ async def ensure(api: Api, run_uid: str, desired: Desired, observed: Child | Non
             raise translate(exc, _what("create", kind, namespace, name)) from exc
         existing = await _call(api.get(kind, namespace, name), _what("get", kind, namespace, name))
     owners = [ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or ()]
+    if not desired.exclusive:
+        return existing  # a claim: used as it is, whoever made it, and never patched
     if run_uid not in owners:
         raise kopf.TemporaryError(
             f"{kind} {namespace}/{name} exists and does not belong to this run: delete it, or rename the run",

@@ -59,6 +59,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
             vllm_image=args.vllm_image,
             queue_name=args.queue_name,
             priority_class_name=args.priority_class,
+            storage_class=args.storage_class,
             node_selector=parse_node_selector(args.node_selector) if args.node_selector else None,
         )
     except ValueError as exc:
@@ -190,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--node-selector", metavar="K=V[,K=V]", help="default node selector (env DISTILLERY_NODE_SELECTOR)"
+    )
+    p.add_argument(
+        "--storage-class",
+        metavar="NAME",
+        help="StorageClass of the claims the operator creates for runs that name none "
+        "(env DISTILLERY_STORAGE_CLASS; default: the cluster's default class)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="log what the operator does")
     p.add_argument("--debug", action="store_true", help="log everything, kopf's internals included")

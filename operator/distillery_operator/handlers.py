@@ -1,8 +1,10 @@
 """kopf handlers, kept thin: index what exists, and ask for a reconcile when something changes.
 
 - ``@kopf.index`` keeps one small observation per run and per child (ConfigMap, Service, Job,
-  Deployment, PyTorchJob, Pod) in memory, keyed by ``(namespace, run)``. kopf fills the indices before any
-  handler runs, so a restarted operator sees every child it made before it plans anything.
+  Deployment, PyTorchJob, Pod) in memory, keyed by ``(namespace, run)``, and one per
+  PersistentVolumeClaim keyed by ``(namespace, claim)``, with the runs that have the operator create each
+  claim (a claim's change wakes them). kopf fills the indices before any handler runs, so a restarted
+  operator sees every child it made before it plans anything.
 - ``@kopf.on.event`` on runs and on children (matched by the ``app.kubernetes.io/managed-by`` and
   ``distillery.dev/run`` labels: a label selector on the watch, and the same filter again here for API
   servers that ignore selectors) requests a reconcile of the run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
@@ -22,9 +24,10 @@ from typing import Any
 import kopf
 
 from .builders.common import MANAGED_LABEL, RUN_LABEL
+from .builders.storage import claim_to_create
 from .kube import Api
 from .observe import Child, Key, Pod, RunView, child_view, pod_view, run_view
-from .reconciler import POD_INDEX, RUN_INDEX, Reconciler
+from .reconciler import CLAIM_INDEX, POD_INDEX, RUN_INDEX, Reconciler
 from .settings import MANAGED_BY, Settings
 
 RUN_RESOURCE = ("distillery.dev", "v1alpha1", "distillationruns")
@@ -36,6 +39,10 @@ CHILD_RESOURCES = {
     "distillery_pytorchjobs": ("kubeflow.org", "v1", "pytorchjobs"),
 }
 POD_RESOURCE = ("", "v1", "pods")
+# Claims are watched without a label selector: a run may ask for a claim that someone else created.
+CLAIM_RESOURCE = ("", "v1", "persistentvolumeclaims")
+# (namespace, claim name) -> the runs that have the operator create that claim: whom a claim's change wakes.
+CLAIM_USERS_INDEX = "distillery_claim_users"
 MANAGED: dict[str, Any] = {MANAGED_LABEL: MANAGED_BY, RUN_LABEL: kopf.PRESENT}
 CHILD_SELECTOR = f"{MANAGED_LABEL}={MANAGED_BY},{RUN_LABEL}"
 
@@ -101,6 +108,17 @@ async def index_pod(body: kopf.Body, namespace: str | None, labels: kopf.Labels,
     return {(namespace or "", labels[RUN_LABEL]): pod_view(body)}
 
 
+@kopf.index(*CLAIM_RESOURCE, id=CLAIM_INDEX)
+async def index_claim(body: kopf.Body, namespace: str | None, name: str, **_: Any) -> dict[Key, Child]:
+    return {(namespace or "", name): child_view(body)}
+
+
+@kopf.index(*RUN_RESOURCE, id=CLAIM_USERS_INDEX)
+async def index_claim_user(spec: kopf.Spec, namespace: str | None, name: str, **_: Any) -> dict[Key, str]:
+    claim = claim_to_create(spec)
+    return {(namespace or "", claim): name} if claim else {}  # {} (not None) drops a stale entry
+
+
 # ---------------------------------------------------------------------------------------------- events
 
 
@@ -125,3 +143,11 @@ async def child_changed(namespace: str | None, labels: kopf.Labels, memo: kopf.M
 
 for _index_id, _resource in {**CHILD_RESOURCES, POD_INDEX: POD_RESOURCE}.items():
     kopf.on.event(*_resource, id=f"{_index_id}_changed", labels=MANAGED)(child_changed)
+
+
+@kopf.on.event(*CLAIM_RESOURCE, id="distillery_claims_changed")
+async def claim_changed(namespace: str | None, name: str, memo: kopf.Memo, **kwargs: Any) -> None:
+    reconciler: Reconciler = memo["reconciler"]
+    reconciler.bind(kwargs)
+    for run in kwargs[CLAIM_USERS_INDEX].get((namespace or "", name)) or ():
+        reconciler.request((namespace or "", run))

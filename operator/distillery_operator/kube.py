@@ -8,6 +8,7 @@ temporary and permanent errors. The operator's requests stay on its one event lo
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -16,6 +17,10 @@ from typing import Any
 import aiohttp
 import kopf
 from kubernetes.client.exceptions import ApiException
+
+from .builders.storage import CLASS_NOT_FOUND, IMMEDIATE
+
+logger = logging.getLogger("distillery.operator")
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ KINDS: dict[str, Kind] = {
         Kind("v1", "ConfigMap", "configmaps"),
         Kind("v1", "Service", "services"),
         Kind("v1", "Pod", "pods"),
+        Kind("v1", "PersistentVolumeClaim", "persistentvolumeclaims"),
+        Kind("storage.k8s.io/v1", "StorageClass", "storageclasses"),
         Kind("batch/v1", "Job", "jobs"),
         Kind("apps/v1", "Deployment", "deployments"),
         Kind("kubeflow.org/v1", "PyTorchJob", "pytorchjobs"),
@@ -59,6 +66,7 @@ class Api:
         self._session: aiohttp.ClientSession | None = None
         self._server = ""
         self._discovered: dict[str, tuple[float, bool]] = {}
+        self._bindings: dict[str, tuple[float, str | None]] = {}
 
     def _connect(self) -> aiohttp.ClientSession:
         info = self._login()
@@ -141,3 +149,31 @@ class Api:
             found = False
         self._discovered[key] = (time.monotonic(), found)
         return found
+
+    async def binding_mode(self, storage_class: str, ttl: float) -> str | None:
+        """A StorageClass's ``volumeBindingMode`` (``CLASS_NOT_FOUND`` when there is no such class; None
+        when it may not be read). Cached: a class's binding mode is immutable, while a missing or
+        unreadable class is asked about again after ``ttl`` seconds."""
+        cached = self._bindings.get(storage_class)
+        if cached is not None and (
+            cached[1] not in (None, CLASS_NOT_FOUND) or time.monotonic() - cached[0] < ttl
+        ):
+            return cached[1]
+        mode: str | None
+        try:
+            doc = await self.get("StorageClass", "", storage_class)
+            mode = str(doc.get("volumeBindingMode") or IMMEDIATE)
+        except ApiException as exc:
+            if exc.status == 404:
+                mode = CLASS_NOT_FOUND
+            elif exc.status == 403:
+                logger.warning(
+                    "may not read StorageClass %s (grant get on storage.k8s.io/storageclasses): runs "
+                    "whose claim it provisions start without waiting for the claim to be bound",
+                    storage_class,
+                )
+                mode = None
+            else:
+                raise
+        self._bindings[storage_class] = (time.monotonic(), mode)
+        return mode

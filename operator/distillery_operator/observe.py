@@ -1,8 +1,9 @@
 """What the operator keeps of the objects it watches: small, immutable observations.
 
 kopf's indices (see :mod:`.handlers`) hold one observation per run and per child, keyed by
-``(namespace, run name)``, so a reconcile reads what exists from memory instead of listing the API. The
-planner reads only these types, which keeps it pure and the operator's memory flat.
+``(namespace, run name)``, and one per PersistentVolumeClaim, keyed by ``(namespace, claim name)`` (a run
+may use a claim someone else made), so a reconcile reads what exists from memory instead of listing the
+API. The planner reads only these types, which keeps it pure and the operator's memory flat.
 """
 
 from __future__ import annotations
@@ -73,6 +74,7 @@ class Child:
     generation: int = 1
     replicas: int | None = None
     status: Mapping[str, Any] = field(default_factory=dict)
+    storage_class: str | None = None  # a PersistentVolumeClaim's spec.storageClassName
 
     def condition(self, type_: str) -> Mapping[str, Any] | None:
         return condition(self.status, type_)
@@ -195,6 +197,8 @@ def child_view(body: Mapping[str, Any]) -> Child:
     status = body.get("status") or {}
     kind = body.get("kind") or ""
     keep: dict[str, Any] = {}
+    if kind == "PersistentVolumeClaim" and status.get("phase"):
+        keep = {"phase": status["phase"]}
     if kind in ("Job", "PyTorchJob", "Deployment"):
         keep = {
             k: plain(v)
@@ -230,6 +234,7 @@ def child_view(body: Mapping[str, Any]) -> Child:
         generation=int(meta.get("generation") or 1),
         replicas=spec.get("replicas") if kind == "Deployment" else None,
         status=keep,
+        storage_class=spec.get("storageClassName") if kind == "PersistentVolumeClaim" else None,
     )
 
 

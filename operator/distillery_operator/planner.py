@@ -5,6 +5,9 @@ the status it wrote last, never at what happened in between, so a restarted oper
 a replayed one all lead to the same plan. Stages run in order; a stage is *done* when its child says so
 (a Job's ``Complete``, a PyTorchJob's ``Succeeded``, a rolled-out Deployment), or when the status says so
 and the child is gone. The children of later stages exist only while every earlier stage is done.
+Before the first stage starts, the claim a run has the operator create (``storage.pvc.create``) is
+created and, unless its StorageClass binds on first consumer, waited on until bound: the run is then
+``Pending`` with reason ``WaitingForStorage`` (:meth:`_Walk.claim`).
 
 Spec changes during a run (``teacher`` and ``data`` are immutable: the CRD's CEL rules refuse edits):
 
@@ -24,6 +27,7 @@ Spec changes during a run (``teacher`` and ``data`` are immutable: the CRD's CEL
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +36,7 @@ from distillery_trainer.api.base import format_errors
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.status import (
     PHASE_FAILED,
+    PHASE_PENDING,
     PHASE_SUCCEEDED,
     REASON_INVALID_SPEC,
     REASON_QUALITY_GATE_FAILED,
@@ -39,6 +44,7 @@ from distillery_trainer.api.status import (
     REASON_RETRYING,
     REASON_SERVING,
     REASON_SPEC_CHANGED,
+    REASON_WAITING_FOR_STORAGE,
     STAGE_FAILED_REASON,
     STAGE_PHASE,
     STAGE_RUNNING_REASON,
@@ -60,6 +66,7 @@ from .builders.common import COLLECT, EVAL, MAX_RUN_NAME, SERVE, TEACHER, TRAIN,
 from .builders.config import config_map
 from .builders.evaluate import eval_job
 from .builders.serve import serve_deployment, serve_service
+from .builders.storage import CLASS_NOT_FOUND, IMMEDIATE, persistent_volume_claim
 from .builders.train import pytorch_job, rendezvous_service, train_job
 from .observe import Child, Observed, RunView, parse_time
 from .settings import Settings
@@ -100,6 +107,9 @@ class Capabilities:
     """What the cluster offers, from discovery."""
 
     pytorchjob: bool = True
+    # The volumeBindingMode of StorageClasses the reconciler looked up (Immediate, WaitForFirstConsumer,
+    # or CLASS_NOT_FOUND); a class missing here is unknown (not looked up, or not readable).
+    binding_modes: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -108,6 +118,9 @@ class Desired:
     # Mutable children (ConfigMap, Service, Deployment) are patched when they differ; Jobs and
     # PyTorchJobs are only created (their pod templates are immutable: a change restarts the stage).
     mutable: bool
+    # Exclusive children must belong to the run; a non-exclusive one (the PersistentVolumeClaim) found
+    # under its name is used as it is, whoever made it.
+    exclusive: bool = True
 
     @property
     def kind(self) -> str:
@@ -172,8 +185,9 @@ def plan(
         problems.append(
             (
                 "spec.storage",
-                "required in a cluster: set storage.pvc.claimName (a ReadWriteMany PVC for multi-node "
-                "training) or storage.url",
+                "required in a cluster: set storage.pvc.claimName (an existing claim; ReadWriteMany for "
+                "multi-node training), add storage.pvc.create: {size: 200Gi} to have the operator create "
+                "it, or set storage.url",
             )
         )
     if len(view.name) > MAX_RUN_NAME:
@@ -240,6 +254,7 @@ class _Walk:
         self.degraded: tuple[str, str] | None = None
         self.serve_reached = False
         self.serving_ready = False
+        self.storage_wait: str | None = None  # why the run waits for its claim, when it does
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -340,6 +355,10 @@ class _Walk:
             if job is None and st.state == "Succeeded":
                 self._teardown_teacher()
                 return Outcome.DONE
+            hold = self.claim()
+            if hold is not None:
+                st.message = self.storage_wait = hold
+                return Outcome.RUNNING
             self.start("collect", f"0/{shards} shards done")
             if self_hosted:
                 self.want(teacher_deployment(self.run, self.settings), mutable=True)
@@ -399,6 +418,56 @@ class _Walk:
                 f"{self.spec.collection.backoff_limit_per_index} times. {derive.failure_detail(pods)}".strip(),
             )
         return Outcome.RUNNING
+
+    def claim(self) -> str | None:
+        """Before the collection (the first workload) starts: the claim the run asked the operator to
+        create exists and can be mounted. Returns why the run waits, or None.
+
+        A missing claim is created (the plan's first child) and never touched again; one of that name
+        that the operator did not create is used as is. Pending holds the run, except when its
+        StorageClass binds a volume only for the first pod that uses it (WaitForFirstConsumer: the
+        collection's pods are what binds it) or the class could not be read (the pods then wait as any
+        pod waits for its volume). A claim the run names without ``create`` is the user's: never waited on.
+        """
+        storage = self.spec.storage
+        pvc = storage.pvc if storage is not None else None
+        if pvc is None or pvc.create is None:
+            return None
+        name = pvc.claim_name
+        found = self.observed.child("PersistentVolumeClaim", name)
+        if found is None:
+            manifest = persistent_volume_claim(self.run, self.settings)
+            assert manifest is not None
+            self.out.apply.insert(0, Desired(manifest, mutable=False, exclusive=False))
+            return f"creating PersistentVolumeClaim {name}"
+        if found.deleting:
+            return (
+                f"PersistentVolumeClaim {name} is being deleted (pods may still use it); "
+                "the operator creates it again once it is gone"
+            )
+        phase = found.status.get("phase") or "Pending"
+        if phase == "Bound":
+            return None
+        if phase == "Lost":
+            return (
+                f"PersistentVolumeClaim {name} is Lost (its PersistentVolume is gone): restore the volume, "
+                "or delete the claim and the operator creates a new one"
+            )
+        klass = found.storage_class
+        mode = self.caps.binding_modes.get(klass) if klass else IMMEDIATE
+        if mode == CLASS_NOT_FOUND:
+            return (
+                f"PersistentVolumeClaim {name} is Pending: its StorageClass {klass} does not exist; create "
+                "that class, or delete the run and the claim and create the run again naming a class that "
+                "exists (storage.pvc.create.storageClassName)"
+            )
+        if mode != IMMEDIATE:
+            return None
+        via = f"StorageClass {klass}" if klass else "no StorageClass: a matching PersistentVolume"
+        return (
+            f"waiting for PersistentVolumeClaim {name} to be bound (Pending; {via}); "
+            f"`kubectl describe pvc {name} -n {self.view.namespace}` says why it is not"
+        )
 
     def _teardown_teacher(self) -> None:
         if self.spec.teacher.self_hosted is not None:
@@ -620,6 +689,8 @@ class _Walk:
         if self.failure is not None:
             stage, message = self.failure
             return PHASE_FAILED, STAGE_FAILED_REASON[stage], f"{stage} failed: {message}"
+        if self.storage_wait is not None:
+            return PHASE_PENDING, REASON_WAITING_FOR_STORAGE, self.storage_wait
         if current is not None:
             stage_message = self._stage_status(current).message
             return (
@@ -713,6 +784,9 @@ class _Walk:
             before, after = getattr(prior, STATUS_FIELD[stage]), self._stage_status(stage)
             if after.state == "Succeeded" and before.state != "Succeeded":
                 self.out.events.append(Event("Normal", STAGE_DONE_REASON[stage], after.message or ""))
+        progressing = prior.condition("Progressing")
+        if reason == REASON_WAITING_FOR_STORAGE and (progressing is None or progressing.reason != reason):
+            self.out.events.append(Event("Normal", reason, message))
         if prior.phase != phase or (phase == PHASE_FAILED and not _same_failure(prior, reason)):
             self.out.events.append(Event("Warning" if phase == PHASE_FAILED else "Normal", reason, message))
         was_retrying = (

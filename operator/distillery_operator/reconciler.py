@@ -24,6 +24,7 @@ import kopf
 from distillery_trainer.api.status import REASON_RETRYING
 
 from . import apply
+from .builders.storage import claim_to_create
 from .kube import Api
 from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
@@ -33,6 +34,8 @@ logger = logging.getLogger("distillery.operator")
 
 RUN_INDEX = "distillery_runs"
 POD_INDEX = "distillery_pods"
+# Every PersistentVolumeClaim by (namespace, claim name): a run's claim may be one the operator did not make.
+CLAIM_INDEX = "distillery_claims"
 CHILD_INDICES = (
     "distillery_configmaps",
     "distillery_services",
@@ -115,7 +118,9 @@ class Reconciler:
     def bind(self, kwargs: Mapping[str, Any]) -> None:
         """Remember kopf's indices (handlers receive them as keyword arguments; they are live views)."""
         if not self.indices and RUN_INDEX in kwargs:
-            self.indices = {k: kwargs[k] for k in (RUN_INDEX, POD_INDEX, *CHILD_INDICES) if k in kwargs}
+            self.indices = {
+                k: kwargs[k] for k in (RUN_INDEX, POD_INDEX, CLAIM_INDEX, *CHILD_INDICES) if k in kwargs
+            }
 
     def request(self, key: Key) -> None:
         if key in self._running or (key in self._timers and self._failures.get(key)):
@@ -231,11 +236,17 @@ class Reconciler:
         return next(iter(store), None) if store else None
 
     def observe(self, key: Key) -> Observed:
-        """The run's children as the indices show them, corrected by this process's own recent writes
-        the watch has not delivered yet (a just-created child is not created twice)."""
+        """The run's children as the indices show them (and the claim it has the operator create),
+        corrected by this process's own recent writes the watch has not delivered yet (a just-created
+        child is not created twice)."""
         children: dict[tuple[str, str], Child] = {}
         for name in CHILD_INDICES:
             for child in self.indices.get(name, {}).get(key) or ():
+                children[(child.kind, child.name)] = child
+        view = self._view(key)
+        claim = claim_to_create(view.spec) if view is not None else None
+        if claim is not None:
+            for child in self.indices.get(CLAIM_INDEX, {}).get((key[0], claim)) or ():
                 children[(child.kind, child.name)] = child
         pending = self._expected.get(key)
         if pending:
@@ -261,12 +272,29 @@ class Reconciler:
         written = self._written.get(view.uid)
         if written is not None:
             view = dataclasses.replace(view, status_json=written)
+        observed = self.observe(key)
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
+            binding_modes=await self._binding_modes(view, observed),
         )
-        result = plan(view, self.observe(key), self.clock(), settings=self.settings, caps=caps)
+        result = plan(view, observed, self.clock(), settings=self.settings, caps=caps)
         await self.execute(view, result)
         return result.requeue_after
+
+    async def _binding_modes(self, view: RunView, observed: Observed) -> dict[str, str]:
+        """The binding mode of the StorageClass of the run's claim while it is not bound: the planner
+        waits for an Immediate claim, not for one that binds when its first pod is scheduled."""
+        name = claim_to_create(view.spec)
+        found = observed.child("PersistentVolumeClaim", name) if name else None
+        if found is None or not found.storage_class or found.status.get("phase") == "Bound":
+            return {}
+        try:
+            mode = await self.api.binding_mode(found.storage_class, self.settings.discovery_ttl_seconds)
+        except Exception as exc:
+            from .errors import translate
+
+            raise translate(exc, f"get StorageClass {found.storage_class}") from exc
+        return {found.storage_class: mode} if mode is not None else {}
 
     async def _discover(self, api_version: str, plural: str) -> bool:
         try:

@@ -1,4 +1,4 @@
-"""The operator's defaults, in one place: images, mount paths, placement, timings.
+"""The operator's defaults, in one place: images, mount paths, placement, storage, timings.
 
 Each comes from an environment variable (what the Helm chart sets) and may be overridden on the
 command line (`distillery operator --trainer-image ...`). The spec of a run wins over these defaults
@@ -39,6 +39,9 @@ class Settings:
     tolerations: tuple[Mapping[str, Any], ...] = ()
     priority_class_name: str | None = None
     queue_name: str | None = None
+    # The StorageClass of the claims the operator creates (storage.pvc.create) when a run names none;
+    # None: the cluster's default class.
+    storage_class: str | None = None
     # A vLLM server loads its weights before /health answers: a startup probe this long (seconds).
     startup_seconds: int = 1800
     # How long a finished Job may wait for its pods' termination messages before the stage goes on
@@ -64,6 +67,7 @@ class Settings:
             ("priority_class_name", "PRIORITY_CLASS"),
             ("queue_name", "QUEUE_NAME"),
             ("gpu_resource", "GPU_RESOURCE"),
+            ("storage_class", "STORAGE_CLASS"),
         ):
             if (value := get(var)) is not None:
                 values[attr] = value

@@ -14,6 +14,7 @@ GPU_KUEUE: dict[str, Any] = {
         "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "batch-high",
+        "storageClassName": "fast-rwx",
         "kueue": {"queueName": "team-a-gpus"},
     }
 }

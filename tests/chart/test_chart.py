@@ -80,6 +80,7 @@ def test_values_schema_rejects_unknown_keys_and_bad_values(k8s_tools: Tools, tmp
         ({"rbac": {"scope": "everywhere"}}, "scope"),
         ({"operator": {"logLevel": "loud"}}, "logLevel"),
         ({"rbac": {"watchNamespaces": ["Not_A_Namespace"]}}, "watchNamespaces"),
+        ({"workloads": {"storageClassName": "Fast_SSD"}}, "storageClassName"),
     ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(values), encoding="utf-8")
@@ -198,6 +199,7 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         "DISTILLERY_TOLERATIONS": '[{"effect":"NoSchedule","key":"nvidia.com/gpu","operator":"Exists"}]',
         "DISTILLERY_PRIORITY_CLASS": "batch-high",
         "DISTILLERY_QUEUE_NAME": "team-a-gpus",
+        "DISTILLERY_STORAGE_CLASS": "fast-rwx",
     }
     assert json.loads(env["DISTILLERY_TOLERATIONS"]) == GPU_KUEUE["workloads"]["tolerations"]
     everything = rendered(k8s_tools, tmp_path, EVERYTHING).env()
@@ -286,14 +288,15 @@ def test_namespaced_mode_grants_roles_per_namespace_and_only_cluster_reads(
             {"kind": "ServiceAccount", "name": "distillery", "namespace": NAMESPACE}
         ]
     # The same namespaced rules as the cluster-wide role: one definition in _helpers.tpl.
-    cluster_scoped = {"customresourcedefinitions", "namespaces"}
+    cluster_scoped = {"customresourcedefinitions", "namespaces", "storageclasses"}
     namespaced_part = [r for r in _rules(cluster) if not set(r["resources"]) & cluster_scoped]
     for role in roles.values():
         assert _rules(role) == namespaced_part
-    # What is left cluster-wide only reads namespaces (which exist) and CRDs (Kubeflow installed later).
+    # What is left cluster-wide only reads namespaces (which exist), CRDs (Kubeflow installed later) and
+    # StorageClasses (how a pending claim binds).
     reads = out.one("ClusterRole")
     for rule in _rules(reads):
-        assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"list", "watch"}
+        assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"get", "list", "watch"}
     assert {r for rule in _rules(reads) for r in rule["resources"]} == cluster_scoped
 
 
@@ -314,3 +317,4 @@ def test_notes_give_the_next_steps_for_the_mode(k8s_tools: Tools, tmp_path: Path
     assert "It watches DistillationRuns in: team-a, team-b." in notes
     assert "kubectl -n team-a create secret generic openai" in notes
     assert 'LocalQueue "team-a-gpus"' in notes
+    assert "# fast-rwx: docs/storage.md" in notes  # the StorageClass of the claims the operator creates

@@ -43,6 +43,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_operator_reads(
     assert not unread, f"the chart sets variables the operator ignores: {unread}"
     settings = Settings.from_env(env)
     assert settings.queue_name == "team-a-gpus"
+    assert settings.storage_class == "fast-rwx"
     assert settings.trainer_image == "registry.example/distillery-trainer:0.1.0"
     assert settings.vllm_image == "registry.example/vllm-openai:v0.32.0"
     assert dict(settings.node_selector) == {"node.kubernetes.io/instance-type": "p5.48xlarge"}

@@ -31,6 +31,7 @@ UNEXERCISED: dict[Grant, str] = {
     ("patch", "", "services"): "apply.ensure patches a Service whose desired manifest changed",
     ("get", "batch", "jobs"): "apply.ensure reads a Job back after a 409 Conflict",
     ("get", "kubeflow.org", "pytorchjobs"): "apply.ensure reads a PyTorchJob back after a 409 Conflict",
+    ("get", "", "persistentvolumeclaims"): "apply.ensure reads a run's claim back after a 409 Conflict",
 }
 
 

@@ -34,6 +34,7 @@ PATHS = {
     "Deployment": ("apps/v1", "deployments"),
     "PyTorchJob": ("kubeflow.org/v1", "pytorchjobs"),
     "DistillationRun": ("distillery.dev/v1alpha1", "distillationruns"),
+    "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
 }
 CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment", "PyTorchJob")
 RUN_LABEL = "distillery.dev/run"

@@ -22,6 +22,7 @@ WATCHED = (
     "batch/jobs",
     "apps/deployments",
     "pods",
+    "persistentvolumeclaims",
 )
 
 

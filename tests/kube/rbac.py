@@ -22,6 +22,10 @@ OPERATOR_RBAC: dict[str, set[str]] = {
     "batch/jobs": CHILD_VERBS,
     "apps/deployments": CHILD_VERBS,
     "kubeflow.org/pytorchjobs": CHILD_VERBS,
+    # The claim a run has the operator create: created, read back after a 409, watched; never changed.
+    "persistentvolumeclaims": {"get", "list", "watch", "create"},
+    # How a pending claim binds (cluster-scoped, read-only).
+    "storage.k8s.io/storageclasses": {"get"},
     # Results come from the pods' termination messages: read only, and never a Secret.
     "pods": {"list", "watch"},
     "events": {"create"},

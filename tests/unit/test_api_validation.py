@@ -210,6 +210,43 @@ CASES = [
     ),
     Case("storage-bad-url", S({"storage": {"url": "http://b/p"}}), "spec.storage.url"),
     Case(
+        "pvc-rwo-multi-node",
+        S(
+            {
+                "storage": {
+                    "pvc": {"claimName": "d", "create": {"size": "1Ti", "accessModes": ["ReadWriteOnce"]}}
+                },
+                "training": {"resources": {"nodes": 2}},
+            }
+        ),
+        "spec.storage.pvc.create.accessModes",
+        "use accessModes [ReadWriteMany]",
+    ),
+    Case(
+        "pvc-create-without-size",
+        S({"storage": {"pvc": {"claimName": "d", "create": {}}}}),
+        "spec.storage.pvc.create.size",
+        "required",
+    ),
+    Case(
+        "pvc-size-zero",
+        S({"storage": {"pvc": {"claimName": "d", "create": {"size": "0Gi"}}}}),
+        "spec.storage.pvc.create.size",
+        "above zero",
+        {MODEL},
+    ),
+    Case(
+        "pvc-read-only-mode",
+        S(
+            {
+                "storage": {
+                    "pvc": {"claimName": "d", "create": {"size": "1Ti", "accessModes": ["ReadOnlyMany"]}}
+                }
+            }
+        ),
+        "spec.storage.pvc.create.accessModes[0]",
+    ),
+    Case(
         "toleration-effect",
         S({"scheduling": {"tolerations": [{"key": "gpu", "effect": "Sometimes"}]}}),
         "spec.scheduling.tolerations[0].effect",
@@ -259,6 +296,25 @@ def test_cel_rules_and_model_agree_on_cross_field_rules() -> None:
         make_run().kd().obj(),
         make_run().self_hosted().spec({"training": {"method": "kd"}}).obj(),
         make_run().storage().obj(),
+        # Several training nodes: ReadWriteMany asked for, or left to the default (which is ReadWriteMany).
+        make_run()
+        .spec(
+            {
+                "storage": {
+                    "pvc": {"claimName": "d", "create": {"size": "1Ti", "accessModes": ["ReadWriteMany"]}}
+                },
+                "training": {"resources": {"nodes": 2}},
+            }
+        )
+        .obj(),
+        make_run()
+        .spec(
+            {
+                "storage": {"pvc": {"claimName": "d", "create": {"size": "1Ti"}}},
+                "training": {"resources": {"nodes": 4}},
+            }
+        )
+        .obj(),
     ]
     for doc in valid:
         assert cel_errors(doc) == [], cel_errors(doc)
@@ -284,3 +340,11 @@ def test_all_errors_reported_at_once() -> None:
         "spec.evaluation.minQualityRetention",
         "spec.teacher.pricing.outputPerMTokUSD",
     } <= paths
+
+
+def test_a_created_claim_is_immutable_in_the_crd() -> None:
+    from distillery_operator.crd import openapi_schema
+
+    pvc = openapi_schema()["properties"]["spec"]["properties"]["storage"]["properties"]["pvc"]
+    rules = pvc["properties"]["create"]["x-kubernetes-validations"]
+    assert [r["rule"] for r in rules] == ["self == oldSelf"] and "resize the claim" in rules[0]["message"]

@@ -98,6 +98,7 @@ Empty values set nothing, so the operator's own default applies.
   "DISTILLERY_GPU_RESOURCE" $w.gpuResource
   "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
   "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
+  "DISTILLERY_STORAGE_CLASS" $w.storageClassName
 }}
 {{- if $w.nodeSelector }}
 {{- $_ := set $env "DISTILLERY_NODE_SELECTOR" (toJson $w.nodeSelector) }}
@@ -147,6 +148,13 @@ checks these rules against every request the operator makes in its integration t
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
   verbs: [get, list, watch, create, delete]
+# The claim a run asks the operator to create (storage.pvc.create): created once, read back when
+# creating finds one already there, watched (every claim: a run may name one someone else made).
+# Never patched (a claim's spec is immutable) and never deleted (the run's owner reference does that
+# when the run asks for it).
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, create]
 # Pods, read-only: the stages report through their termination messages.
 - apiGroups: [""]
   resources: [pods]
@@ -157,12 +165,17 @@ checks these rules against every request the operator makes in its integration t
   verbs: [create]
 {{- end }}
 
-{{/* Cluster-scoped reads kopf makes to follow the cluster's resources (and, namespaced, its namespaces). */}}
+{{/* Cluster-scoped reads: kopf follows the cluster's resources (and, namespaced, its namespaces); the operator reads StorageClasses. */}}
 {{- define "distillery.rules.cluster" -}}
 # kopf notices CRDs installed after it started (Kubeflow's PyTorchJob).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
+# While a run's claim is Pending: does its StorageClass bind at once (wait for it) or only for the
+# first pod that uses it (WaitForFirstConsumer: start the pods, which bind it)?
+- apiGroups: [storage.k8s.io]
+  resources: [storageclasses]
+  verbs: [get]
 {{- if include "distillery.namespaced" . }}
 # kopf learns which of the watched namespaces exist.
 - apiGroups: [""]

@@ -35,6 +35,7 @@ INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage de
 
 # Components (one per kind of child) and the stage each belongs to.
 CONFIG = "config"
+DATA = "data"
 TEACHER = "teacher"
 COLLECT = "collect"
 TRAIN = "train"
@@ -42,6 +43,7 @@ SERVE = "serve"
 EVAL = "eval"
 COMPONENT_STAGE = {
     CONFIG: "config",
+    DATA: "storage",
     TEACHER: "collect",
     COLLECT: "collect",
     TRAIN: "train",

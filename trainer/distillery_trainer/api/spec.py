@@ -8,12 +8,14 @@ field and the fix, run in pydantic (:mod:`distillery_trainer.api.validation`).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel, RuleViolations
+from .validation import MULTI_NODE_RWO
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -496,9 +498,87 @@ class Cost(ApiModel):
     )
 
 
+AccessMode = Literal["ReadWriteOnce", "ReadWriteMany"]
+
+
+class PvcCreate(ApiModel):
+    """The operator creates the claim (``claimName``) in the run's namespace before any workload starts.
+
+    Immutable once set: the operator never changes a claim after creating it (most of a claim's spec is
+    immutable, and growing it depends on its StorageClass): resize the claim itself with kubectl.
+    ReadOnlyMany and ReadWriteOncePod are not offered: every stage writes, and the evaluation and the
+    serving pods use the volume at the same time.
+    """
+
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(
+                "self == oldSelf",
+                "storage.pvc.create is immutable: the operator never changes a claim it created; "
+                "resize the claim with kubectl (if its StorageClass allows expansion) or use a new claimName",
+            )
+        )
+    }
+
+    size: Quantity = Field(description="Capacity requested, e.g. 200Gi.")
+    storage_class_name: Name | None = Field(
+        default=None,
+        description=(
+            "StorageClass of the claim. Default: the operator's (the chart's workloads.storageClassName), "
+            "else the cluster's default class."
+        ),
+    )
+    access_modes: list[AccessMode] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2,
+        description="Access modes. Default: ReadWriteMany when training.resources.nodes > 1, else ReadWriteOnce.",
+    )
+    delete_with_run: bool = Field(
+        default=False,
+        description=(
+            "true: the claim, and every artifact on it, is deleted with the run (an owner reference). "
+            "false: the claim and its data outlive the run, and a new run of the same name resumes from them."
+        ),
+    )
+
+    @field_validator("access_modes")
+    @classmethod
+    def _unique_modes(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError("list an access mode once")
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        number = re.match(r"[0-9.]+", v)
+        if number is None or float(number.group()) == 0:
+            raise ValueError("a claim needs a capacity above zero, e.g. 200Gi")
+        return v
+
+
 class Pvc(ApiModel):
-    claim_name: Name = Field(description="PersistentVolumeClaim (ReadWriteMany for multi-node training).")
+    claim_name: Name = Field(
+        description=(
+            "PersistentVolumeClaim in the run's namespace (ReadWriteMany for multi-node training): an existing "
+            "one, mounted as is, or the one the operator creates when `create` is set."
+        )
+    )
     sub_path: str | None = Field(default=None, max_length=4096, description="Directory within the volume.")
+    create: PvcCreate | None = Field(
+        default=None,
+        description=(
+            "Let the operator create the claim (unless one of that name exists, which it then uses as is) "
+            "and start the run once it is bound."
+        ),
+    )
+
+    def access_modes(self, nodes: int) -> list[str]:
+        """The access modes of the claim the operator creates: the spec's, else what the training needs."""
+        if self.create is not None and self.create.access_modes:
+            return list(self.create.access_modes)
+        return ["ReadWriteMany"] if nodes > 1 else ["ReadWriteOnce"]
 
 
 class Storage(ApiModel):
@@ -551,6 +631,15 @@ class DistillationRunSpec(ApiModel):
                 "training.method kd needs the teacher's logprobs: set teacher.logprobs.topK or use "
                 "teacher.selfHosted; for a black-box API teacher use sft or seqkd",
                 ".training.method",
+            ),
+            cel(
+                "!has(self.storage) || !has(self.storage.pvc) || !has(self.storage.pvc.create) "
+                "|| !has(self.storage.pvc.create.accessModes) "
+                "|| self.storage.pvc.create.accessModes.exists(m, m == 'ReadWriteMany') "
+                "|| !has(self.training) || !has(self.training.resources) "
+                "|| !has(self.training.resources.nodes) || self.training.resources.nodes <= 1",
+                MULTI_NODE_RWO,
+                ".storage.pvc.create.accessModes",
             ),
         )
     }

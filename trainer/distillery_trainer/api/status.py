@@ -54,6 +54,7 @@ CONDITION_TYPES = (COND_READY, COND_PROGRESSING, COND_DEGRADED, COND_SUCCEEDED, 
 
 # Reasons (CamelCase, as Kubernetes conventions ask).
 REASON_PENDING = "Pending"
+REASON_WAITING_FOR_STORAGE = "WaitingForStorage"  # the claim the operator created is not bound yet
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_COLLECTING = "Collecting"
 REASON_TRAINING = "Training"

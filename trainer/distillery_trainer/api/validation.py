@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from .spec import DistillationRunSpec
 
 OPENAI_MAX_TOP_LOGPROBS = 20
+MULTI_NODE_RWO = (
+    "training on several nodes mounts the volume on all of them at once, which ReadWriteOnce does not allow: "
+    "use accessModes [ReadWriteMany] (a StorageClass that offers it: NFS, CephFS, Filestore, EFS, Azure Files) "
+    "or set training.resources.nodes: 1"
+)
 
 
 def check_spec(spec: DistillationRunSpec) -> None:
@@ -52,6 +57,15 @@ def check_spec(spec: DistillationRunSpec) -> None:
 
     if spec.collection.parallelism is not None and spec.collection.parallelism > spec.collection.shards:
         rules.fail("collection.parallelism", "cannot exceed collection.shards: lower it or add shards")
+
+    create = spec.storage.pvc.create if spec.storage is not None and spec.storage.pvc is not None else None
+    if (
+        create is not None
+        and create.access_modes
+        and "ReadWriteMany" not in create.access_modes
+        and training.resources.nodes > 1
+    ):
+        rules.fail("storage.pvc.create.accessModes", MULTI_NODE_RWO)
 
     if spec.student.lora is not None and training.strategy == "fsdp":
         rules.fail("student.lora", "LoRA with FSDP is not supported: use training.strategy ddp or drop lora")
