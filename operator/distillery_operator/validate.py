@@ -179,5 +179,6 @@ def summary(run: DistillationRun) -> str:
     gpus = res.nodes * res.gpus_per_node
     return (
         f"DistillationRun {run.metadata.name} is valid: teacher {teacher} -> student {spec.student.model}, "
-        f"{method}, {gpus} GPU{'s' if gpus != 1 else ''}, gate {spec.evaluation.min_quality_retention:.0%}"
+        f"{method}, {f'{gpus} GPU' + ('s' if gpus != 1 else '') if gpus else 'on the CPU'}, "
+        f"gate {spec.evaluation.min_quality_retention:.0%}"
     )
