@@ -6,6 +6,7 @@ an SFT step on the same model. Every case runs in its own process, so peak memor
     python bench/kd_loss_bench.py                 # loss cases at V = 32k and 128k, 1k-4k tokens, then steps
     python bench/kd_loss_bench.py --quick         # smaller, for a smoke run
     python bench/kd_loss_bench.py --json out.json
+    python bench/kd_loss_bench.py --device cuda --tokens 1024 4096 16384   # on a GPU
 
 Both losses get the same inputs: the student's final hidden states [N, H] and LM head [V, H] (trainable),
 the teacher's hidden states and head (dense) or its top-k logprobs (top-k), labels [N]; both return the loss
@@ -14,7 +15,8 @@ and the gradients of the hidden states and the head. The baseline builds full lo
 [N, 1, V] so its batchmean is a per-token mean and the math is the same as ours: the gradients must match.
 
 Peak memory: the process's resident high-water mark during the case minus its resident size before it
-(Linux: /proc/self/clear_refs resets the mark). A case whose estimated baseline memory would not fit in the
+(Linux: /proc/self/clear_refs resets the mark); with ``--device cuda``, the CUDA allocator's peak during the
+case minus what was allocated before it, and times are taken after ``torch.cuda.synchronize()``. A case whose estimated baseline memory would not fit in the
 memory available now is skipped and reported as such. This is a benchmark, not a test: it prints figures.
 """
 
@@ -70,18 +72,44 @@ def _release() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
+DEVICE = "cpu"  # set from --device in each process
+
+
+def sync() -> None:
+    if DEVICE != "cpu":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def reset_peak() -> int:
-    """Release freed memory, reset the resident high-water mark; returns the resident size now."""
+    """Release freed memory, reset the high-water mark; returns the memory in use now."""
     _release()
+    if DEVICE != "cpu":
+        import torch
+
+        sync()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        return int(torch.cuda.memory_allocated())
     Path("/proc/self/clear_refs").write_text("5")
     return _status("VmRSS")
 
 
 def peak_since(base: int) -> int:
+    if DEVICE != "cpu":
+        import torch
+
+        sync()
+        return int(torch.cuda.max_memory_allocated()) - base
     return _status("VmHWM") - base
 
 
 def available() -> int:
+    if DEVICE != "cpu":
+        import torch
+
+        return int(torch.cuda.mem_get_info()[0])
     for line in Path("/proc/meminfo").read_text().splitlines():
         if line.startswith("MemAvailable:"):
             return int(line.split()[1]) * 1024
@@ -100,6 +128,9 @@ def loss_inputs(vocab: int, tokens: int, hidden: int, top_k: int, seed: int = 0)
     th = torch.randn(tokens, hidden, generator=g) * 0.5
     tw = torch.randn(vocab, hidden, generator=g) * hidden**-0.5 * 2
     labels = torch.randint(0, vocab, (tokens,), generator=g)
+    if DEVICE != "cpu":
+        h, w = (t.detach().to(DEVICE).requires_grad_() for t in (h, w))
+        th, tw, labels = th.to(DEVICE), tw.to(DEVICE), labels.to(DEVICE)
     out: dict[str, Any] = {"h": h, "w": w, "th": th, "tw": tw, "labels": labels}
     if top_k:
         ids, lps = [], []
@@ -156,8 +187,10 @@ def run_loss_case(
     peak = peak_since(base)
     times = []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         once()
+        sync()
         times.append(time.perf_counter() - start)
     return {"peakMB": peak / 2**20, "seconds": min(times)}
 
@@ -236,6 +269,7 @@ def run_step_case(
                 tie_word_embeddings=True,
             )
         )
+    model.to(DEVICE)
     vocab = model.config.vocab_size
     teacher = None
     if case == "kd-online":
@@ -243,13 +277,13 @@ def run_step_case(
             AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
             if model_path
             else model
-        )
+        ).to(DEVICE)
     objective = Objective(model, DistillConfig(temperature=2.0, alpha=0.5, chunk_tokens=chunk))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g)
+    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(DEVICE)
     prompt = seq // 4  # the answer is the last three quarters of each row
-    select = torch.tensor([b * seq + t for b in range(batch) for t in range(prompt - 1, seq - 1)])
+    select = torch.tensor([b * seq + t for b in range(batch) for t in range(prompt - 1, seq - 1)]).to(DEVICE)
     labels = ids.reshape(-1)[select + 1]
     batch_ = Batch(
         input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=None, select=select, labels=labels
@@ -263,8 +297,8 @@ def run_step_case(
     topk = None
     if case == "kd-topk":
         topk = TopKTeacher(
-            torch.randint(0, vocab, (len(select), top_k), generator=g),
-            torch.log_softmax(torch.randn(len(select), top_k, generator=g) * 3, -1).half(),
+            torch.randint(0, vocab, (len(select), top_k), generator=g).to(DEVICE),
+            torch.log_softmax(torch.randn(len(select), top_k, generator=g) * 3, -1).half().to(DEVICE),
         )
 
     def once() -> None:
@@ -283,8 +317,10 @@ def run_step_case(
     base = reset_peak()
     times = []
     for _ in range(reps):
+        sync()
         start = time.perf_counter()
         once()
+        sync()
         times.append(time.perf_counter() - start)
     return {"peakMB": peak_since(base) / 2**20, "seconds": min(times)}
 
@@ -322,6 +358,9 @@ def main() -> int:
     parser.add_argument("--no-steps", action="store_true", help="skip the training-step comparison")
     parser.add_argument("--no-loss", action="store_true", help="skip the loss cases")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default) or cuda: where the tensors and models live"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument(
         "--cache",
@@ -331,6 +370,8 @@ def main() -> int:
     parser.add_argument("--model-path", default="", help=argparse.SUPPRESS)
     parser.add_argument("--size", type=int, nargs=2, help=argparse.SUPPRESS)
     a = parser.parse_args()
+    global DEVICE
+    DEVICE = a.device
 
     if a.case:  # one case, in this (child) process; prints one JSON line
         if a.case == "grads":
@@ -347,6 +388,8 @@ def main() -> int:
     if a.quick:
         a.vocab, a.tokens, a.hidden, a.reps, a.step_seq = [32000], [512, 1024], 256, 2, 128
     common = [
+        "--device",
+        a.device,
         "--hidden",
         str(a.hidden),
         "--top-k",
@@ -367,7 +410,7 @@ def main() -> int:
     if a.no_loss:
         a.vocab = []
     print(
-        f"KD loss, forward + backward, hidden {a.hidden}, T = {a.temperature}, chunk {a.chunk} tokens, top-k {a.top_k}"
+        f"KD loss on {a.device}, forward + backward, hidden {a.hidden}, T = {a.temperature}, chunk {a.chunk} tokens, top-k {a.top_k}"
     )
     print("baseline: the seed's distillation_loss on full logits; ours: chunked, fused with the LM head")
     grads = child(["--case", "grads", "--size", "32000", "512", *common]) if a.vocab else None
@@ -415,6 +458,8 @@ def main() -> int:
             f"\ntraining step (forward + backward + AdamW), {name}, batch {a.step_batch} x {a.step_seq} tokens"
         )
         step_args = [
+            "--device",
+            a.device,
             "--model-path",
             path,
             "--step-batch",

@@ -93,5 +93,7 @@ def init_distributed(timeout_s: float = 1800.0) -> DistEnv:
 
 
 def shutdown(env: DistEnv) -> None:
-    if env.distributed and dist.is_initialized():
+    """Leave the process group: ours, or the one TRL's DPO (accelerate) opened when torchrun started this
+    process alone (a world of one, where ours is not needed)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
