@@ -25,6 +25,8 @@ from aiohttp import web
 from distillery_trainer import __version__
 from distillery_trainer.api.status import STAGES
 
+from .planner import STATUS_FIELD  # where each stage keeps its status: status.collection for collect, ...
+
 logger = logging.getLogger("distillery.operator")
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -212,8 +214,6 @@ def render(metrics: Iterable[Metric]) -> str:
 STAGE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, 28800, 86400, 259200)
 # One reconcile: a read of the indices, the pure planner, a few API calls.
 RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-# Where each stage keeps its status (``status.collection`` for ``collect``, ...).
-STAGE_STATUS = {"collect": "collection", "train": "training", "serve": "serving", "evaluate": "evaluation"}
 ENDED = ("Succeeded", "Failed")
 
 
@@ -232,8 +232,8 @@ def finished_stages(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tupl
     change restarted ends again, and counts again."""
     out: list[tuple[str, str, float]] = []
     for stage in STAGES:
-        before = old.get(STAGE_STATUS[stage]) or {}
-        after = new.get(STAGE_STATUS[stage]) or {}
+        before = old.get(STATUS_FIELD[stage]) or {}
+        after = new.get(STATUS_FIELD[stage]) or {}
         state = after.get("state")
         if state not in ENDED:
             continue
