@@ -51,9 +51,12 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     import kopf
 
     from . import handlers  # noqa: F401  (registers the handlers)
+    from .metrics import parse_url
     from .settings import Settings, parse_node_selector
 
     try:
+        if args.metrics:
+            parse_url(args.metrics)
         config = Settings.from_env().with_overrides(
             trainer_image=args.trainer_image,
             vllm_image=args.vllm_image,
@@ -77,7 +80,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
         standalone=args.peering is None,
         peering_name=args.peering,
         liveness_endpoint=args.liveness,
-        memo=kopf.Memo(config=config),
+        memo=kopf.Memo(config=config, metrics_url=args.metrics),
     )
     return 0
 
@@ -180,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--liveness", metavar="URL", help="serve a liveness probe, e.g. http://0.0.0.0:8080/healthz"
+    )
+    p.add_argument(
+        "--metrics",
+        metavar="URL",
+        help="serve Prometheus metrics (runs by phase, stage durations, reconcile errors), "
+        "e.g. http://0.0.0.0:8081/metrics; off when not given",
     )
     p.add_argument("--trainer-image", help="image of the stage pods (env DISTILLERY_TRAINER_IMAGE)")
     p.add_argument("--vllm-image", help="vLLM OpenAI-server image (env DISTILLERY_VLLM_IMAGE)")

@@ -1,5 +1,6 @@
 """The one place where API failures become intent: retry later (``kopf.TemporaryError``) or give up
-(``kopf.PermanentError``). Everything that talks to the API server goes through :func:`translate`."""
+(``kopf.PermanentError``). Everything that talks to the API server goes through :func:`translate`;
+:func:`reason` names what went wrong for the operator's error metric."""
 
 from __future__ import annotations
 
@@ -16,6 +17,26 @@ DEFAULT_DELAY = 0.5
 CONFLICT_DELAY = 0.2
 NOT_FOUND_DELAY = 2.0
 FORBIDDEN_DELAY = 30.0
+# The API server's own words for these statuses (Kubernetes' metav1.StatusReason where it has one).
+STATUS_REASONS = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    408: "RequestTimeout",
+    409: "Conflict",
+    410: "Expired",
+    413: "RequestEntityTooLarge",
+    415: "UnsupportedMediaType",
+    422: "Invalid",
+    425: "TooEarly",
+    429: "TooManyRequests",
+    500: "InternalError",
+    502: "BadGateway",
+    503: "ServiceUnavailable",
+    504: "Timeout",
+}
 
 
 def _message(exc: ApiException) -> str:
@@ -36,9 +57,16 @@ def _retry_after(exc: ApiException) -> float | None:
 
 
 def translate(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.PermanentError:
-    """``what`` names the request ("create Job team-a/x-collect"); the result says what to do."""
+    """``what`` names the request ("create Job team-a/x-collect"); the result says what to do, and keeps
+    ``exc`` as its cause (what :func:`reason` reads)."""
     if isinstance(exc, (kopf.TemporaryError, kopf.PermanentError)):
         return exc
+    out = _intent(exc, what)
+    out.__cause__ = exc
+    return out
+
+
+def _intent(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.PermanentError:
     if isinstance(exc, ApiException):
         status = int(exc.status or 0)
         detail = f"{what}: {status} {_message(exc)}".rstrip()
@@ -61,3 +89,20 @@ def translate(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.Perma
             f"{what}: API server unreachable ({type(exc).__name__}: {exc})", delay=DEFAULT_DELAY
         )
     return kopf.PermanentError(f"{what}: {type(exc).__name__}: {exc}")
+
+
+def reason(exc: BaseException) -> str:
+    """What a failed reconcile ran into, in few words (a metric label: a small, fixed vocabulary): the API
+    server's status reason, ``Unreachable``, ``Other`` for the operator's own kopf errors (a child
+    someone else owns, no credentials), or the exception's type for a bug."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ApiException):
+            status = int(seen.status or 0)
+            return STATUS_REASONS.get(status, f"HTTP{status}")
+        if isinstance(seen, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
+            return "Unreachable"
+        seen = seen.__cause__
+    if isinstance(exc, (kopf.TemporaryError, kopf.PermanentError)):
+        return "Other"
+    return type(exc).__name__

@@ -8,7 +8,8 @@
 - ``@kopf.on.event`` on runs and on children (matched by the ``app.kubernetes.io/managed-by`` and
   ``distillery.dev/run`` labels: a label selector on the watch, and the same filter again here for API
   servers that ignore selectors) requests a reconcile of the run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
-- One ``@kopf.on.startup`` holds every setting.
+- One ``@kopf.on.startup`` holds every setting, and starts the metrics endpoint when ``--metrics`` asked
+  for one (:mod:`.metrics`; the memo's ``metrics_url``).
 
 Every handler is ``async``: kopf runs synchronous ones in a thread pool, a thread hop per watch event.
 
@@ -26,6 +27,7 @@ import kopf
 from .builders.common import MANAGED_LABEL, RUN_LABEL
 from .builders.storage import claim_to_create
 from .kube import Api
+from .metrics import MetricsServer, OperatorMetrics
 from .observe import Child, Key, Pod, RunView, child_view, pod_view, run_view
 from .reconciler import CLAIM_INDEX, POD_INDEX, RUN_INDEX, Reconciler
 from .settings import MANAGED_BY, Settings
@@ -75,11 +77,25 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
     for resource in (*CHILD_RESOURCES.values(), POD_RESOURCE):
         settings.watching.label_selectors[resource] = CHILD_SELECTOR
     memo["config"] = config
-    memo["reconciler"] = Reconciler(Api(functools.partial(login, settings)), config)
+    metrics = OperatorMetrics()
+    reconciler = memo["reconciler"] = Reconciler(
+        Api(functools.partial(login, settings)), config, metrics=metrics
+    )
+    url: str | None = memo.get("metrics_url")
+    if url:
+        server = MetricsServer(url, lambda: metrics.render(runs=reconciler.run_phases()))
+        try:
+            await server.start()
+        except OSError as exc:
+            raise kopf.PermanentError(f"cannot serve metrics on {url}: {exc}") from exc
+        memo["metrics_server"] = server
 
 
 @kopf.on.cleanup()
 async def shutdown(memo: kopf.Memo, **_: Any) -> None:
+    server: MetricsServer | None = memo.get("metrics_server")
+    if server is not None:
+        await server.stop()
     reconciler: Reconciler | None = memo.get("reconciler")
     if reconciler is not None:
         await reconciler.close()

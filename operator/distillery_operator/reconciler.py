@@ -6,6 +6,9 @@ many events arrived. A failed attempt is retried after the delay :mod:`.errors` 
 backing off to a minute; a bug backs off to five). There is no thread or long-lived task per run: a
 reconcile is a short task that reads kopf's indices, calls the pure planner and applies its result
 through the one writer.
+
+It also feeds the operator's metrics (:mod:`.metrics`): every attempt's result, duration and error, each
+stage's duration when a status write ends it, and the runs by phase when scraped.
 """
 
 from __future__ import annotations
@@ -15,17 +18,19 @@ import dataclasses
 import json
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import kopf
-from distillery_trainer.api.status import REASON_RETRYING
+from distillery_trainer.api.status import PHASE_PENDING, REASON_RETRYING
 
-from . import apply
+from . import apply, errors
 from .builders.storage import claim_to_create
 from .kube import Api
+from .metrics import OperatorMetrics
 from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
 from .settings import Settings
@@ -98,8 +103,10 @@ class Reconciler:
         *,
         clock: Callable[[], datetime] = utcnow,
         post_event: Callable[..., None] | None = None,
+        metrics: OperatorMetrics | None = None,
     ) -> None:
         self.api = api
+        self.metrics = metrics or OperatorMetrics()
         self.settings = settings
         self.clock = clock
         self.post_event = post_event or kopf.event
@@ -110,6 +117,7 @@ class Reconciler:
         self._failures: dict[Key, int] = {}
         self._warned: dict[Key, str] = {}
         self._written: dict[str, str] = {}  # run uid -> the status last written (JSON)
+        self._phases: dict[str, str] = {}  # run uid -> the phase last written
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected: dict[Key, dict[tuple[str, str], Expectation]] = {}
 
@@ -161,6 +169,7 @@ class Reconciler:
         self._expected.pop(key, None)
         if uid:
             self._written.pop(uid, None)
+            self._phases.pop(uid, None)
 
     async def close(self) -> None:
         for timer in self._timers.values():
@@ -191,20 +200,28 @@ class Reconciler:
 
     async def _attempt(self, key: Key) -> tuple[bool, float | None]:
         """(succeeded, when to run again)."""
+        started = time.monotonic()
+
+        def failed(kind: str, exc: BaseException) -> None:
+            self.metrics.reconciled(time.monotonic() - started, (kind, errors.reason(exc)))
+
         try:
             requeue = await self.reconcile(key)
         except kopf.TemporaryError as exc:
+            failed("temporary", exc)
             n = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(MAX_DELAY, (exc.delay or 1.0) * 2 ** (n - 1))
             self._warn(key, f"{exc} (attempt {n}, retrying in {delay:.0f}s)", str(exc))
             return False, delay
         except kopf.PermanentError as exc:
+            failed("permanent", exc)
             self._failures.pop(key, None)
             self._warn(key, f"{exc} (not retried until the run or a child changes)", str(exc))
             return False, None
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: log it, back off, never crash-loop
+            failed("internal", exc)
             n = self._failures[key] = self._failures.get(key, 0) + 1
             delay = min(MAX_BUG_DELAY, 2.0**n)
             logger.exception("reconcile %s/%s failed", *key)
@@ -212,6 +229,7 @@ class Reconciler:
                 key, f"internal error: {type(exc).__name__}: {exc} (retrying in {delay:.0f}s)", repr(exc)
             )
             return False, delay
+        self.metrics.reconciled(time.monotonic() - started)
         self._failures.pop(key, None)
         self._warned.pop(key, None)
         return True, requeue
@@ -351,3 +369,22 @@ class Reconciler:
         ) != new.get("phase"):
             logger.info("%s/%s: %s -> %s", view.namespace, view.name, old.get("phase", "-"), new.get("phase"))
         self._written[view.uid] = json.dumps(new, separators=(",", ":"))
+        self._phases[view.uid] = str(new.get("phase") or PHASE_PENDING)
+        self.metrics.status_written(old, new)
+
+    # ------------------------------------------------------------------------------------------ metrics
+
+    def run_phases(self) -> Counter[tuple[str, str]]:
+        """(namespace, phase) -> runs, over the runs in the index (a deleted run is gone from it): the phase
+        this process last wrote, else the one the run's status shows."""
+        out: Counter[tuple[str, str]] = Counter()
+        for store in self.indices.get(RUN_INDEX, {}).values():
+            for view in store:
+                phase = self._phases.get(view.uid)
+                if phase is None:
+                    try:
+                        phase = str(json.loads(view.status_json).get("phase") or PHASE_PENDING)
+                    except (ValueError, AttributeError):
+                        phase = PHASE_PENDING
+                out[(view.namespace, phase)] += 1
+        return out

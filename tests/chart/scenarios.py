@@ -1,4 +1,5 @@
-"""Values the chart is rendered with in the tests: defaults, namespaced, GPU placement with Kueue, all."""
+"""Values the chart is rendered with in the tests: defaults, namespaced, GPU placement with Kueue, all
+(metrics and the ServiceMonitor included)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,15 @@ EVERYTHING: dict[str, Any] = {
         "podAnnotations": {"prometheus.io/scrape": "false"},
         "podLabels": {"team": "platform"},
         "extraEnv": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}],
+    },
+    "metrics": {
+        "enabled": True,
+        "port": 9001,
+        "serviceMonitor": {
+            "enabled": True,
+            "interval": "15s",
+            "labels": {"release": "kube-prometheus-stack"},
+        },
     },
 }
 SCENARIOS: dict[str, dict[str, Any]] = {

@@ -1,5 +1,6 @@
 """The Helm chart, rendered by the real ``helm``: lint, schema, every object valid for Kubernetes 1.30+,
-the operator's pod locked down, RBAC that never touches Secrets, and the values reaching the operator."""
+the operator's pod locked down, RBAC that never touches Secrets, the values reaching the operator, and
+the optional metrics Service and ServiceMonitor."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
 # The Kubernetes versions every rendered object must be valid for: the oldest the chart supports
 # (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# Custom resources of other projects the chart may render: kubernetes-validate has no schema for them.
+FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
@@ -50,6 +53,11 @@ def test_every_rendered_object_is_valid_kubernetes_strictly(scenario: Rendered) 
     kinds = {o["kind"] for o in scenario.objects}
     assert {"CustomResourceDefinition", "ServiceAccount", "Deployment", "ClusterRole"} <= kinds
     for obj in scenario.objects:
+        if (obj["apiVersion"], obj["kind"]) in FOREIGN_KINDS:
+            # Skipped, explicitly: no schema to check it against (its test below checks its fields).
+            with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+                kubernetes_validate.validate(obj, K8S_VERSIONS[0], strict=True)
+            continue
         for version in K8S_VERSIONS:
             try:
                 kubernetes_validate.validate(obj, version, strict=True)
@@ -81,6 +89,9 @@ def test_values_schema_rejects_unknown_keys_and_bad_values(k8s_tools: Tools, tmp
         ({"operator": {"logLevel": "loud"}}, "logLevel"),
         ({"rbac": {"watchNamespaces": ["Not_A_Namespace"]}}, "watchNamespaces"),
         ({"workloads": {"storageClassName": "Fast_SSD"}}, "storageClassName"),
+        ({"metrics": {"enable": True}}, "enable"),
+        ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
+        ({"metrics": {"port": 80}}, "port"),
     ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(values), encoding="utf-8")
@@ -176,6 +187,7 @@ def test_scope_and_log_level_become_the_operator_flags(k8s_tools: Tools, tmp_pat
         "--namespace=team-a",
         "--namespace=team-b",
         "--liveness=http://0.0.0.0:9000/healthz",
+        "--metrics=http://0.0.0.0:9001/metrics",
         "--debug",
     ]
     quiet = {"rbac": {"scope": "namespaced"}, "operator": {"logLevel": "warning"}}
@@ -318,3 +330,85 @@ def test_notes_give_the_next_steps_for_the_mode(k8s_tools: Tools, tmp_path: Path
     assert "kubectl -n team-a create secret generic openai" in notes
     assert 'LocalQueue "team-a-gpus"' in notes
     assert "# fast-rwx: docs/storage.md" in notes  # the StorageClass of the claims the operator creates
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+METRICS_ON: dict[str, Any] = {"metrics": {"enabled": True}}
+MONITORED: dict[str, Any] = {
+    "metrics": {
+        "enabled": True,
+        "serviceMonitor": {
+            "enabled": True,
+            "interval": "15s",
+            "labels": {"release": "kube-prometheus-stack"},
+        },
+    }
+}
+
+
+def test_metrics_are_off_by_default(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path)
+    assert not out.of_kind("Service") and not out.of_kind("ServiceMonitor")
+    container = out.operator_container()
+    assert not [a for a in container["args"] if a.startswith("--metrics")]
+    assert [p["name"] for p in container["ports"]] == ["probes"]
+    assert "Prometheus" not in out.notes
+
+
+def test_metrics_enabled_serves_a_port_behind_a_cluster_ip_service(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path, METRICS_ON)
+    assert not out.of_kind("ServiceMonitor")
+    container = out.operator_container()
+    assert "--metrics=http://0.0.0.0:8081/metrics" in container["args"]
+    ports = {p["name"]: p for p in container["ports"]}
+    assert ports["metrics"] == {"name": "metrics", "containerPort": 8081, "protocol": "TCP"}
+    assert ports["probes"]["containerPort"] == 8080
+    svc = out.one("Service")
+    assert svc["metadata"]["name"] == "distillery-metrics" and svc["metadata"]["namespace"] == NAMESPACE
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["ports"] == [
+        {"name": "metrics", "port": 8081, "targetPort": "metrics", "protocol": "TCP"}
+    ]
+    # The Service selects the operator's pod, and only by labels the pod carries.
+    pod_labels = out.one("Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert svc["spec"]["selector"] == out.one("Deployment")["spec"]["selector"]["matchLabels"]
+    assert "service/distillery-metrics" in out.notes and "ServiceMonitor" not in out.notes
+
+
+def test_the_service_monitor_scrapes_the_metrics_service(k8s_tools: Tools, tmp_path: Path) -> None:
+    out = rendered(k8s_tools, tmp_path, MONITORED)
+    svc, monitor = out.one("Service"), out.one("ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["namespace"] == NAMESPACE
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["metadata"]["labels"]["app.kubernetes.io/part-of"] == "distillery"
+    spec = monitor["spec"]
+    assert set(spec) == {"selector", "namespaceSelector", "endpoints"}
+    # It selects the metrics Service (its labels) in the release namespace, and only that Service.
+    assert set(spec["selector"]) == {"matchLabels"}
+    assert spec["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert spec["selector"]["matchLabels"]["distillery.dev/metrics"] == "true"
+    assert spec["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    (endpoint,) = spec["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "scheme": "http", "interval": "15s"}
+    assert endpoint["port"] in {p["name"] for p in svc["spec"]["ports"]}
+    # The path it scrapes is the one the operator serves (the --metrics URL's).
+    (flag,) = [a for a in out.operator_container()["args"] if a.startswith("--metrics=")]
+    assert flag.endswith(":8081" + endpoint["path"])
+    assert "the ServiceMonitor distillery has Prometheus scrape them every 15s" in out.notes
+
+
+def test_metrics_values_that_cannot_work_are_refused(k8s_tools: Tools, tmp_path: Path) -> None:
+    for values, expected in (
+        (
+            {"metrics": {"serviceMonitor": {"enabled": True}}},
+            "metrics.serviceMonitor.enabled needs metrics.enabled",
+        ),
+        ({"metrics": {"enabled": True, "port": 8080}}, "metrics.port must differ from operator.probePort"),
+    ):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump(values), encoding="utf-8")
+        out = k8s_tools.run(k8s_tools.helm, "template", "x", CHART, "-f", path, check=False)
+        assert out.returncode != 0 and expected in out.stderr, (values, out.stderr)

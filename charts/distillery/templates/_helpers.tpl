@@ -45,6 +45,12 @@ app.kubernetes.io/part-of: distillery
 {{- end }}
 {{- end }}
 
+{{/* The labels of the operator's metrics Service: what the ServiceMonitor selects. */}}
+{{- define "distillery.metricsLabels" -}}
+{{ include "distillery.selectorLabels" . }}
+distillery.dev/metrics: "true"
+{{- end }}
+
 {{- define "distillery.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
@@ -67,7 +73,8 @@ Rendered as a JSON list (include returns a string); fromJsonArray turns it back.
 
 {{/*
 The operator's command line after the image's entrypoint (`distillery operator`): scope, kopf's health
-endpoint, log level. Every workload default travels as an environment variable instead (below).
+endpoint, the metrics endpoint, log level. Every workload default travels as an environment variable
+instead (below).
 */}}
 {{- define "distillery.operatorArgs" -}}
 {{- if include "distillery.namespaced" . }}
@@ -78,6 +85,9 @@ endpoint, log level. Every workload default travels as an environment variable i
 - --all-namespaces
 {{- end }}
 - --liveness=http://0.0.0.0:{{ .Values.operator.probePort }}/healthz
+{{- if .Values.metrics.enabled }}
+- --metrics=http://0.0.0.0:{{ .Values.metrics.port }}/metrics
+{{- end }}
 {{- if eq .Values.operator.logLevel "info" }}
 - --verbose
 {{- else if eq .Values.operator.logLevel "debug" }}
