@@ -6,6 +6,7 @@ Heavy imports stay inside the command that needs them, so ``distillery --help`` 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -85,6 +86,10 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def _execute(spec_file: Path, workdir: Path, keep_serving: bool) -> int:
     from distillery_trainer.api import SpecError
 
@@ -93,6 +98,7 @@ def _execute(spec_file: Path, workdir: Path, keep_serving: bool) -> int:
     from .local.ui import Ui
 
     ui = Ui()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops as cleanly as Ctrl-C does
     try:
         lr = execute(spec_file, workdir, ui, keep_serving=keep_serving)
     except SpecError as err:
@@ -108,6 +114,8 @@ def _execute(spec_file: Path, workdir: Path, keep_serving: bool) -> int:
     except KeyboardInterrupt:
         ui.failed("interrupted; every stage process was stopped. Run the same command again to resume.")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     ui.summary(lr.name, lr.status, lr.layout.status_file)
     return 0 if lr.status.phase == "Succeeded" else 1
 

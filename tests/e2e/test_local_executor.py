@@ -36,6 +36,12 @@ def reduced_demo(workdir: Path) -> Path:
     return path
 
 
+def _as_at_a_terminal() -> None:
+    # A shell's background job (`.ci/run &`, nohup) ignores SIGINT, and children inherit that: give
+    # `distillery run` the Ctrl-C a person at a terminal has.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _distillery(*args: str, **kw: Any) -> subprocess.Popen[str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
@@ -44,6 +50,7 @@ def _distillery(*args: str, **kw: Any) -> subprocess.Popen[str]:
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
+        preexec_fn=_as_at_a_terminal,
         **kw,
     )
 
@@ -141,3 +148,42 @@ def test_broken_teacher_url_fails_naming_the_stage(tmp_path: Path) -> None:
     assert status["phase"] == "Failed"
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "CollectionFailed"
+
+
+def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
+    """`kill PID` (a supervisor, a closed session) stops as Ctrl-C does: the stage processes (in their own
+    process groups) are stopped, the status says interrupted, and nothing is left running."""
+    from tests.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q {i}"}) + "\n" for i in range(200)))
+    with FakeOpenAI(FakeOpenAIConfig(latency=lambda rng: 0.5)) as teacher:
+        doc = (
+            make_run("slow")
+            .spec(
+                {
+                    "teacher": {"endpoint": {"baseURL": teacher.base_url, "apiKeySecretRef": None}},
+                    "data": {"prompts": {"pvcPath": str(prompts)}},
+                    "collection": {"concurrency": 1},
+                }
+            )
+            .obj()
+        )
+        del doc["spec"]["teacher"]["endpoint"]["apiKeySecretRef"]
+        spec = tmp_path / "slow.yaml"
+        spec.write_text(yaml.safe_dump(doc))
+        root = tmp_path / "runs" / "slow"
+        proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
+        try:
+            _wait_for(lambda: teacher.stats["ok"] >= 3, 120, proc)
+            proc.terminate()
+            out, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 130, out
+    assert "resume" in out
+    status = _status(root)
+    assert "interrupted" in status["message"]
+    leftovers = subprocess.run(["pgrep", "-f", f"--config {root}/stage.yaml"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
