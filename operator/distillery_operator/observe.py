@@ -18,10 +18,12 @@ from typing import Any
 from distillery_trainer.api.base import ApiModel
 
 from .builders.common import COMPONENT_LABEL, HASH_ANNOTATION, INPUTS_ANNOTATION, RUN_LABEL
-from .builders.train import COMPLETION_INDEX_ANNOTATION
+from .builders.train import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER
 
 PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch-replica-type")
 COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
+# The stage containers' names (the builders'): the one whose log to read when a webhook added others.
+STAGE_CONTAINERS = (PYTORCHJOB_CONTAINER, "train", "collect", "evaluate")
 
 Key = tuple[str, str]  # (namespace, run name)
 
@@ -298,5 +300,10 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
         owners=tuple(
             ref.get("uid", "") for ref in meta.get("ownerReferences") or () if isinstance(ref, Mapping)
         ),
-        container=str(containers[0].get("name") or "") if containers else "",
+        container=_stage_container(containers),
     )
+
+
+def _stage_container(containers: Any) -> str:
+    names = [str(c.get("name") or "") for c in containers if isinstance(c, Mapping)]
+    return next((n for n in names if n in STAGE_CONTAINERS), names[0] if names else "")

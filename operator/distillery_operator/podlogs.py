@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -109,12 +109,16 @@ class LiveProgress:
         """Pod name -> its latest progress line, for the run's observation (a copy: the planner's)."""
         return dict(self._seen.get(key) or {})
 
-    def poll(self, key: Key, namespace: str, follow: Sequence[Target]) -> float | None:
+    def poll(
+        self, key: Key, namespace: str, follow: Sequence[Target], present: Collection[str] = ()
+    ) -> float | None:
         """Start a round of reads of ``follow`` when one is due; returns in how many seconds the run should
-        be reconciled again to follow its progress (None: nothing to follow)."""
+        be reconciled again to follow its progress (None: nothing to follow). The lines of pods no longer
+        ``present`` are dropped; an ended pod's last line stays while the pod does (a failed shard's
+        answers are on disk: its count holds until its retry prints a newer one)."""
         seen = self._seen.get(key)
-        if seen is not None:  # forget the pods that are no longer followed (ended, deleted, replaced)
-            keep = {t.pod for t in follow}
+        if seen is not None:
+            keep = set(present) | {t.pod for t in follow}
             for pod in [p for p in seen if p not in keep]:
                 del seen[pod]
         if self.interval <= 0 or not follow:

@@ -299,7 +299,9 @@ class Reconciler:
         if written is not None:
             view = dataclasses.replace(view, status_json=written)
         observed = self.observe(key)
-        follow = self.live.poll(key, view.namespace, targets(view.name, observed))
+        follow = self.live.poll(
+            key, view.namespace, targets(view.name, observed), {p.name for p in observed.pods}
+        )
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
             binding_modes=await self._binding_modes(view, observed),

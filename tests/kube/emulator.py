@@ -260,7 +260,7 @@ class ApiServer(kmock.KubernetesEmulator):
         key = (request.namespace or "", request.name or "", container)
         statuses = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or ()}
         state = (statuses.get(container) or {}).get("state") or {}
-        if key not in self.logs and not (state.get("running") or state.get("terminated")):
+        if key not in self.logs and not ("running" in state or "terminated" in state):
             raise kmock.KubernetesError(
                 status=400,
                 reason="BadRequest",

@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
+import kmock
 import pytest
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.progress_line import format_line
 
 from tests.builders import make_run
-from tests.kube.cluster import Cluster
-from tests.kube.emulator import rbac_rules
+from tests.kube.cluster import Cluster, path
+from tests.kube.emulator import ApiServer, declare_resources, rbac_rules
 from tests.kube.fixtures import StartOperator
 from tests.kube.rbac import beyond_rbac
 
@@ -181,3 +183,35 @@ async def test_collection_sums_answers_over_finished_and_running_shards(
     status = await cluster.wait_phase(NS, "shards", "Training")
     assert status["collection"]["done"] == 3 * 1498 and status["collection"]["total"] == 4500
     assert beyond_rbac(cluster.api.audit) == {}
+
+
+async def test_the_emulator_serves_a_containers_log_as_the_api_server_does(tmp_path: Path) -> None:
+    async with ApiServer() as api, kmock.Server(api) as server:
+        declare_resources(api)
+        cluster = Cluster(api, server, tmp_path)
+        url = cluster.url + path("Pod", NS, "p", "log")
+
+        async def get(**params: str) -> tuple[int, str]:
+            async with cluster.http.get(url, params=params) as resp:
+                return resp.status, await resp.text()
+
+        assert (await get())[0] == 404
+        await cluster.request(
+            "POST", path("Pod", NS), {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}}
+        )
+        status, text = await get()
+        assert status == 400 and "waiting to start" in text
+        await cluster.patch_status(
+            "Pod",
+            NS,
+            "p",
+            {"phase": "Running", "containerStatuses": [{"name": "c", "state": {"running": {}}}]},
+        )
+        assert await get() == (200, "")
+        cluster.write_log(NS, "p", "c", "one", "two", "three")
+        assert await get(container="c") == (200, "one\ntwo\nthree\n")
+        assert await get(tailLines="2") == (200, "two\nthree\n")
+        assert await get(tailLines="2", limitBytes="5") == (200, "two\nt")
+        status, text = await get(container="other")
+        assert status == 400 and "other" in text and "is not valid for pod p" in text
+        assert api.count("get", "pods/log") == 7

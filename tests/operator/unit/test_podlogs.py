@@ -121,8 +121,9 @@ async def test_reads_at_most_once_per_interval_and_asks_for_a_reconcile_only_on_
     await settle(lp)
     assert len(api.calls) == 3 and changes == [KEY, KEY]
 
-    # The stage ended (nothing to follow): the pod's line is dropped, no timer asked for.
-    assert lp.poll(KEY, "ns", []) is None and lp.seen(KEY) == {}
+    # The pod ended (nothing to follow, no timer asked for): its line stays while the pod does.
+    assert lp.poll(KEY, "ns", [], {"m"}) is None and lp.seen(KEY)["m"].report == progress(4)
+    assert lp.poll(KEY, "ns", [], {"another"}) is None and lp.seen(KEY) == {}
 
 
 @pytest.mark.parametrize(

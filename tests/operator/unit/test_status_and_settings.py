@@ -88,7 +88,7 @@ def test_a_pod_is_observed_from_its_status() -> None:
     seen = pod_view(body)
     assert (seen.index, seen.component, seen.owners, seen.failed.exit_code) == (3, "collect", ("job-uid",), 2)  # type: ignore[union-attr]
     assert seen.container == "" and not seen.running and not seen.master  # index 3 is not rank 0
-    body["spec"] = {"containers": [{"name": "pytorch", "image": "trainer"}]}
+    body["spec"] = {"containers": [{"name": "istio-proxy"}, {"name": "pytorch", "image": "trainer"}]}
     body["metadata"]["labels"]["training.kubeflow.org/replica-type"] = "Master"
     body["status"] = {"phase": "Running"}
     seen = pod_view(body)
