@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from distillery_trainer import progress_line
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
@@ -118,3 +119,14 @@ def test_importing_it_imports_no_torch() -> None:
     code = "import sys, distillery_trainer.progress_line; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False", progress_line.__file__
+
+
+def test_a_failed_stages_telling_line_is_never_a_progress_line(tmp_path: Path) -> None:
+    from distillery_operator.local.process import last_error_line
+
+    log = tmp_path / "collect.log"
+    last = format_line("collect", shard())  # its JSON has a "failed" key: no error for all that
+    log.write_text(f"INFO started\nERROR teacher unreachable: ConnectError\n{last}\n", encoding="utf-8")
+    assert last_error_line(log) == "ERROR teacher unreachable: ConnectError"
+    log.write_text(f"INFO started\n{last}\n", encoding="utf-8")
+    assert last_error_line(log) == "INFO started"
