@@ -96,15 +96,32 @@ class Api:
         params: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
+        text = await self.request_text(method, path, body=body, params=params, content_type=content_type)
+        return json.loads(text) if text else {}
+
+    async def request_text(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        params: Mapping[str, str] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> str:
+        """The response body as text (JSON for objects; plain text for a pod's log)."""
         for attempt in (1, 2):
             if self._session is None:
                 self._session = self._connect()
             data = None if body is None else json.dumps(body)
             headers = {"Content-Type": content_type} if body is not None else {}
+            extra: dict[str, Any] = {}
+            if timeout is not None:  # else the session's (passing None would mean no limit at all)
+                extra["timeout"] = aiohttp.ClientTimeout(total=timeout)
             async with self._session.request(
-                method, self._server + path, data=data, params=params, headers=headers
+                method, self._server + path, data=data, params=params, headers=headers, **extra
             ) as resp:
-                text = await resp.text()
+                text = await resp.text(errors="replace")
                 if resp.status == 401 and attempt == 1:
                     await self.close()
                     continue
@@ -113,8 +130,19 @@ class Api:
                     exc.body = text
                     exc.headers = dict(resp.headers)
                     raise exc
-                return json.loads(text) if text else {}
+                return text
         raise AssertionError("unreachable")
+
+    async def pod_log(
+        self, namespace: str, name: str, container: str, *, tail_lines: int, timeout: float
+    ) -> str:
+        """The last ``tail_lines`` lines of a running container's log (``get`` on ``pods/log``)."""
+        params = {"tailLines": str(tail_lines)}
+        if container:
+            params["container"] = container
+        return await self.request_text(
+            "GET", KINDS["Pod"].path(namespace, name, "log"), params=params, timeout=timeout
+        )
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         return await self.request("GET", KINDS[kind].path(namespace, name))

@@ -3,7 +3,8 @@
 kopf's indices (see :mod:`.handlers`) hold one observation per run and per child, keyed by
 ``(namespace, run name)``, and one per PersistentVolumeClaim, keyed by ``(namespace, claim name)`` (a run
 may use a claim someone else made), so a reconcile reads what exists from memory instead of listing the
-API. The planner reads only these types, which keeps it pure and the operator's memory flat.
+API. The latest progress line read from a running pod's log (:mod:`.podlogs`) is one more observation,
+:class:`Live`. The planner reads only these types, which keeps it pure and the operator's memory flat.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from distillery_trainer.api.base import ApiModel
+
 from .builders.common import COMPONENT_LABEL, HASH_ANNOTATION, INPUTS_ANNOTATION, RUN_LABEL
-from .builders.train import COMPLETION_INDEX_ANNOTATION
+from .builders.train import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER
 
 PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch-replica-type")
 COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
+# The stage containers' names (the builders'): the one whose log to read when a webhook added others.
+STAGE_CONTAINERS = (PYTORCHJOB_CONTAINER, "train", "collect", "evaluate")
 
 Key = tuple[str, str]  # (namespace, run name)
 
@@ -110,6 +115,16 @@ class Pod:
     phase: str | None = None
     terminated: tuple[Terminated, ...] = ()
     owners: tuple[str, ...] = ()
+    container: str = ""  # the (first) container's name: whose log holds the stage's output
+
+    @property
+    def master(self) -> bool:
+        """Whether the pod runs rank 0: the PyTorchJob's Master, or the Indexed Job's pod 0."""
+        return self.replica_type == "master" if self.replica_type else self.index in (None, 0)
+
+    @property
+    def running(self) -> bool:
+        return self.phase == "Running"
 
     @property
     def succeeded(self) -> Terminated | None:
@@ -121,11 +136,21 @@ class Pod:
 
 
 @dataclass(frozen=True)
+class Live:
+    """The latest progress line read from a running pod's log: a ``TrainingProgress`` (rank 0) or a
+    ``CollectionSummary`` (a shard), and when the operator first saw it."""
+
+    report: ApiModel
+    seen_at: datetime
+
+
+@dataclass(frozen=True)
 class Observed:
     """Everything a reconcile knows about one run's children."""
 
     children: Mapping[tuple[str, str], Child] = field(default_factory=dict)
     pods: Sequence[Pod] = ()
+    live: Mapping[str, Live] = field(default_factory=dict)  # pod name -> its latest progress line
 
     def child(self, kind: str, name: str) -> Child | None:
         return self.children.get((kind, name))
@@ -138,8 +163,10 @@ class Observed:
         )
 
     @classmethod
-    def of(cls, children: Iterable[Child], pods: Iterable[Pod]) -> Observed:
-        return cls({(c.kind, c.name): c for c in children}, tuple(pods))
+    def of(
+        cls, children: Iterable[Child], pods: Iterable[Pod], live: Mapping[str, Live] | None = None
+    ) -> Observed:
+        return cls({(c.kind, c.name): c for c in children}, tuple(pods), dict(live or {}))
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -249,6 +276,7 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
     except ValueError:
         index = None
     replica_type = next((labels[k] for k in PYTORCHJOB_REPLICA_TYPE_LABELS if k in labels), None)
+    containers = (body.get("spec") or {}).get("containers") or ()
     terminated: list[Terminated] = []
     for cs in status.get("containerStatuses") or ():
         state = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
@@ -272,4 +300,10 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
         owners=tuple(
             ref.get("uid", "") for ref in meta.get("ownerReferences") or () if isinstance(ref, Mapping)
         ),
+        container=_stage_container(containers),
     )
+
+
+def _stage_container(containers: Any) -> str:
+    names = [str(c.get("name") or "") for c in containers if isinstance(c, Mapping)]
+    return next((n for n in names if n in STAGE_CONTAINERS), names[0] if names else "")

@@ -389,7 +389,8 @@ class _Walk:
             st.message = f"{st.done} answers from {shards} shards, {st.failed} prompts failed, {st.cached} cached{missing}"
             self._teardown_teacher()
             return Outcome.DONE
-        derive.apply_collection(st, found, shards)
+        live = derive.live_summaries(pods, self.observed.live)
+        derive.apply_collection(st, found, shards, live)
         if job.is_true("Failed"):
             cond = job.condition("Failed") or {}
             detail = f"Job {name} failed ({cond.get('reason') or 'Failed'})"
@@ -402,12 +403,16 @@ class _Walk:
                 detail += f"; {pod_detail}"
             self._teardown_teacher()
             return self.fail("collect", detail, parse_time(cond.get("lastTransitionTime")))
-        self.start("collect", f"{len(found)}/{shards} shards done")
+        answered = f"; {st.done}/{st.total if st.total is not None else '?'} answered" if live else ""
+        self.start("collect", f"{len(found)}/{shards} shards done{answered}")
         if self_hosted:
             self.want(teacher_deployment(self.run, self.settings), mutable=True)
             self.want(teacher_service(self.run, self.settings), mutable=True)
+        eta = derive.collection_eta(found, live, shards)
         times = derive.finish_times(pods)
-        if found and times and st.start_time is not None:
+        if eta is not None:
+            st.eta_seconds = eta
+        elif found and times and st.start_time is not None:
             per_shard = (times[-1] - st.start_time).total_seconds() / len(found)
             st.eta_seconds = round(max(0.0, per_shard * (shards - len(found))), 1)
         failed = int(job.status.get("failed") or 0)
@@ -506,8 +511,10 @@ class _Walk:
             return Outcome.RUNNING
 
         pods = self.observed.pods_of(TRAIN, child)
-        progress = derive.training_progress(pods)
         done = child.is_true("Succeeded") if child.kind == "PyTorchJob" else child.is_true("Complete")
+        # Rank 0's log only while the training runs; once it ended, its termination message is the report.
+        running = not done and not child.is_true("Failed")
+        progress = derive.training_progress(pods, self.observed.live if running else None)
         if done or child.is_true("Failed"):
             self.drop("Service", name)  # the Indexed Job's rendezvous Service has served its purpose
         elif child.kind == "Job":
@@ -519,9 +526,11 @@ class _Walk:
             st.total = progress.total_steps
             st.done = progress.step
             st.epoch = progress.epoch
-            st.loss = progress.loss
-            st.tokens_per_second = progress.tokens_per_second
-            st.eta_seconds = progress.eta_seconds
+            st.loss = _rounded(progress.loss, 6)
+            st.tokens_per_second = _rounded(progress.tokens_per_second, 1)
+            st.eta_seconds = _rounded(progress.eta_seconds, 1)
+            if running and progress.gpu_hours > 0:
+                st.gpu_hours = round(progress.gpu_hours, 4)
         started = parse_time(child.status.get("startTime")) or st.start_time
         if done:
             finished = parse_time(child.status.get("completionTime"))
@@ -549,8 +558,12 @@ class _Walk:
                 detail += f"; {pod_detail}"
             return self.fail("train", detail, parse_time(cond.get("lastTransitionTime")))
         total = f"/{st.total}" if st.total else ""
+        loss = f", loss {st.loss:.4g}" if st.loss is not None else ""
         self.start(
-            "train", f"step {st.step}{total}" if progress is not None else f"{child.kind} {name} running"
+            "train",
+            f"{progress.method} step {st.step}{total}{loss}"
+            if progress is not None
+            else f"{child.kind} {name} running",
         )
         restarting = child.is_true("Restarting") or int(child.status.get("failed") or 0) > 0
         if restarting:
@@ -796,6 +809,10 @@ class _Walk:
         )
         if self.degraded is not None and not was_retrying and phase not in TERMINAL_PHASES:
             self.out.events.append(Event("Warning", REASON_RETRYING, self.degraded[1]))
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def _same_failure(prior: DistillationRunStatus, reason: str) -> bool:

@@ -7,6 +7,10 @@ backing off to a minute; a bug backs off to five). There is no thread or long-li
 reconcile is a short task that reads kopf's indices, calls the pure planner and applies its result
 through the one writer.
 
+While training or collection runs, the run is also reconciled on a timer, and the tail of its pods' logs
+is read in the background (:mod:`.podlogs`, at most once per ``progress_interval_seconds``), so the
+status shows live progress without waiting for the pods to end.
+
 It also feeds the operator's metrics (:mod:`.metrics`): every attempt's result, duration and error, each
 stage's duration when a status write ends it, and the runs by phase when scraped.
 """
@@ -33,6 +37,7 @@ from .kube import Api
 from .metrics import OperatorMetrics
 from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
+from .podlogs import LiveProgress, targets
 from .settings import Settings
 
 logger = logging.getLogger("distillery.operator")
@@ -120,6 +125,7 @@ class Reconciler:
         self._phases: dict[str, str] = {}  # run uid -> the phase last written
         self._tasks: set[asyncio.Task[None]] = set()
         self._expected: dict[Key, dict[tuple[str, str], Expectation]] = {}
+        self.live = LiveProgress(api, settings, self.request)
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -167,6 +173,7 @@ class Reconciler:
         self._warned.pop(key, None)
         self._dirty.discard(key)
         self._expected.pop(key, None)
+        self.live.forget(key)
         if uid:
             self._written.pop(uid, None)
             self._phases.pop(uid, None)
@@ -178,6 +185,7 @@ class Reconciler:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.live.close()
         await self.api.close()
 
     async def _loop(self, key: Key) -> None:
@@ -278,7 +286,7 @@ class Reconciler:
                 else:
                     children[ref] = exp.child
         pods: list[Pod] = list(self.indices.get(POD_INDEX, {}).get(key) or ())
-        return Observed(children, tuple(pods))
+        return Observed(children, tuple(pods), self.live.seen(key))
 
     def _expect(self, key: Key, ref: tuple[str, str], child: Child | None, gone_uid: str = "") -> None:
         self._expected.setdefault(key, {})[ref] = Expectation(child, gone_uid, time.monotonic())
@@ -291,13 +299,17 @@ class Reconciler:
         if written is not None:
             view = dataclasses.replace(view, status_json=written)
         observed = self.observe(key)
+        follow = self.live.poll(
+            key, view.namespace, targets(view.name, observed), {p.name for p in observed.pods}
+        )
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
             binding_modes=await self._binding_modes(view, observed),
         )
         result = plan(view, observed, self.clock(), settings=self.settings, caps=caps)
         await self.execute(view, result)
-        return result.requeue_after
+        delays = [d for d in (result.requeue_after, follow) if d is not None]
+        return min(delays) if delays else None
 
     async def _binding_modes(self, view: RunView, observed: Observed) -> dict[str, str]:
         """The binding mode of the StorageClass of the run's claim while it is not bound: the planner

@@ -49,6 +49,10 @@ class Settings:
     results_grace_seconds: float = 30.0
     # How long the answer to "is Kubeflow's PyTorchJob installed?" is trusted.
     discovery_ttl_seconds: float = 300.0
+    # While training or collection runs, the operator reads the tail of rank 0's (or every shard's) log
+    # at most this often per run for the live progress in the status; 0 turns it off (then progress
+    # arrives only as the pods end, from their termination messages).
+    progress_interval_seconds: float = 30.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -77,6 +81,7 @@ class Settings:
         for attr, var in (
             ("results_grace_seconds", "RESULTS_GRACE_SECONDS"),
             ("discovery_ttl_seconds", "DISCOVERY_TTL_SECONDS"),
+            ("progress_interval_seconds", "PROGRESS_INTERVAL_SECONDS"),
         ):
             if (value := get(var)) is not None:
                 values[attr] = float(value)

@@ -3,13 +3,14 @@
 Stages report through their pods' termination messages (``≤ 4 KiB`` JSON, see
 :mod:`distillery_trainer.termination`): each collection shard a ``CollectionSummary``, the training
 master (rank 0) a ``TrainingProgress``, the evaluation pod the ``results`` shape. Workload pods need no
-API access for that. Conditions follow the Kubernetes conventions: ``lastTransitionTime`` moves only
+API access for that. While a shard or rank 0 runs, the same report comes as the latest progress line of
+its log (:class:`~.observe.Live`, read by :mod:`.podlogs`); a termination message wins over it. Conditions follow the Kubernetes conventions: ``lastTransitionTime`` moves only
 when a condition's status does, and every condition carries the generation it was computed for.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -30,9 +31,10 @@ from distillery_trainer.api.status import (
 )
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import tokens_usd
+from distillery_trainer.progress_line import is_progress_line
 from pydantic import ValidationError
 
-from .observe import Pod, Terminated
+from .observe import Live, Pod, Terminated
 
 M = TypeVar("M", bound=ApiModel)
 
@@ -67,21 +69,36 @@ def finish_times(pods: Iterable[Pod]) -> list[datetime]:
     return sorted(t.finished_at for p in pods if (t := p.succeeded) is not None and t.finished_at)
 
 
-def _is_master(pod: Pod) -> bool:
-    return pod.replica_type == "master" if pod.replica_type else pod.index in (None, 0)
-
-
-def training_progress(pods: Iterable[Pod]) -> TrainingProgress | None:
-    """Rank 0's last report: the PyTorchJob master's, or the Indexed Job's pod 0."""
+def training_progress(pods: Iterable[Pod], live: Mapping[str, Live] | None = None) -> TrainingProgress | None:
+    """Rank 0's last report: the PyTorchJob master's, or the Indexed Job's pod 0. With ``live`` (while the
+    training runs), the latest progress line of its log counts too: whichever was seen last wins (a
+    restarted master's new line over its earlier attempt's message, and the other way round)."""
     found: list[tuple[float, TrainingProgress]] = []
     for pod in pods:
-        if not _is_master(pod):
+        if not pod.master:
             continue
         for term in pod.terminated:
             progress = lenient(TrainingProgress, term.json())
             if progress is not None:
                 found.append((term.finished_at.timestamp() if term.finished_at else 0.0, progress))
+        seen = (live or {}).get(pod.name)
+        if seen is not None and isinstance(seen.report, TrainingProgress):
+            found.append((seen.seen_at.timestamp(), seen.report))
     return max(found, key=lambda f: f[0])[1] if found else None
+
+
+def live_summaries(pods: Iterable[Pod], live: Mapping[str, Live]) -> list[CollectionSummary]:
+    """One summary per shard from the latest progress lines of the collection pods' logs (a retried
+    shard's newest pod wins: its count includes what the earlier attempts answered)."""
+    by_shard: dict[int, tuple[datetime, CollectionSummary]] = {}
+    for pod in pods:
+        seen = live.get(pod.name)
+        if seen is None or not isinstance(seen.report, CollectionSummary):
+            continue
+        old = by_shard.get(seen.report.shard)
+        if old is None or seen.seen_at >= old[0]:
+            by_shard[seen.report.shard] = (seen.seen_at, seen.report)
+    return [by_shard[k][1] for k in sorted(by_shard)]
 
 
 def results(pods: Iterable[Pod]) -> Results | None:
@@ -99,21 +116,50 @@ def failure_detail(pods: Sequence[Pod]) -> str:
     if not failed:
         return ""
     name, term = failed[-1]
-    text = term.message.strip().splitlines()[-1][:300] if term.message.strip() else ""
+    # Without a message the kubelet takes the log's tail (FallbackToLogsOnError): skip progress lines.
+    lines = [ln for ln in term.message.strip().splitlines() if not is_progress_line(ln)]
+    text = lines[-1][:300] if lines else ""
     return f"pod {name} exited {term.exit_code} ({term.reason or 'Error'}){': ' + text if text else ''}"
 
 
 # ---------------------------------------------------------------------------------------------- collection
 
 
-def apply_collection(status: CollectionStatus, found: Sequence[CollectionSummary], shards: int) -> None:
-    """Sum the shards' summaries into the stage's status."""
-    status.done = sum(s.done for s in found)
-    status.failed = sum(s.failed for s in found)
-    status.cached = sum(s.cached for s in found)
-    status.input_tokens = sum(s.input_tokens for s in found)
-    status.output_tokens = sum(s.output_tokens for s in found)
-    status.total = sum(s.total for s in found) if len(found) == shards else None
+def apply_collection(
+    status: CollectionStatus,
+    found: Sequence[CollectionSummary],
+    shards: int,
+    live: Sequence[CollectionSummary] = (),
+) -> None:
+    """Sum the shards' summaries into the stage's status: the finished shards' (``found``), and for the
+    others the latest progress line of their running pod (``live``). ``total`` is known once every shard
+    has reported one way or the other."""
+    every = _merged(found, live)
+    status.done = sum(s.done for s in every)
+    status.failed = sum(s.failed for s in every)
+    status.cached = sum(s.cached for s in every)
+    status.input_tokens = sum(s.input_tokens for s in every)
+    status.output_tokens = sum(s.output_tokens for s in every)
+    status.total = sum(s.total for s in every) if len(every) == shards else None
+
+
+def _merged(found: Sequence[CollectionSummary], live: Sequence[CollectionSummary]) -> list[CollectionSummary]:
+    by_shard = {s.shard: s for s in live}
+    by_shard.update({s.shard: s for s in found})  # a finished shard's own report wins
+    return [by_shard[k] for k in sorted(by_shard)]
+
+
+def collection_eta(
+    found: Sequence[CollectionSummary], live: Sequence[CollectionSummary], shards: int
+) -> float | None:
+    """Seconds until the slowest running shard is done at its rate so far, once every shard has reported
+    (finished, or a progress line); None before, or while a running shard has no rate yet."""
+    every = _merged(found, live)
+    finished = {s.shard for s in found}
+    running = [s for s in every if s.shard not in finished]
+    if not running or len(every) < shards or any(s.prompts_per_second <= 0 for s in running):
+        return None
+    return round(max(max(0, s.total - s.done - s.failed) / s.prompts_per_second for s in running), 1)
 
 
 def collection_summary(status: CollectionStatus, spec: DistillationRunSpec) -> CollectionSummary:

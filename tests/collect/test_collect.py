@@ -187,3 +187,29 @@ def test_the_api_key_never_appears_in_logs_or_outputs(tmp_path: Path) -> None:
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert key.encode() not in path.read_bytes(), path
+
+
+def test_a_shard_prints_progress_lines_the_operator_can_parse(tmp_path: Path) -> None:
+    """Off a terminal, every progress interval and at the end: the shard's CollectionSummary so far, one line
+    of JSON each, counts that only grow, the last one equal to the summary the pod leaves."""
+    from distillery_trainer.api.summaries import CollectionSummary
+    from distillery_trainer.progress_line import latest_collection, parse_line
+
+    with FakeOpenAI(FakeOpenAIConfig(latency=lambda rng: 0.05)) as server:
+        cfg = stage_config(
+            tmp_path,
+            server.base_url,
+            write_prompts(tmp_path / "p.jsonl", _texts(40)),
+            spec={"collection": {"concurrency": 2, "shards": 2}},
+        )
+        out = run_collect(cfg, "--shard", "1", "--progress-interval", "0.2")
+    assert out.returncode == 0, out.stderr
+    found = [r for line in out.stderr.splitlines() if (r := parse_line(line)) is not None]
+    reports = [r for stage, r in found if stage == "collect" and isinstance(r, CollectionSummary)]
+    assert len(reports) == len(found) >= 3  # some while it ran, one at the end
+    assert [r.done for r in reports] == sorted(r.done for r in reports) and reports[0].done < 20
+    assert all((r.shard, r.shards, r.total) == (1, 2, 20) for r in reports)
+    last = latest_collection(out.stderr)
+    assert last == reports[-1] and last.done == 20
+    assert last.to_dict() == summary(tmp_path / "run" / "collect", shard=1)
+    assert "shard 1/2: 20/20 answered" in out.stderr  # the human line is still there

@@ -204,24 +204,19 @@ class Cluster:
     ) -> None:
         """A pod that ran and terminated with ``message`` (what a stage writes to /dev/termination-log),
         owned by ``owner`` (the Job or PyTorchJob that made it), as its controller would create it."""
-        meta: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations or {}}
-        if owner is not None:
-            meta["ownerReferences"] = [
-                {
-                    "apiVersion": owner["apiVersion"],
-                    "kind": owner["kind"],
-                    "name": owner["metadata"]["name"],
-                    "uid": owner["metadata"]["uid"],
-                    "controller": True,
-                }
-            ]
-        body = {
-            "apiVersion": "v1",
-            "kind": "Pod",
-            "metadata": meta,
-            "spec": {"containers": [{"name": container, "image": "trainer"}]},
-        }
-        await self.request("POST", path("Pod", namespace), body)
+        await self.request("POST", path("Pod", namespace), _pod(name, labels, annotations, container, owner))
+        await self.end_pod(namespace, name, container, message=message, exit_code=exit_code)
+
+    async def end_pod(
+        self,
+        namespace: str,
+        name: str,
+        container: str,
+        *,
+        message: dict[str, Any] | str | None,
+        exit_code: int = 0,
+    ) -> None:
+        """The pod's container exits, leaving ``message`` as its termination message."""
         text = message if isinstance(message, str) else json.dumps(message) if message is not None else ""
         terminated = {
             "exitCode": exit_code,
@@ -238,6 +233,32 @@ class Cluster:
                 "containerStatuses": [{"name": container, "state": {"terminated": terminated}}],
             },
         )
+
+    async def start_pod(
+        self,
+        namespace: str,
+        name: str,
+        labels: dict[str, str],
+        *,
+        container: str,
+        annotations: dict[str, str] | None = None,
+        owner: dict[str, Any] | None = None,
+    ) -> None:
+        """A pod whose container runs (and prints to its log: :meth:`write_log`)."""
+        await self.request("POST", path("Pod", namespace), _pod(name, labels, annotations, container, owner))
+        await self.patch_status(
+            "Pod",
+            namespace,
+            name,
+            {
+                "phase": "Running",
+                "containerStatuses": [{"name": container, "state": {"running": {"startedAt": now()}}}],
+            },
+        )
+
+    def write_log(self, namespace: str, pod: str, container: str, *lines: str) -> None:
+        """The container prints ``lines`` (read back through GET pods/log; no watch event, as in a cluster)."""
+        self.api.write_log(namespace, pod, container, "".join(line + "\n" for line in lines))
 
     # ------------------------------------------------------------------------------------------ controllers
 
@@ -316,20 +337,52 @@ class Cluster:
             },
         )
 
+    def master_labels(self, namespace: str, run: str) -> dict[str, str]:
+        return {
+            **self.template_labels("PyTorchJob", namespace, f"{run}-train"),
+            "training.kubeflow.org/replica-type": "master",
+            "training.kubeflow.org/replica-index": "0",
+        }
+
+    async def start_training(self, namespace: str, run: str) -> str:
+        """Play the training operator: the PyTorchJob's master pod runs (its name is returned)."""
+        job = f"{run}-train"
+        name = f"{job}-master-0"  # the training operator's naming: <job>-master-<index>
+        owner = self.get("PyTorchJob", namespace, job)
+        await self.start_pod(
+            namespace, name, self.master_labels(namespace, run), container="pytorch", owner=owner
+        )
+        await self.patch_status(
+            "PyTorchJob",
+            namespace,
+            job,
+            {"startTime": now(), "conditions": [{"type": "Running", "status": "True"}]},
+        )
+        return name
+
+    async def start_shard_pod(self, namespace: str, job: str, shard: int) -> str:
+        """A running pod of an Indexed Job, as the Job controller makes it (its name is returned)."""
+        index = {"batch.kubernetes.io/job-completion-index": str(shard)}
+        name = pod_name(f"{job}-{shard}")
+        await self.start_pod(
+            namespace,
+            name,
+            {**self.template_labels("Job", namespace, job), **index},
+            container=self.get("Job", namespace, job)["spec"]["template"]["spec"]["containers"][0]["name"],
+            annotations=index,
+            owner=self.get("Job", namespace, job),
+        )
+        return name
+
     async def finish_training(
         self, namespace: str, run: str, progress: dict[str, Any], *, started: str
     ) -> None:
         """Play the training operator: the master pod reports, the PyTorchJob succeeds."""
         job = f"{run}-train"
-        labels = self.template_labels("PyTorchJob", namespace, job)
         await self.create_pod(
             namespace,
             pod_name(f"{job}-master-0"),
-            {
-                **labels,
-                "training.kubeflow.org/replica-type": "master",
-                "training.kubeflow.org/replica-index": "0",
-            },
+            self.master_labels(namespace, run),
             message=progress,
             container="pytorch",
             owner=self.get("PyTorchJob", namespace, job),
@@ -380,6 +433,32 @@ class Cluster:
             owner=self.get("Job", namespace, job),
         )
         await self.complete_job(namespace, job)
+
+
+def _pod(
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str] | None,
+    container: str,
+    owner: dict[str, Any] | None,
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "labels": labels, "annotations": annotations or {}}
+    if owner is not None:
+        meta["ownerReferences"] = [
+            {
+                "apiVersion": owner["apiVersion"],
+                "kind": owner["kind"],
+                "name": owner["metadata"]["name"],
+                "uid": owner["metadata"]["uid"],
+                "controller": True,
+            }
+        ]
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": meta,
+        "spec": {"containers": [{"name": container, "image": "trainer"}]},
+    }
 
 
 @dataclass

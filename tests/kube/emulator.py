@@ -9,7 +9,10 @@ Events use it), keeps ``status`` behind the status subresource and answers a sta
 - ``audit``: every request as ``(verb, group/resource[/subresource], namespace)`` in RBAC terms, so the
   chart's Role can be checked against what the operator really did;
 - ``inject``: answer the next N matching requests with an error (500, 409, ...) before they touch
-  the store, to test the operator's handling of a flaky API server.
+  the store, to test the operator's handling of a flaky API server;
+- ``pods/log``: a container's log, as text the test writes (``write_log``), served as ``text/plain``
+  the way the kubelet serves it through the API server (``container``, ``tailLines``, ``limitBytes``;
+  400 for a container that has not started, 404 for a pod that does not exist). kmock has no logs.
 
 Label selectors, garbage collection and admission are still absent: the operator must not rely on
 them (it filters by labels itself; deletion cascading is asserted through owner references).
@@ -101,6 +104,8 @@ class ApiServer(kmock.KubernetesEmulator):
     selectors: dict[str, str | None] = attrs.field(factory=dict, init=False)
     # Called after every write that went through: (the audit entry, the request).
     listeners: list[Callable[[AuditEntry, Request], None]] = attrs.field(factory=list, init=False)
+    # (namespace, pod, container) -> the container's log so far (``write_log``).
+    logs: dict[tuple[str, str, str], str] = attrs.field(factory=dict, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
     _mutations: asyncio.Lock = attrs.field(factory=asyncio.Lock, init=False)
 
@@ -116,6 +121,11 @@ class ApiServer(kmock.KubernetesEmulator):
 
     def count(self, verb: str, resource: str) -> int:
         return sum(1 for e in self.audit if e.verb == verb and e.resource == resource)
+
+    def write_log(self, namespace: str, pod: str, container: str, text: str) -> None:
+        """Append ``text`` to a container's log (what the process printed; the pod need not exist yet)."""
+        key = (namespace, pod, container)
+        self.logs[key] = self.logs.get(key, "") + text
 
     # ------------------------------------------------------------------------------------------ the server
 
@@ -217,6 +227,8 @@ class ApiServer(kmock.KubernetesEmulator):
                     reason="InjectedFault",
                     message=f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
                 )
+        if entry is not None and entry.resource == "pods/log" and request.action == action.FETCH:
+            return self._serve_log(request)
         if request.resource is None or request.action not in (action.CREATE, action.UPDATE, action.DELETE):
             return await super()._handle(request)
         async with self._mutations:  # the bookkeeping below reads the object before kmock changes it
@@ -229,6 +241,39 @@ class ApiServer(kmock.KubernetesEmulator):
             for listener in self.listeners:
                 listener(entry, request)
         return response
+
+    def _serve_log(self, request: Request) -> aiohttp.web.Response:
+        """``GET .../pods/{name}/log``: the container's log as text, its last ``tailLines`` lines, at most
+        ``limitBytes`` bytes of them (counted from the start of what is returned, as the kubelet does)."""
+        pod = self._current(request)
+        if pod is None:
+            raise kmock.KubernetesObjectNotFoundError()
+        containers = [c.get("name") for c in (pod.get("spec") or {}).get("containers") or ()]
+        container = request.params.get("container") or (containers[0] if len(containers) == 1 else None)
+        if container is None or container not in containers:
+            what = (
+                f'container "{container}" is not valid' if container else "a container name must be specified"
+            )
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message=f"{what} for pod {request.name}"
+            )
+        key = (request.namespace or "", request.name or "", container)
+        statuses = {c.get("name"): c for c in (pod.get("status") or {}).get("containerStatuses") or ()}
+        state = (statuses.get(container) or {}).get("state") or {}
+        if key not in self.logs and not ("running" in state or "terminated" in state):
+            raise kmock.KubernetesError(
+                status=400,
+                reason="BadRequest",
+                message=f'container "{container}" in pod "{request.name}" is waiting to start: ContainerCreating',
+            )
+        text = self.logs.get(key, "")
+        tail = request.params.get("tailLines")
+        if tail is not None:
+            lines = text.splitlines(keepends=True)
+            text = "".join(lines[-int(tail) :]) if int(tail) > 0 else ""
+        limit = request.params.get("limitBytes")
+        body = text.encode()[: int(limit)] if limit is not None else text.encode()
+        return aiohttp.web.Response(body=body, content_type="text/plain", charset="utf-8")
 
     def _audit(self, request: Request) -> AuditEntry | None:
         if request.resource is None or request.action is None or not request.resource.plural:

@@ -28,6 +28,8 @@ OPERATOR_RBAC: dict[str, set[str]] = {
     "storage.k8s.io/storageclasses": {"get"},
     # Results come from the pods' termination messages: read only, and never a Secret.
     "pods": {"list", "watch"},
+    # Live progress while training or collection runs: the tail of rank 0's and the shards' logs.
+    "pods/log": {"get"},
     "events": {"create"},
 }
 

@@ -336,3 +336,28 @@ def test_dpo_phase_after_sft(tmp_path: Path, student_dir: Path, collected: Path)
     assert not torch.equal(
         ckpt["student.model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
     )
+
+
+# ---------------------------------------------------------------------------------------------- live progress
+
+
+def test_rank_zero_prints_progress_lines_the_operator_can_parse(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    """Off a terminal (a pod's log), the human lines come with machine-readable ones: at the start and the end
+    (and every 10 s between), one compact JSON object each, the TrainingProgress the status shows."""
+    from distillery_trainer.api.summaries import TrainingProgress
+    from distillery_trainer.progress_line import latest_training, parse_line
+
+    root = new_run(tmp_path, collected)
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**TRAINING, "method": "sft", "maxSteps": 6}))
+    check_ok(out)
+    found = [r for line in out.stderr.splitlines() if (r := parse_line(line)) is not None]
+    assert len(found) >= 2 and {stage for stage, _ in found} == {"train"}
+    first, last = found[0][1], found[-1][1]
+    assert isinstance(first, TrainingProgress) and isinstance(last, TrainingProgress)
+    assert (first.state, first.step, first.total_steps) == ("Running", 0, 6)
+    assert (last.state, last.step, last.total_steps, last.eta_seconds) == ("Succeeded", 6, 6, 0.0)
+    assert last.loss is not None and last.tokens_per_second and last.elapsed_seconds > 0
+    assert latest_training(out.stderr) == last == TrainingProgress.model_validate(progress(root))
+    assert "sft step 6/6" in out.stderr  # the human line is still there

@@ -169,6 +169,11 @@ checks these rules against every request the operator makes in its integration t
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# While training or collection runs, the tail of rank 0's and each shard's log: their live progress
+# (the operator reads only the pods of its own runs, found through the labels it set).
+- apiGroups: [""]
+  resources: [pods/log]
+  verbs: [get]
 # kopf posts Events about each run.
 - apiGroups: [""]
   resources: [events]

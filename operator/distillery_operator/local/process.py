@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from distillery_trainer.progress_line import is_progress_line
+
 
 class StageFailed(Exception):
     """A stage ended badly: which stage, why, and where its log is."""
@@ -32,7 +34,7 @@ def tail(path: Path, lines: int = 12) -> str:
 
 def last_error_line(path: Path) -> str:
     """The most telling line of a failed process's log: its last error, else its last line."""
-    lines = [ln.strip() for ln in tail(path, 60).splitlines() if ln.strip()]
+    lines = [ln.strip() for ln in tail(path, 60).splitlines() if ln.strip() and not is_progress_line(ln)]
     for ln in reversed(lines):
         if any(word in ln for word in ("Error", "error:", "Exception", "failed", "FAILED")):
             return ln

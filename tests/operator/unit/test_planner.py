@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 from distillery_operator.builders.common import INPUTS_ANNOTATION
-from distillery_operator.observe import Child, Observed, Pod, RunView, Terminated, child_view
+from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view
 from distillery_operator.planner import Capabilities, Plan, fingerprints, plan
 from distillery_operator.settings import Settings
 from distillery_trainer.api.spec import DistillationRunSpec
-from distillery_trainer.api.summaries import CollectionSummary
+from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
 
 from tests.builders import make_run
@@ -49,6 +49,7 @@ class World:
         self.status: dict[str, Any] = {}
         self.children: dict[tuple[str, str], Child] = {}
         self.pods: list[Pod] = []
+        self.live: dict[str, Live] = {}  # what the reconciler read from running pods' logs
         self.now = T0
         self.caps = Capabilities()
 
@@ -59,7 +60,7 @@ class World:
         self.now += timedelta(seconds=advance)
         out = plan(
             self.view(),
-            Observed(dict(self.children), tuple(self.pods)),
+            Observed(dict(self.children), tuple(self.pods), dict(self.live)),
             self.now,
             settings=SETTINGS,
             caps=self.caps,
@@ -114,6 +115,31 @@ class World:
                 owners=(owner.uid,),
             )
         )
+
+    def running_pod(
+        self,
+        component: str,
+        owner: Child,
+        name: str,
+        *,
+        index: int | None = None,
+        replica_type: str | None = None,
+    ) -> None:
+        self.pods.append(
+            Pod(
+                name=name,
+                component=component,
+                index=index,
+                replica_type=replica_type,
+                phase="Running",
+                owners=(owner.uid,),
+                container="main",
+            )
+        )
+
+    def log_line(self, pod: str, report: TrainingProgress | CollectionSummary) -> None:
+        """The reconciler read a new progress line from the pod's log (now)."""
+        self.live[pod] = Live(report, self.now)
 
     # Controllers -------------------------------------------------------------------------------------
 
@@ -506,3 +532,137 @@ def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
     assert out.apply == [] and world.status["phase"] == "Failed"
     assert conditions(world.status)["Failed"] == ("True", "InvalidSpec") and path in world.status["message"]
     assert reasons(out) == ["InvalidSpec"] and world.plan().events == []
+
+
+# ---------------------------------------------------------------------------------------------- live progress
+
+
+def live_training(step: int, **kw: Any) -> TrainingProgress:
+    fields: dict[str, Any] = {
+        "method": "sft",
+        "step": step,
+        "total_steps": 90,
+        "epoch": round(step / 45, 4),
+        "loss": 2.0 - step / 100,
+        "tokens_per_second": 5000.04,
+        "eta_seconds": (90 - step) * 2.0 + 0.04,
+        "elapsed_seconds": step * 2.0,
+        "world_size": 4,
+        "gpus": 4,
+        "gpu_hours": step * 2.0 * 4 / 3600,
+    }
+    return TrainingProgress.model_validate({**fields, **kw})
+
+
+def test_training_shows_rank_zeros_latest_log_line_while_it_runs() -> None:
+    world = World()
+    world.plan()
+    world.collect()
+    world.plan()
+    job = world.child("PyTorchJob", "train")
+    world.running_pod("train", job, "r-train-master-0", replica_type="master")
+    world.running_pod("train", job, "r-train-worker-0", replica_type="worker")
+    world.plan()
+    assert world.status["training"]["message"] == "PyTorchJob r-train running"
+
+    world.log_line("r-train-master-0", live_training(12))
+    world.log_line("r-train-worker-0", live_training(80))  # not rank 0: never read, and ignored if it were
+    out = world.plan()
+    tr = world.status["training"]
+    assert (tr["step"], tr["done"], tr["total"], tr["epoch"]) == (12, 12, 90, 0.2667)
+    assert (tr["loss"], tr["tokensPerSecond"], tr["etaSeconds"]) == (1.88, 5000.0, 156.0)
+    assert tr["gpuHours"] == round(12 * 2.0 * 4 / 3600, 4) and tr["state"] == "Running"
+    assert tr["message"] == "sft step 12/90, loss 1.88"
+    assert world.status["phase"] == "Training" and out.events == []
+    assert conditions(world.status)["Progressing"] == ("True", "Training")
+    assert any(c["message"] == "train: sft step 12/90, loss 1.88" for c in world.status["conditions"])
+
+    first = dict(world.status)
+    world.plan(advance=60)
+    assert world.status == first  # no new line: nothing moves, nothing to write
+
+    world.log_line("r-train-master-0", live_training(30, method="dpo", total_steps=40))
+    world.plan()
+    assert world.status["training"]["message"] == "dpo step 30/40, loss 1.7"
+    assert world.status["training"]["etaSeconds"] == 120.0
+
+    # Once the PyTorchJob ended, the master's termination message is the report, not its last log line.
+    world.train(progress(gpu_hours=2.5))
+    world.plan()
+    tr = world.status["training"]
+    assert (
+        tr["state"] == "Succeeded" and tr["step"] == 300 and tr["gpuHours"] == 2.5 and "etaSeconds" not in tr
+    )
+
+
+def test_a_restarted_masters_new_line_and_its_earlier_attempts_report_newest_wins() -> None:
+    world = World()
+    world.plan()
+    world.collect()
+    world.plan()
+    job = world.child("PyTorchJob", "train")
+    earlier = live_training(20, state="Failed", message="NCCL timeout")
+    world.pods.append(
+        Pod(
+            name="r-train-master-0",
+            component="train",
+            replica_type="master",
+            phase="Running",  # restarted in place (restartPolicy OnFailure)
+            terminated=(
+                Terminated("pytorch", 1, "Error", earlier.model_dump_json(by_alias=True), world.now),
+            ),
+            owners=(job.uid,),
+        )
+    )
+    world.log_line("r-train-master-0", live_training(15))  # read before the container died
+    world.plan()
+    assert world.status["training"]["step"] == 20
+    world.log_line("r-train-master-0", live_training(22))  # the new attempt resumed and went on
+    world.plan()
+    assert world.status["training"]["step"] == 22
+
+
+def test_collection_sums_finished_shards_and_the_running_shards_latest_lines() -> None:
+    world = World(spec_of(collection={"shards": 3}))
+    world.plan()
+    job = world.child("Job", "collect")
+    reports = summaries(3)
+    world.pod("collect", job, reports[0], index=0)
+    world.running_pod("collect", job, "r-collect-1", index=1)
+    world.log_line(
+        "r-collect-1", CollectionSummary(shard=1, shards=3, total=1500, done=400, prompts_per_second=10)
+    )
+    world.plan()
+    st = world.status["collection"]
+    assert (st["done"], st.get("total"), st["state"]) == (1498 + 400, None, "Running")  # shard 2 unknown
+    assert st["message"] == "1/3 shards done; 1898/? answered"
+
+    world.running_pod("collect", job, "r-collect-2", index=2)
+    world.log_line(
+        "r-collect-2",
+        CollectionSummary(
+            shard=2, shards=3, total=1500, done=100, failed=2, input_tokens=7, prompts_per_second=5
+        ),
+    )
+    world.plan()
+    st = world.status["collection"]
+    assert (st["done"], st["total"], st["failed"]) == (1498 + 400 + 100, 4500, 2 + 0 + 2)
+    assert st["inputTokens"] == reports[0]["inputTokens"] + 7
+    assert st["etaSeconds"] == (1500 - 100 - 2) / 5  # the slowest running shard
+    assert st["message"] == "1/3 shards done; 1998/4500 answered"
+    assert world.status["phase"] == "Collecting"
+
+    # Shard 1 ends: its report wins over its last line; a line from a pod of another Job is not this run's.
+    world.pod("collect", job, reports[1], index=1)
+    world.pods.append(
+        Pod(name="old-collect-2", component="collect", index=2, phase="Running", owners=("old",))
+    )
+    world.log_line("old-collect-2", CollectionSummary(shard=2, shards=3, total=1500, done=1400))
+    world.plan()
+    st = world.status["collection"]
+    assert st["done"] == 1498 + 1498 + 100 and st["message"] == "2/3 shards done; 3096/4500 answered"
+
+    world.collect(3)  # every shard reported: the Job is complete, the lines no longer count
+    world.plan()
+    st = world.status["collection"]
+    assert st["state"] == "Succeeded" and st["done"] == 3 * 1498 and st["total"] == 4500

@@ -17,6 +17,7 @@ from distillery_operator.status import (
     training_progress,
 )
 from distillery_trainer.api.status import Condition, Results
+from distillery_trainer.api.summaries import CollectionSummary
 from distillery_trainer.termination import compact
 
 from tests.operator.reports import progress
@@ -86,6 +87,26 @@ def test_a_pod_is_observed_from_its_status() -> None:
     }
     seen = pod_view(body)
     assert (seen.index, seen.component, seen.owners, seen.failed.exit_code) == (3, "collect", ("job-uid",), 2)  # type: ignore[union-attr]
+    assert seen.container == "" and not seen.running and not seen.master  # index 3 is not rank 0
+    body["spec"] = {"containers": [{"name": "istio-proxy"}, {"name": "pytorch", "image": "trainer"}]}
+    body["metadata"]["labels"]["training.kubeflow.org/replica-type"] = "Master"
+    body["status"] = {"phase": "Running"}
+    seen = pod_view(body)
+    assert (seen.container, seen.running, seen.master) == ("pytorch", True, True)
+
+
+def test_a_failure_detail_skips_the_progress_lines_of_a_log_tail() -> None:
+    import json
+
+    from distillery_trainer.progress_line import format_line
+
+    from tests.operator.reports import summaries as shard_reports
+
+    line = format_line("collect", CollectionSummary.model_validate(shard_reports(1)[0]))
+    tail = f"Traceback (most recent call last):\nOSError: disk full\n{line}"  # FallbackToLogsOnError
+    assert failure_detail([pod("p", tail, exit_code=1)]) == "pod p exited 1 (Error): OSError: disk full"
+    assert failure_detail([pod("p", line, exit_code=1)]) == "pod p exited 1 (Error)"
+    assert json.loads(line.split(" ", 1)[1])["stage"] == "collect"
 
 
 def test_conditions_move_their_transition_time_only_on_a_change() -> None:
@@ -138,8 +159,10 @@ def test_settings_come_from_the_environment() -> None:
             "DISTILLERY_QUEUE_NAME": "q",
             "DISTILLERY_RUN_AS_USER": "2000",
             "DISTILLERY_RESULTS_GRACE_SECONDS": "5",
+            "DISTILLERY_PROGRESS_INTERVAL_SECONDS": "0",
         }
     )
+    assert s.progress_interval_seconds == 0.0 and Settings().progress_interval_seconds == 30.0
     assert (s.trainer_image, s.queue_name, s.run_as_user, s.results_grace_seconds) == (
         "reg/trainer:1",
         "q",

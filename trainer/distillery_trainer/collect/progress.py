@@ -1,4 +1,6 @@
-"""Progress of a shard: a bar on a terminal (rich), a plain line every ``interval`` seconds in a pod's log."""
+"""Progress of a shard: a bar on a terminal (rich); in a pod's log, every ``interval`` seconds, a plain line and
+a machine-readable one (the shard's :class:`CollectionSummary` so far, :mod:`..progress_line`), which the
+operator reads while the shard runs."""
 
 from __future__ import annotations
 
@@ -6,8 +8,11 @@ import asyncio
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
+from .. import progress_line
+from ..api.summaries import CollectionSummary
 from .collector import Counters
 
 log = logging.getLogger("distillery.collect")
@@ -58,12 +63,14 @@ class Progress:
         shards: int,
         interval: float = 10.0,
         tty: bool | None = None,
+        summary: Callable[[], CollectionSummary] | None = None,
     ) -> None:
         self.counters = counters
         self.total, self.before, self.before_failed = total, before, before_failed
         self.shard, self.shards = shard, shards
         self.interval = interval
         self.tty = sys.stderr.isatty() if tty is None else tty
+        self.summary = summary
         self.start = time.monotonic()
         self._bar: Any = None
         self._task_id: Any = None
@@ -78,6 +85,12 @@ class Progress:
             shards=self.shards,
             elapsed=time.monotonic() - self.start,
         )
+
+    def emit(self, summary: CollectionSummary | None = None) -> None:
+        """The machine-readable line (off a terminal): ``summary``, else the shard's summary so far."""
+        report = summary if summary is not None else self.summary() if self.summary is not None else None
+        if report is not None and not self.tty:
+            progress_line.emit("collect", report)
 
     async def run(self) -> None:
         """Until cancelled: refresh the bar, or log a line every ``interval`` seconds."""
@@ -115,3 +128,4 @@ class Progress:
             while True:
                 await asyncio.sleep(self.interval)
                 log.info("%s", self.line())
+                self.emit()

@@ -244,6 +244,9 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
             shards=opts.shards,
             interval=opts.progress_interval,
             tty=opts.tty,
+            summary=lambda: make_summary(
+                opts, len(mine), rec, prev, collector.counters, time.monotonic() - started
+            ),
         )
         ticker = asyncio.create_task(progress.run())
         try:
@@ -265,6 +268,7 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     atomic_write_json(layout.summary_file(opts.shard), summary.to_dict())
     write_termination_message(summary.to_dict())
     log.info("%s", progress.line())
+    progress.emit(summary)
     if counters.unmapped_tokens:
         log.warning(
             "%d tokens came back as text the teacher's tokenizer does not know (id -1)",

@@ -1,6 +1,7 @@
 """Progress as the operator and a person at a terminal see it: ``train/progress.json`` (a
-:class:`TrainingProgress`, rewritten atomically every few seconds by rank 0) and a one-line bar on a terminal
-(log lines elsewhere)."""
+:class:`TrainingProgress`, rewritten atomically every few seconds by rank 0) and a one-line bar on a terminal;
+elsewhere (a pod's log) a human line and a machine-readable one (:mod:`..progress_line`, which the operator
+reads from rank 0's log while training runs) every 10 seconds and at the end."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import progress_line
 from ..api.summaries import TrainingProgress
 from ..layout import atomic_write_json
 
@@ -48,6 +50,7 @@ class ProgressReporter:
             self.stream.flush()
         elif force or now - self._last_line >= max(self.interval_s, 10.0):
             log.info("%s", self.line())
+            progress_line.emit("train", self.progress, self.stream)
             self._last_line = now
 
     def write(self) -> None:
