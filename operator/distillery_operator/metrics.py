@@ -17,7 +17,6 @@ import math
 import re
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -25,6 +24,7 @@ from aiohttp import web
 from distillery_trainer import __version__
 from distillery_trainer.api.status import STAGES
 
+from .observe import parse_time
 from .planner import STATUS_FIELD  # where each stage keeps its status: status.collection for collect, ...
 
 logger = logging.getLogger("distillery.operator")
@@ -217,15 +217,6 @@ RECONCILE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30
 ENDED = ("Succeeded", "Failed")
 
 
-def _time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-
-
 def finished_stages(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, str, float]]:
     """The stages that ended between two statuses of a run, as ``(stage, state, seconds)``: a stage that
     is Succeeded or Failed in ``new`` and was not (or ended at another time) in ``old``. A stage a spec
@@ -239,7 +230,7 @@ def finished_stages(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tupl
             continue
         if before.get("state") == state and before.get("completionTime") == after.get("completionTime"):
             continue
-        start, end = _time(after.get("startTime")), _time(after.get("completionTime"))
+        start, end = parse_time(after.get("startTime")), parse_time(after.get("completionTime"))
         if start is None or end is None:
             continue
         out.append((stage, str(state), max(0.0, (end - start).total_seconds())))
