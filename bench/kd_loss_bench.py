@@ -146,10 +146,37 @@ def loss_inputs(vocab: int, tokens: int, hidden: int, top_k: int, seed: int = 0)
     return out
 
 
+def seed_loss(x: dict[str, Any], tokens: int, vocab: int, temperature: float) -> Any:
+    """The baseline on ``loss_inputs``: full student and teacher logits, then the seed's function on them,
+    shaped [N, 1, V] so its batchmean is a per-token mean."""
+    import torch
+
+    student = x["h"] @ x["w"].T
+    with torch.no_grad():
+        teacher = x["th"] @ x["tw"].T
+    return seed_distillation_loss(
+        student.view(tokens, 1, vocab),
+        teacher.view(tokens, 1, vocab),
+        x["labels"].view(tokens, 1),
+        temperature,
+    )
+
+
+def fastest(once: Any, reps: int) -> float:
+    """The fastest of ``reps`` calls of ``once`` (synchronized with the device), in seconds."""
+    times = []
+    for _ in range(reps):
+        sync()
+        start = time.perf_counter()
+        once()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 def run_loss_case(
     case: str, vocab: int, tokens: int, hidden: int, top_k: int, chunk: int, reps: int, temperature: float
 ) -> dict[str, Any]:
-    import torch
     from distillery_trainer.train.losses import DenseTeacher, DistillConfig, TopKTeacher, distill_loss
 
     x = loss_inputs(vocab, tokens, hidden, top_k if case == "topk" else 0)
@@ -158,15 +185,7 @@ def run_loss_case(
     def once() -> None:
         x["h"].grad = x["w"].grad = None
         if case == "seed":
-            student = x["h"] @ x["w"].T
-            with torch.no_grad():
-                teacher = x["th"] @ x["tw"].T
-            loss = seed_distillation_loss(
-                student.view(tokens, 1, vocab),
-                teacher.view(tokens, 1, vocab),
-                x["labels"].view(tokens, 1),
-                temperature,
-            )
+            loss = seed_loss(x, tokens, vocab, temperature)
         elif case == "dense":
             loss = distill_loss(
                 x["h"],
@@ -185,14 +204,7 @@ def run_loss_case(
     base = reset_peak()
     once()
     peak = peak_since(base)
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        once()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"peakMB": peak / 2**20, "seconds": min(times)}
+    return {"peakMB": peak / 2**20, "seconds": fastest(once, reps)}
 
 
 def check_gradients(vocab: int, tokens: int, hidden: int, temperature: float) -> dict[str, float]:
@@ -201,15 +213,7 @@ def check_gradients(vocab: int, tokens: int, hidden: int, temperature: float) ->
     from distillery_trainer.train.losses import DenseTeacher, DistillConfig, distill_loss
 
     x = loss_inputs(vocab, tokens, hidden, 0, seed=1)
-    student = x["h"] @ x["w"].T
-    with torch.no_grad():
-        teacher = x["th"] @ x["tw"].T
-    seed = seed_distillation_loss(
-        student.view(tokens, 1, vocab),
-        teacher.view(tokens, 1, vocab),
-        x["labels"].view(tokens, 1),
-        temperature,
-    )
+    seed = seed_loss(x, tokens, vocab, temperature)
     g_seed = torch.autograd.grad(seed, [x["h"], x["w"]])
     ours = distill_loss(
         x["h"],
@@ -315,14 +319,8 @@ def run_step_case(
 
     once()
     base = reset_peak()
-    times = []
-    for _ in range(reps):
-        sync()
-        start = time.perf_counter()
-        once()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"peakMB": peak_since(base) / 2**20, "seconds": min(times)}
+    seconds = fastest(once, reps)
+    return {"peakMB": peak_since(base) / 2**20, "seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------- driver

@@ -11,6 +11,7 @@ The operator's own metrics are :class:`OperatorMetrics`; the reconciler (:mod:`.
 
 from __future__ import annotations
 
+import abc
 import bisect
 import logging
 import math
@@ -69,7 +70,7 @@ def sample_line(name: str, labels: Sequence[tuple[str, str]], value: float) -> s
 # ---------------------------------------------------------------------------------------------- metrics
 
 
-class Metric:
+class Metric(abc.ABC):
     """One metric family: a name, its help text, its label names, and a value per label set."""
 
     type = "untyped"
@@ -90,8 +91,9 @@ class Metric:
             raise ValueError(f"metric {self.name}: labels {sorted(labels)}, expected {sorted(self.labels)}")
         return tuple(str(labels[k]) for k in self.labels)
 
+    @abc.abstractmethod
     def samples(self) -> list[Sample]:
-        raise NotImplementedError
+        """(name, labels, value) of every sample, in exposition order."""
 
     def render(self) -> str:
         lines = [f"# HELP {self.name} {escape_help(self.help)}", f"# TYPE {self.name} {self.type}"]

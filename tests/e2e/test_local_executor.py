@@ -72,6 +72,12 @@ def _wait_for(cond: Any, timeout: float, proc: subprocess.Popen[str]) -> None:
         time.sleep(1)
 
 
+def _assert_no_stage_process_left(root: Path) -> None:
+    """No stage process (collect, train, ...) of the run at ``root`` outlives the interrupted run."""
+    leftovers = subprocess.run(["pgrep", "-f", f"--config {root}/stage.yaml"], capture_output=True, text=True)
+    assert leftovers.stdout.strip() == ""
+
+
 def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     workdir = tmp_path / "runs"
     root = workdir / "local-cpu"
@@ -91,9 +97,7 @@ def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     assert "interrupted" in status["message"]
     collected = {p.name: p.stat().st_mtime_ns for p in (root / "collect").iterdir()}
     assert any(name.startswith("shard-") for name in collected)
-    # No stage process outlives the interrupted run.
-    leftovers = subprocess.run(["pgrep", "-f", f"--config {root}/stage.yaml"], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == ""
+    _assert_no_stage_process_left(root)
 
     second = _distillery("run", str(spec), "--workdir", str(workdir))
     out, _ = second.communicate(timeout=1500)
@@ -185,5 +189,4 @@ def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
     assert "resume" in out
     status = _status(root)
     assert "interrupted" in status["message"]
-    leftovers = subprocess.run(["pgrep", "-f", f"--config {root}/stage.yaml"], capture_output=True, text=True)
-    assert leftovers.stdout.strip() == ""
+    _assert_no_stage_process_left(root)
