@@ -23,10 +23,9 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 from distillery_trainer import __version__
-from distillery_trainer.api.status import STAGES
+from distillery_trainer.api.stages import STAGES
 
 from .observe import parse_time
-from .planner import STATUS_FIELD  # where each stage keeps its status: status.collection for collect, ...
 
 logger = logging.getLogger("distillery.operator")
 
@@ -224,9 +223,10 @@ def finished_stages(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tupl
     is Succeeded or Failed in ``new`` and was not (or ended at another time) in ``old``. A stage a spec
     change restarted ends again, and counts again."""
     out: list[tuple[str, str, float]] = []
-    for stage in STAGES:
-        before = old.get(STATUS_FIELD[stage]) or {}
-        after = new.get(STATUS_FIELD[stage]) or {}
+    for st in STAGES:
+        stage = st.name
+        before = old.get(st.status_field) or {}
+        after = new.get(st.status_field) or {}
         state = after.get("state")
         if state not in ENDED:
             continue

@@ -11,9 +11,9 @@ created and, unless its StorageClass binds on first consumer, waited on until bo
 
 Spec changes during a run (``teacher`` and ``data`` are immutable: the CRD's CEL rules refuse edits):
 
-- every stage's child carries a digest of the spec sections the stage depends on
-  (``distillery.dev/inputs``): collect ← ``collection`` and ``storage``; train ← ``student`` and
-  ``training``; serve ← ``serving``; evaluate ← ``evaluation`` except ``minQualityRetention``;
+- every stage's child carries the digest of the stage's inputs (``distillery.dev/inputs``), from the
+  stage rules that `distillery run` and the stage pods read too (:mod:`distillery_trainer.api.stages`);
+  the pods set aside outputs on the volume that were made for other inputs;
 - an edit of those sections restarts the run *from the earliest stage it touches*: that stage's child is
   deleted and built again, every later stage's child is deleted, their status and the results are reset,
   and a ``SpecChanged`` event says why. A finished run (Succeeded or Failed) restarts the same way, so
@@ -21,7 +21,8 @@ Spec changes during a run (``teacher`` and ``data`` are immutable: the CRD's CEL
   in place (a rolling update) instead of being deleted;
 - ``evaluation.minQualityRetention`` and ``cost`` only change the verdict and the cost figures, which are
   recomputed from the results already measured: no stage runs again;
-- ``scheduling`` applies to the children built from then on (a running Job's pods are immutable).
+- execution settings (``scheduling``, collection rates and retries, ``serving.replicas``...) apply to the
+  children built from then on (a running Job's pods are immutable).
 """
 
 from __future__ import annotations
@@ -34,35 +35,35 @@ from typing import Any
 
 from distillery_trainer.api.base import format_errors
 from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.stages import (
+    BY_NAME,
+    EVALUATE,
+    STAGES,
+    Stage,
+    fingerprints,
+    inputs_changed,
+    later,
+    verdict,
+)
 from distillery_trainer.api.status import (
     PHASE_FAILED,
     PHASE_PENDING,
     PHASE_SUCCEEDED,
     REASON_INVALID_SPEC,
-    REASON_QUALITY_GATE_FAILED,
-    REASON_QUALITY_GATE_PASSED,
     REASON_RETRYING,
     REASON_SERVING,
     REASON_SPEC_CHANGED,
     REASON_WAITING_FOR_STORAGE,
-    STAGE_FAILED_REASON,
-    STAGE_PHASE,
-    STAGE_RUNNING_REASON,
-    STAGES,
     TERMINAL_PHASES,
-    CollectionStatus,
     DistillationRunStatus,
-    EvaluationStatus,
-    ServingStatus,
     StageStatus,
-    TrainingStatus,
 )
 from distillery_trainer.cost import run_cost
 from pydantic import ValidationError
 
 from . import status as derive
 from .builders.collect import collect_job, teacher_deployment, teacher_service
-from .builders.common import COLLECT, EVAL, MAX_RUN_NAME, SERVE, TEACHER, TRAIN, Run, digest
+from .builders.common import COLLECT, EVAL, MAX_RUN_NAME, SERVE, TEACHER, TRAIN, Run
 from .builders.config import config_map
 from .builders.evaluate import eval_job
 from .builders.serve import serve_deployment, serve_service
@@ -70,30 +71,6 @@ from .builders.storage import CLASS_NOT_FOUND, IMMEDIATE, persistent_volume_clai
 from .builders.train import pytorch_job, rendezvous_service, train_job
 from .observe import Child, Observed, RunView, parse_time
 from .settings import Settings
-
-# The spec sections each stage's child depends on (a change restarts the run from that stage).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {
-    "collect": ("teacher", "data", "collection", "storage"),
-    "train": ("student", "training"),
-    "serve": ("serving",),
-    "evaluate": ("evaluation",),
-}
-# Inputs that only change the verdict, not what a stage does.
-VERDICT_ONLY = {"evaluation": ("minQualityRetention",)}
-
-STATUS_TYPES: dict[str, type[StageStatus]] = {
-    "collect": CollectionStatus,
-    "train": TrainingStatus,
-    "serve": ServingStatus,
-    "evaluate": EvaluationStatus,
-}
-STAGE_DONE_REASON = {
-    "collect": "CollectionSucceeded",
-    "train": "TrainingSucceeded",
-    "serve": "ServingReady",
-    "evaluate": "EvaluationSucceeded",
-}
-STATUS_FIELD = {"collect": "collection", "train": "training", "serve": "serving", "evaluate": "evaluation"}
 
 
 class Outcome(enum.Enum):
@@ -145,20 +122,6 @@ class Plan:
     status: DistillationRunStatus = field(default_factory=DistillationRunStatus)
     events: list[Event] = field(default_factory=list)
     requeue_after: float | None = None
-
-
-def fingerprints(spec: DistillationRunSpec) -> dict[str, str]:
-    data = spec.to_dict(exclude_defaults=True)
-    out: dict[str, str] = {}
-    for stage, sections in STAGE_INPUTS.items():
-        picked: dict[str, Any] = {}
-        for section in sections:
-            value = data.get(section)
-            if isinstance(value, dict) and section in VERDICT_ONLY:
-                value = {k: v for k, v in value.items() if k not in VERDICT_ONLY[section]} or None
-            picked[section] = value
-        out[stage] = digest(picked)
-    return out
 
 
 def prior_status(raw: dict[str, Any] | Any) -> DistillationRunStatus:
@@ -280,8 +243,7 @@ class _Walk:
         return Outcome.RUNNING
 
     def _stage_status(self, stage: str) -> StageStatus:
-        value: StageStatus = getattr(self.st, STATUS_FIELD[stage])
-        return value
+        return BY_NAME[stage].status(self.st)
 
     def start(self, stage: str, message: str) -> StageStatus:
         st = self._stage_status(stage)
@@ -312,14 +274,14 @@ class _Walk:
 
     def restart(self, stage: str) -> Outcome:
         """The stage's inputs changed: reset it and every later stage, and delete its child."""
-        first = STAGES.index(stage)
-        started = any(self._stage_status(s).state != "Pending" for s in STAGES[first:])
-        for later in STAGES[first:]:
-            setattr(self.st, STATUS_FIELD[later], STATUS_TYPES[later]())
+        restarted = later(BY_NAME[stage])
+        started = any(s.status(self.st).state != "Pending" for s in restarted)
+        for s in restarted:
+            s.reset(self.st)
         self.st.results = None
         self.st.endpoint = None
         self.st.completion_time = None
-        sections = "/".join(f"spec.{s}" for s in STAGE_INPUTS[stage])
+        sections = "/".join(f"spec.{s}" for s in BY_NAME[stage].inputs)
         if started:
             self.out.events.append(
                 Event("Normal", REASON_SPEC_CHANGED, f"{sections} changed: restarting from {stage}")
@@ -347,7 +309,7 @@ class _Walk:
         self_hosted = self.spec.teacher.self_hosted is not None
         if job is not None and not self.owned(job):
             return self.blocked("collect", job)
-        if job is not None and not job.deleting and job.inputs != self.fp["collect"]:
+        if job is not None and not job.deleting and inputs_changed(job.inputs, self.fp["collect"]):
             self.restart("collect")
             self.drop("Job", name)
             return Outcome.RUNNING
@@ -486,7 +448,7 @@ class _Walk:
         child = self.observed.child("PyTorchJob", name) or self.observed.child("Job", name)
         if child is not None and not self.owned(child):
             return self.blocked("train", child)
-        if child is not None and not child.deleting and child.inputs != self.fp["train"]:
+        if child is not None and not child.deleting and inputs_changed(child.inputs, self.fp["train"]):
             self.restart("train")
             self.drop(child.kind, name)
             self.drop("Service", name)
@@ -585,7 +547,7 @@ class _Walk:
         if dep is None or dep.deleting:
             self.start("serve", f"starting vLLM: 0/{replicas} replicas ready")
             return Outcome.RUNNING
-        if dep.inputs != self.fp["serve"]:
+        if inputs_changed(dep.inputs, self.fp["serve"]):
             return self.restart("serve")
         ready = int(dep.status.get("readyReplicas") or 0)
         updated = int(dep.status.get("updatedReplicas") or 0)
@@ -596,7 +558,9 @@ class _Walk:
         self.serving_ready = rolled_out and want > 0 and ready >= want
         evaluation = self.observed.child("Job", self.run.child(EVAL))
         evaluating = (
-            evaluation is not None and self.owned(evaluation) and evaluation.inputs == self.fp["evaluate"]
+            evaluation is not None
+            and self.owned(evaluation)
+            and not inputs_changed(evaluation.inputs, self.fp["evaluate"])
         )
         if self.serving_ready or evaluating or st.state == "Succeeded":
             self.succeed("serve")
@@ -617,7 +581,7 @@ class _Walk:
         job = self.observed.child("Job", name)
         if job is not None and not self.owned(job):
             return self.blocked("evaluate", job)
-        if job is not None and not job.deleting and job.inputs != self.fp["evaluate"]:
+        if job is not None and not job.deleting and inputs_changed(job.inputs, self.fp["evaluate"]):
             self.restart("evaluate")
             self.drop("Job", name)
             return Outcome.RUNNING
@@ -673,10 +637,10 @@ class _Walk:
         self.st.start_time = self.st.start_time or self.now
         self.want(config_map(self.run, self.settings), mutable=True)
         current: str | None = None
-        for stage in STAGES:
-            outcome: Outcome = getattr(self, stage)()
+        for st in STAGES:
+            outcome: Outcome = getattr(self, st.name)()
             if outcome is not Outcome.DONE:
-                current = stage
+                current = st.name
                 break
         if current is not None:
             self._drop_after(current)
@@ -687,30 +651,27 @@ class _Walk:
 
     def _drop_after(self, stage: str) -> None:
         """Later stages' children exist only while every earlier stage is done."""
-        later = STAGES[STAGES.index(stage) + 1 :]
-        if "train" in later:
+        after = {s.name for s in later(BY_NAME[stage])[1:]}
+        if "train" in after:
             self.drop("PyTorchJob", self.run.child(TRAIN))
             self.drop("Job", self.run.child(TRAIN))
             self.drop("Service", self.run.child(TRAIN))
-        if "serve" in later:
+        if "serve" in after:
             self.drop("Deployment", self.run.child(SERVE))
             self.drop("Service", self.run.child(SERVE))
-        if "evaluate" in later:
+        if "evaluate" in after:
             self.drop("Job", self.run.child(EVAL))
 
     def _verdict(self, current: str | None) -> tuple[str, str, str]:
         if self.failure is not None:
-            stage, message = self.failure
-            return PHASE_FAILED, STAGE_FAILED_REASON[stage], f"{stage} failed: {message}"
+            name, message = self.failure
+            return PHASE_FAILED, BY_NAME[name].failed_reason, f"{name} failed: {message}"
         if self.storage_wait is not None:
             return PHASE_PENDING, REASON_WAITING_FOR_STORAGE, self.storage_wait
         if current is not None:
-            stage_message = self._stage_status(current).message
-            return (
-                STAGE_PHASE[current],
-                STAGE_RUNNING_REASON[current],
-                f"{current}: {stage_message}" if stage_message else current,
-            )
+            st: Stage = BY_NAME[current]
+            stage_message = st.status(self.st).message
+            return st.phase, st.running_reason, f"{current}: {stage_message}" if stage_message else current
         results = self.st.results
         assert results is not None
         results.cost = run_cost(
@@ -718,29 +679,11 @@ class _Walk:
             [derive.collection_summary(self.st.collection, self.spec)],
             self.st.training.gpu_hours,
         )
-        retention = results.quality_retention
-        minimum = self.spec.evaluation.min_quality_retention
-        if retention is None:
-            results.gate_passed = None
-            return (
-                PHASE_FAILED,
-                STAGE_FAILED_REASON["evaluate"],
-                "evaluate failed: the results have no qualityRetention",
-            )
-        results.gate_passed = retention >= minimum
-        latency = results.latency_ms
-        p95 = f"; p95 {latency.p95:.0f} ms" if latency is not None and latency.p95 is not None else ""
-        if results.gate_passed:
-            return (
-                PHASE_SUCCEEDED,
-                REASON_QUALITY_GATE_PASSED,
-                f"quality retention {retention:.3f} >= {minimum}{p95}",
-            )
-        return (
-            PHASE_FAILED,
-            REASON_QUALITY_GATE_FAILED,
-            f"quality retention {retention:.3f} < evaluation.minQualityRetention {minimum}{p95}",
-        )
+        gate = verdict(results, self.spec.evaluation)
+        results.gate_passed = gate.passed if results.quality_retention is not None else None
+        if gate.reason == EVALUATE.failed_reason:
+            return gate.phase, gate.reason, f"evaluate failed: {gate.message}"
+        return gate.phase, gate.reason, gate.message
 
     def _keep_serving(self, phase: str) -> bool:
         if phase == PHASE_SUCCEEDED:
@@ -793,10 +736,10 @@ class _Walk:
             generation=self.view.generation,
             now=self.now,
         )
-        for stage in STAGES:
-            before, after = getattr(prior, STATUS_FIELD[stage]), self._stage_status(stage)
+        for st in STAGES:
+            before, after = st.status(prior), st.status(self.st)
             if after.state == "Succeeded" and before.state != "Succeeded":
-                self.out.events.append(Event("Normal", STAGE_DONE_REASON[stage], after.message or ""))
+                self.out.events.append(Event("Normal", st.done_reason, after.message or ""))
         progressing = prior.condition("Progressing")
         if reason == REASON_WAITING_FOR_STORAGE and (progressing is None or progressing.reason != reason):
             self.out.events.append(Event("Normal", reason, message))

@@ -13,13 +13,12 @@ is an emptyDir), and the official vLLM image, which defaults to root, runs as th
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from distillery_trainer.api.base import API_GROUP, API_VERSION, KIND
 from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.stages import digest
 from distillery_trainer.serve import VLLM_PORT
 
 from ..settings import MANAGED_BY, Settings
@@ -73,11 +72,6 @@ class Run:
 
     def service_url(self, component: str, port: int = VLLM_PORT) -> str:
         return f"http://{self.child(component)}.{self.namespace}.svc:{port}/v1"
-
-
-def digest(obj: Any) -> str:
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def labels(run: Run, component: str) -> dict[str, str]:

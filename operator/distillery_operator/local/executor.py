@@ -9,16 +9,16 @@ same artifact layout as in a cluster:
     evaluate  `distillery-trainer evaluate` against the student (and the teacher, for latency)
 
 Status is written to ``<workdir>/<name>/status.json`` in exactly the CR's status shape. Re-running skips
-what is finished (collection summaries, the trained student, results.json); Ctrl-C stops every child
-process and the next run resumes; a failed stage stops the run with the stage, the cause and the log.
+what is finished for the same inputs (collection summaries, the trained student, results.json), by the
+stage rules the operator uses too (:mod:`distillery_trainer.api.stages`): the stages set aside outputs
+made for other inputs themselves (:mod:`distillery_trainer.outputs`). Ctrl-C stops every child process
+and the next run resumes; a failed stage stops the run with the stage, the cause and the log.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -28,9 +28,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from distillery_trainer import outputs
 from distillery_trainer.api import DistillationRun, DistillationRunStatus, load_run
 from distillery_trainer.api import status as S
+from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stage import RunRef, ServedModel, StageConfig
+from distillery_trainer.api.stages import BY_NAME, fingerprints, inputs_changed, verdict
 from distillery_trainer.api.status import Results
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
@@ -142,66 +145,39 @@ def read_results(layout: RunLayout) -> Results | None:
     return Results.model_validate(data["results"]) if "results" in data else None
 
 
-def collect_done(layout: RunLayout, shards: int) -> bool:
+def collect_done(layout: RunLayout, spec: DistillationRunSpec) -> bool:
+    shards = spec.collection.shards
     summaries = collection_summaries(layout, shards)
-    return len(summaries) == shards and all(s.done + s.failed >= s.total for s in summaries)
+    return (
+        outputs.matches(layout, "collect", spec)
+        and len(summaries) == shards
+        and all(s.done + s.failed >= s.total for s in summaries)
+    )
 
 
-def train_done(layout: RunLayout) -> bool:
+def train_done(layout: RunLayout, spec: DistillationRunSpec) -> bool:
     progress = training_progress(layout)
     return (
-        (layout.student_dir / "config.json").exists()
+        outputs.matches(layout, "train", spec)
+        and (layout.student_dir / "config.json").exists()
         and progress is not None
         and progress.state == "Succeeded"
     )
 
 
-# ---------------------------------------------------------------------------------------------- reuse
+def evaluate_done(layout: RunLayout, spec: DistillationRunSpec) -> bool:
+    return outputs.matches(layout, "evaluate", spec) and layout.results_file.exists()
 
 
-def fingerprints(run: DistillationRun) -> dict[str, str]:
-    """What each stage's output depends on. A finished stage is reused only while its fingerprint holds:
-    edit the training section and training (and what follows) runs again; the collection is kept."""
-    spec = run.spec.to_dict()
-
-    def digest(*parts: Any) -> str:
-        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
-
-    collection = {k: v for k, v in spec["collection"].items() if k in ("shards",)}
-    # The method matters to collection only through seqkd's samples per prompt.
-    method = spec["training"]["seqkd"] if spec["training"]["method"] == "seqkd" else None
-    collect = digest(spec["teacher"], spec["data"], collection, method)
-    train = digest(collect, spec["student"], spec["training"])
-    evaluate = digest(train, spec["serving"], spec["evaluation"], spec["cost"])
-    return {"collect": collect, "train": train, "evaluate": evaluate}
-
-
-def stage_outputs(layout: RunLayout, stage: str) -> list[Path]:
-    return {
-        "collect": [layout.collect_dir],
-        "train": [layout.train_dir, layout.student_dir],
-        "evaluate": [layout.eval_dir],
-    }[stage]
-
-
-def invalidate_changed(lr: LocalRun) -> list[str]:
-    """Remove the outputs of stages whose inputs changed since they ran (and of every later stage)."""
-    path = lr.layout.root / "fingerprints.json"
-    current = fingerprints(lr.run)
-    try:
-        recorded: dict[str, str] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        recorded = {}
-    stale: list[str] = []
-    for stage in ("collect", "train", "evaluate"):
-        if stale or recorded.get(stage) != current[stage]:
-            stale.append(stage)
-    for stage in stale:
-        for out in stage_outputs(lr.layout, stage):
-            if out.exists() and recorded:
-                shutil.rmtree(out)
-    atomic_write_json(path, current)
-    return stale if recorded else []
+def changed_stages(layout: RunLayout, spec: DistillationRunSpec) -> list[str]:
+    """The stages whose outputs on disk were made for other inputs: they run again (and set those aside)."""
+    current = fingerprints(spec)
+    out = []
+    for name in ("collect", "train", "evaluate"):
+        rec = outputs.recorded(layout, name)
+        if rec is not None and inputs_changed(rec.inputs, current[name]):
+            out.append(name)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -224,24 +200,15 @@ def transition(lr: LocalRun, phase: str, reason: str, message: str, *, ready: bo
     lr.write_status()
 
 
-def stage_status(status: DistillationRunStatus, stage: str) -> S.StageStatus:
-    return {
-        "collect": status.collection,
-        "train": status.training,
-        "serve": status.serving,
-        "evaluate": status.evaluation,
-    }[stage]
-
-
 def begin(lr: LocalRun, stage: str) -> None:
-    st = stage_status(lr.status, stage)
+    st = BY_NAME[stage].status(lr.status)
     st.state, st.start_time, st.completion_time, st.message = "Running", now(), None, None
-    transition(lr, S.STAGE_PHASE[stage], S.STAGE_RUNNING_REASON[stage], f"stage {stage} is running")
+    transition(lr, BY_NAME[stage].phase, BY_NAME[stage].running_reason, f"stage {stage} is running")
     lr.ui.stage_started(stage)
 
 
 def finish(lr: LocalRun, stage: str, message: str = "", *, skipped: bool = False) -> None:
-    st = stage_status(lr.status, stage)
+    st = BY_NAME[stage].status(lr.status)
     st.state = "Succeeded"
     st.completion_time = st.completion_time if skipped and st.completion_time else now()
     st.message = message or st.message
@@ -337,7 +304,7 @@ def run_collect(lr: LocalRun) -> None:
                 )
     observe(lr)
     log = lr.logs / "collect-00000.log"
-    if not collect_done(lr.layout, spec.collection.shards):
+    if not collect_done(lr.layout, spec):
         raise StageFailed("collect", "the shards ended without a complete summary", log)
     if lr.status.collection.done == 0:
         raise StageFailed("collect", f"the teacher answered no prompt: {first_failure(lr.layout)}", log)
@@ -380,7 +347,7 @@ def run_train(lr: LocalRun) -> None:
         lr.write_status()
 
     process.run("train", argv, lr.logs / "train.log", env=env, tick=tick)
-    if not train_done(lr.layout):
+    if not train_done(lr.layout, lr.run.spec):
         raise StageFailed("train", "training ended without a student", lr.logs / "train.log")
 
 
@@ -402,7 +369,7 @@ def run_serve_and_evaluate(lr: LocalRun, keep_serving: bool) -> None:
         lr.status.serving.total = 1
         lr.status.endpoint = student.base_url
         finish(lr, "serve", f"student served at {student.base_url}")
-        if lr.layout.results_file.exists():
+        if evaluate_done(lr.layout, spec):
             finish(lr, "evaluate", "reused eval/results.json", skipped=True)
         else:
             begin(lr, "evaluate")
@@ -430,36 +397,30 @@ def _nothing() -> Iterator[None]:
 
 
 def conclude(lr: LocalRun) -> None:
+    """The verdict and the cost figures, from the measured results and the spec as it is now (the gate
+    and the prices may have changed since the evaluation ran), as the operator decides them."""
     results = read_results(lr.layout)
     if results is None:
         raise StageFailed("evaluate", "no eval/results.json was written", lr.logs / "evaluate.log")
-    if results.cost is None:
-        progress = training_progress(lr.layout)
-        results.cost = run_cost(
-            lr.run.spec,
-            collection_summaries(lr.layout, lr.run.spec.collection.shards),
-            progress.gpu_hours if progress else None,
-        )
-    lr.status.results = results
-    gate = lr.run.spec.evaluation.min_quality_retention
-    passed = (
-        results.gate_passed if results.gate_passed is not None else (results.quality_retention or 0) >= gate
+    spec = lr.run.spec
+    progress = training_progress(lr.layout)
+    results.cost = run_cost(
+        spec,
+        collection_summaries(lr.layout, spec.collection.shards),
+        progress.gpu_hours if progress else None,
     )
-    retention = f"{results.quality_retention:.3f}" if results.quality_retention is not None else "n/a"
+    gate = verdict(results, spec.evaluation)
+    results.gate_passed = gate.passed
+    lr.status.results = results
     lr.status.completion_time = now()
-    if passed:
-        transition(lr, S.PHASE_SUCCEEDED, S.REASON_QUALITY_GATE_PASSED,
-                   f"quality retention {retention} >= {gate}", ready=True)  # fmt: skip
-    else:
-        transition(lr, S.PHASE_FAILED, S.REASON_QUALITY_GATE_FAILED,
-                   f"quality retention {retention} is below evaluation.minQualityRetention {gate}")  # fmt: skip
+    transition(lr, gate.phase, gate.reason, gate.message, ready=gate.passed)
 
 
 def fail(lr: LocalRun, err: StageFailed) -> None:
-    st = stage_status(lr.status, err.stage)
+    st = BY_NAME[err.stage].status(lr.status)
     st.state, st.completion_time, st.message = "Failed", now(), err.cause
     lr.status.completion_time = now()
-    transition(lr, S.PHASE_FAILED, S.STAGE_FAILED_REASON[err.stage], str(err))
+    transition(lr, S.PHASE_FAILED, BY_NAME[err.stage].failed_reason, str(err))
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -484,12 +445,11 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
     lr.status.phase = S.PHASE_PENDING  # type: ignore[assignment]
     lr.write_status()
     ui.start(lr.name, lr.layout.root)
-    changed = invalidate_changed(lr)
+    changed = changed_stages(lr.layout, run.spec)
     if changed:
         ui.note(changed[0], f"the spec changed since the last run: redoing {', '.join(changed)}")
-    shards = run.spec.collection.shards
     try:
-        if collect_done(lr.layout, shards):
+        if collect_done(lr.layout, run.spec):
             observe(lr)
             finish(lr, "collect", "reused collect/", skipped=True)
         else:
@@ -498,7 +458,7 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
             finish(
                 lr, "collect", f"{lr.status.collection.done} answers, {lr.status.collection.failed} failed"
             )
-        if train_done(lr.layout):
+        if train_done(lr.layout, run.spec):
             observe(lr)
             finish(lr, "train", "reused student/", skipped=True)
         else:

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distillery_trainer.api.stages import STAGES
 from distillery_trainer.api.status import DistillationRunStatus, Latency, StageStatus
 from rich.console import Console
 from rich.progress import (
@@ -18,9 +19,6 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-
-STAGE_TITLES = {"collect": "collect teacher answers", "train": "train the student", "serve": "serve it (vLLM)",
-                "evaluate": "evaluate vs teacher"}  # fmt: skip
 
 
 class Ui:
@@ -49,8 +47,8 @@ class Ui:
                 console=self.console,
             )
             self._bar.start()
-            for stage, title in STAGE_TITLES.items():
-                self.tasks[stage] = self._bar.add_task(title, total=None, start=False, note="")
+            for st in STAGES:
+                self.tasks[st.name] = self._bar.add_task(st.title, total=None, start=False, note="")
 
     def close(self) -> None:
         if self._bar is not None:

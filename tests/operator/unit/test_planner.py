@@ -449,16 +449,31 @@ def test_a_training_edit_restarts_from_training() -> None:
 def test_a_serving_edit_updates_the_deployment_in_place_and_evaluates_again() -> None:
     world = World()
     world.to_evaluated()
-    world.spec = {**world.spec, "serving": {"replicas": 2}}
+    world.spec = {**world.spec, "serving": {"maxModelLen": 4096}}
     world.generation = 2
     out = world.plan()
     assert out.delete == [("Job", "r-eval")]
     deployment = next(d for d in out.apply if d.kind == "Deployment")
     assert (
-        deployment.manifest["spec"]["replicas"] == 2
+        "--max-model-len" in json.dumps(deployment.manifest)
         and deployment.manifest["metadata"]["annotations"][INPUTS_ANNOTATION]
     )
     assert world.status["phase"] == "Serving" and "results" not in world.status
+
+
+def test_scaling_the_served_student_is_not_a_reason_to_evaluate_again() -> None:
+    world = World()
+    world.to_evaluated()
+    results = world.status["results"]
+    world.spec = {**world.spec, "serving": {"replicas": 2}}
+    world.generation = 2
+    out = world.plan()
+    assert out.delete == []
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 2
+    assert world.status["phase"] == "Succeeded"
+    # The serving cost follows the replicas; the measured figures stay.
+    assert world.status["results"]["qualityRetention"] == results["qualityRetention"]
+    assert world.status["results"]["cost"]["servingUSDPerMonth"] == 2 * results["cost"]["servingUSDPerMonth"]
 
 
 def test_verdict_only_edits_rejudge_without_running_anything() -> None:

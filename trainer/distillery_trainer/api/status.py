@@ -1,7 +1,8 @@
 """``DistillationRunStatus``: what the operator (or `distillery run`) observed, and the verdict.
 
 Condition types and reasons are constants here, beside the model, so the operator, the local executor,
-the Argo CD health check and the docs use the same words.
+the Argo CD health check and the docs use the same words. Which stage reports which phase and reasons is
+defined with the stages, in :mod:`.stages`.
 """
 
 from __future__ import annotations
@@ -22,26 +23,8 @@ PHASE_SERVING = "Serving"
 PHASE_EVALUATING = "Evaluating"
 PHASE_SUCCEEDED = "Succeeded"
 PHASE_FAILED = "Failed"
-PHASES = (
-    PHASE_PENDING,
-    PHASE_COLLECTING,
-    PHASE_TRAINING,
-    PHASE_SERVING,
-    PHASE_EVALUATING,
-    PHASE_SUCCEEDED,
-    PHASE_FAILED,
-)
 TERMINAL_PHASES = (PHASE_SUCCEEDED, PHASE_FAILED)
 Phase = Literal["Pending", "Collecting", "Training", "Serving", "Evaluating", "Succeeded", "Failed"]
-
-# The stages in order, and the phase each one runs in.
-STAGES = ("collect", "train", "serve", "evaluate")
-STAGE_PHASE = {
-    "collect": PHASE_COLLECTING,
-    "train": PHASE_TRAINING,
-    "serve": PHASE_SERVING,
-    "evaluate": PHASE_EVALUATING,
-}
 
 # ---------------------------------------------------------------------------------------------- conditions
 
@@ -50,10 +33,8 @@ COND_PROGRESSING = "Progressing"  # a stage is running
 COND_DEGRADED = "Degraded"  # something went wrong (the run failed, or a child is retrying)
 COND_SUCCEEDED = "Succeeded"  # terminal: the run passed
 COND_FAILED = "Failed"  # terminal: the run failed
-CONDITION_TYPES = (COND_READY, COND_PROGRESSING, COND_DEGRADED, COND_SUCCEEDED, COND_FAILED)
 
 # Reasons (CamelCase, as Kubernetes conventions ask).
-REASON_PENDING = "Pending"
 REASON_WAITING_FOR_STORAGE = "WaitingForStorage"  # the claim the operator created is not bound yet
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_COLLECTING = "Collecting"
@@ -69,19 +50,6 @@ REASON_QUALITY_GATE_FAILED = "QualityGateFailed"
 REASON_SPEC_CHANGED = "SpecChanged"
 REASON_RETRYING = "Retrying"
 REASON_AS_EXPECTED = "AsExpected"
-
-STAGE_RUNNING_REASON = {
-    "collect": REASON_COLLECTING,
-    "train": REASON_TRAINING,
-    "serve": REASON_SERVING,
-    "evaluate": REASON_EVALUATING,
-}
-STAGE_FAILED_REASON = {
-    "collect": REASON_COLLECTION_FAILED,
-    "train": REASON_TRAINING_FAILED,
-    "serve": REASON_SERVING_FAILED,
-    "evaluate": REASON_EVALUATION_FAILED,
-}
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]

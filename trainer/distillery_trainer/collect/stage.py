@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import outputs
 from ..api.stage import StageConfig
 from ..api.summaries import CollectionSummary
 from ..cost import tokens_usd
@@ -160,6 +161,7 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
             "(spec.storage.pvc in a cluster, a local directory for `distillery run`)"
         )
     layout = RunLayout(Path(cfg.artifacts))
+    outputs.claim(layout, "collect", spec, log.info)
     started = time.monotonic()
     api_key = cfg.teacher_api_key()
     redact = redactor(api_key)

@@ -32,6 +32,7 @@ def register(sub: Any) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     from ..api import SpecError, load_stage_config
+    from ..outputs import StaleInputs
     from .run import evaluate
 
     try:
@@ -46,4 +47,8 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    return evaluate(config, termination_path=args.termination_log).exit_code
+    try:
+        return evaluate(config, termination_path=args.termination_log).exit_code
+    except StaleInputs as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

@@ -25,9 +25,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .. import outputs
 from ..api.base import API_GROUP, API_VERSION
-from ..api.spec import DistillationRunSpec
+from ..api.spec import DistillationRunSpec, Evaluation
 from ..api.stage import StageConfig
+from ..api.stages import verdict
 from ..api.status import Results
 from ..api.summaries import CollectionSummary, TrainingProgress
 from ..cost import run_cost
@@ -37,7 +39,7 @@ from .client import ChatClient, Completion
 from .data import EvalData, load_eval_items
 from .judge import judge_pair
 from .latency import LoadResult, run_load
-from .quality import Retention, by_category, choose_mode, judge_summary, metric_means, retention, score_items
+from .quality import by_category, choose_mode, judge_summary, metric_means, retention, score_items
 from .report import write_report
 
 MAX_RETRIES = 3  # per quality/judge request; the latency harness never retries
@@ -87,31 +89,19 @@ async def bounded(
     return list(await asyncio.gather(*(one(x) for x in items)))
 
 
-def gate_verdict(r: Retention, threshold: float) -> dict[str, Any]:
+def gate_of(results: Results, evaluation: Evaluation, problem: str | None) -> dict[str, Any]:
+    """results.json's ``gate``: the verdict (:func:`~distillery_trainer.api.stages.verdict`) and its parts."""
+    v = verdict(results, evaluation)
     out: dict[str, Any] = {
-        "threshold": threshold,
-        "retention": r.retention,
-        "passed": False,
-        "conclusive": None,
+        "threshold": evaluation.min_quality_retention,
+        "retention": results.quality_retention,
+        "passed": v.passed,
+        "conclusive": v.conclusive,
     }
-    if r.retention is None:
-        out["verdict"] = f"FAILED: no quality retention could be measured ({r.problem})"
-        return out
-    passed = r.retention >= threshold
-    out["passed"] = passed
-    iv = r.interval
-    span = ""
-    if iv is not None:
-        out["interval"] = iv.to_dict()
-        out["conclusive"] = iv.low >= threshold if passed else iv.high < threshold
-        span = f" ({iv.confidence:.0%} interval {iv.low:.3f}–{iv.high:.3f}"
-        span += (
-            ")"
-            if out["conclusive"]
-            else f", which straddles {threshold:g}: more held-out prompts would settle it)"
-        )
-    word, cmp = ("PASSED", "≥") if passed else ("FAILED", "<")
-    out["verdict"] = f"{word}: quality retention {r.retention:.3f} {cmp} {threshold:g}{span}"
+    if results.retention_interval is not None:
+        out["interval"] = results.retention_interval.to_dict()
+    why = f" ({problem})" if results.quality_retention is None and problem else ""
+    out["verdict"] = f"{'PASSED' if v.passed else 'FAILED'}: {v.message}{why}"
     return out
 
 
@@ -228,7 +218,6 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
     r = retention(scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence)
     if problem is not None:
         r.problem = problem
-    gate = gate_verdict(r, ev.min_quality_retention)
     student_errors = Counter(a.error for a in answers if a.error is not None)
     judge = judge_summary(scores) if ev.judge is not None else None
     judge_request_failures = sum(
@@ -244,13 +233,14 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         teacher_score=r.teacher_score,
         metric=r.metric,
         samples=r.samples,
-        gate_passed=gate["passed"],
         latency_ms=student_load.to_latency() if student_load else None,
         teacher_latency_ms=teacher_load.to_latency() if teacher_load else None,
         throughput_tokens_per_sec=_round(student_load.tokens_per_second()) if student_load else None,
         errors=sum(student_errors.values()) + judge_request_failures + load_errors,
         cost=cost,
     )
+    gate = gate_of(results, ev, r.problem)
+    results.gate_passed = gate["passed"]
     if student_errors:
         notes.append(
             f"{sum(student_errors.values())} of {len(items)} student answers failed ({dict(student_errors)}): "
@@ -341,8 +331,11 @@ async def evaluate_async(
 ) -> Outcome:
     """The whole evaluation, its outputs written; never raises for a failed request. For callers that
     already run an event loop; :func:`evaluate` is the synchronous entry point."""
-    out = await _measure(config, log)
     layout = RunLayout(Path(config.artifacts))
+    outputs.require(layout, "collect", config.spec, by="evaluate")
+    outputs.require(layout, "train", config.spec, by="evaluate")
+    outputs.claim(layout, "evaluate", config.spec, log)
+    out = await _measure(config, log)
     atomic_write(layout.eval_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in out.rows))
     out.doc["results"] = out.results.to_dict()
     out.results.report = str(write_report(layout, out.doc, out.examples))

@@ -46,6 +46,7 @@ def main(args: argparse.Namespace) -> int:
     from ..api.summaries import TrainingProgress
     from ..data.shards import DataError
     from ..models import ModelNotFound
+    from ..outputs import StaleInputs
     from ..termination import write_termination_message
     from .distributed import init_distributed, shutdown
     from .guards import TrainingError
@@ -67,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
             progress.total_steps,
             progress.loss,
         )
-    except (TrainingError, DataError, ModelNotFound) as exc:
+    except (TrainingError, DataError, ModelNotFound, StaleInputs) as exc:
         print(f"error: {exc}", file=sys.stderr)
         failure, code = str(exc), 1
     except BaseException as exc:

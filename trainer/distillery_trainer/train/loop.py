@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import outputs
 from ..api.stage import StageConfig
 from ..api.summaries import TrainingProgress
 from ..data.shards import DataError, read_answers, select_seqkd
@@ -100,6 +101,10 @@ class TrainingRun:
 
     def run(self) -> TrainingProgress:
         try:
+            if self.env.is_main:  # rank 0 settles the volume for every rank and node
+                outputs.require(self.layout, "collect", self.spec, by="train")
+                outputs.claim(self.layout, "train", self.spec, log.info)
+            self.env.barrier()
             if self._already_done():
                 return self.reporter.progress
             seed_everything(self.training.seed)
