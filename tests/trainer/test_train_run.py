@@ -361,3 +361,49 @@ def test_rank_zero_prints_progress_lines_the_operator_can_parse(
     assert last.loss is not None and last.tokens_per_second and last.elapsed_seconds > 0
     assert latest_training(out.stderr) == last == TrainingProgress.model_validate(progress(root))
     assert "sft step 6/6" in out.stderr  # the human line is still there
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def test_a_changed_training_section_trains_again_and_sets_the_old_student_aside(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    """What a restarted train pod does after "train more" on a failed gate: the finished student on the
+    volume was trained for other inputs, so it is set aside and training starts again (it used to exit 0
+    with "nothing to do" and the old student was served and judged again)."""
+    root = new_run(tmp_path, collected)
+    first = {**TRAINING, "method": "sft", "maxSteps": 3, "learningRate": 3e-3}
+    check_ok(tiny.run_train(tiny.stage_config(root, student_dir, first)))
+    assert progress(root)["step"] == 3
+    before = weights(root / "student")
+
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**first, "maxSteps": 6}))
+    check_ok(out)
+    assert "set aside" in out.stderr and "already finished" not in out.stderr
+    assert progress(root)["step"] == 6 and progress(root)["state"] == "Succeeded"
+    after = weights(root / "student")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    (aside,) = (root / "superseded").iterdir()
+    assert aside.name.startswith("train-i2-")
+    kept = weights(aside / "student")  # the previous student is kept, not overwritten
+    assert all(torch.equal(before[name], kept[name]) for name in before)
+    assert json.loads((aside / "train" / "progress.json").read_text())["step"] == 3
+
+    same = tiny.run_train(tiny.stage_config(root, student_dir, {**first, "maxSteps": 6}))
+    check_ok(same)  # the same inputs again: nothing to do, nothing set aside
+    assert "already finished" in same.stderr and len(list((root / "superseded").iterdir())) == 1
+
+
+def test_training_refuses_a_collection_made_for_other_inputs(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    from distillery_trainer import outputs
+
+    root = new_run(tmp_path, collected)
+    atomic = RunLayout(root).collect_dir / "inputs.json"
+    atomic.write_text(json.dumps({"inputs": "i2-0000000000000000", "token": "x"}))
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**TRAINING, "method": "sft", "maxSteps": 2}))
+    assert out.returncode == 1
+    assert "the collect stage must run again first" in out.stderr and "Traceback" not in out.stderr
+    assert not (root / "student").exists() and outputs.recorded(RunLayout(root), "train") is None

@@ -3,7 +3,8 @@
 Each stage records the digest of its inputs (:func:`distillery_trainer.api.stages.fingerprints`) next to
 its outputs, in ``<stage dir>/inputs.json``. A stage that starts with the inputs on record resumes what
 is there (kill -9 resume, the teacher cache); one that starts with other inputs first sets the old
-outputs aside under ``superseded/<stage>-<digest>-<token>/`` and says so in its log, so a restarted
+outputs aside under ``superseded/<stage>-<digest>-<token>/`` (``collect/``, or ``train/`` and
+``student/``, or ``eval/`` inside) and says so in its log, so a restarted
 stage never reuses a student trained for another ``training`` section, a shard of an 8-shard collection
 after a change to 4, or another teacher's answers. The most recent set-aside outputs of each stage are
 kept (:data:`KEEP_SUPERSEDED`); older ones are removed.
@@ -143,9 +144,9 @@ def claim(
         if not inputs_changed(rec.inputs, current):
             return None
         target = layout.root / "superseded" / f"{stage}-{rec.inputs}-{rec.token}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
         try:
-            os.rename(primary, target)  # the claim: one process moves the generation it read
+            os.rename(primary, target / primary.name)  # the claim: one process moves the generation it read
         except OSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                 raise
