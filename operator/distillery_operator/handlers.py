@@ -78,12 +78,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) 
         settings.watching.label_selectors[resource] = CHILD_SELECTOR
     memo["config"] = config
     metrics = OperatorMetrics()
-    reconciler = memo["reconciler"] = Reconciler(
-        Api(functools.partial(login, settings)), config, metrics=metrics
-    )
+    memo["reconciler"] = Reconciler(Api(functools.partial(login, settings)), config, metrics=metrics)
     url: str | None = memo.get("metrics_url")
     if url:
-        server = MetricsServer(url, lambda: metrics.render(runs=reconciler.run_phases()))
+        server = MetricsServer(url, metrics.registry)
         try:
             await server.start()
         except OSError as exc:

@@ -112,6 +112,7 @@ class Reconciler:
     ) -> None:
         self.api = api
         self.metrics = metrics or OperatorMetrics()
+        self.metrics.count_runs(self.run_phases)  # read when scraped
         self.settings = settings
         self.clock = clock
         self.post_event = post_event or kopf.event
