@@ -213,3 +213,91 @@ def test_a_shard_prints_progress_lines_the_operator_can_parse(tmp_path: Path) ->
     assert last == reports[-1] and last.done == 20
     assert last.to_dict() == summary(tmp_path / "run" / "collect", shard=1)
     assert "shard 1/2: 20/20 answered" in out.stderr  # the human line is still there
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def _collect_shards(config: Path, shards: int) -> None:
+    """Every shard at once, as the pods of the Indexed Job start."""
+    procs = [
+        subprocess.Popen(
+            collect_cmd(config, "--shard", str(i), "--shards", str(shards)),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        for i in range(shards)
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err[-3000:]
+
+
+def test_fewer_shards_leave_no_stale_shard_to_read(tmp_path: Path) -> None:
+    """collection.shards 8 -> 4 on the same volume: the 8-shard files are set aside (by whichever of the
+    new shards got there first) and training, evaluation and the cost summaries see 4 shards."""
+    from distillery_trainer.data.shards import read_answers, shard_indices
+    from distillery_trainer.layout import RunLayout
+
+    texts = _texts(64)
+    with FakeOpenAI() as server:
+        prompts = write_prompts(tmp_path / "p.jsonl", texts)
+        eight = stage_config(tmp_path, server.base_url, prompts, spec={"collection": {"shards": 8}})
+        _collect_shards(eight, 8)
+        collect = tmp_path / "run" / "collect"
+        assert len(list(collect.glob("shard-*.jsonl"))) == 8
+        four = stage_config(tmp_path, server.base_url, prompts, spec={"collection": {"shards": 4}})
+        _collect_shards(four, 4)
+    layout = RunLayout(tmp_path / "run")
+    assert sorted(p.name for p in collect.glob("s*-*.json*")) == [
+        *(f"shard-{i:05d}.jsonl" for i in range(4)),
+        *(f"summary-{i:05d}.json" for i in range(4)),
+    ]
+    assert shard_indices(layout) == [0, 1, 2, 3]
+    every = read_answers(layout, "train") + read_answers(layout, "eval")
+    assert sorted(a.id for a in every) == sorted({a.id for a in every}) and len(every) == 64
+    (aside,) = (tmp_path / "run" / "superseded").iterdir()
+    assert len(list((aside / "collect").glob("shard-*.jsonl"))) == 8
+
+
+def test_another_teacher_under_the_same_name_gets_none_of_the_old_answers(tmp_path: Path) -> None:
+    """A run deleted and created again with the same name and another teacher: the volume still holds
+    the first teacher's answers, and none of them may reach training."""
+    from distillery_trainer.data.shards import read_answers
+    from distillery_trainer.layout import RunLayout
+
+    texts = _texts(40)
+    prompts = write_prompts(tmp_path / "p.jsonl", texts)
+    old = FakeOpenAIConfig(answer=lambda messages, i: "OLD TEACHER")
+    new = FakeOpenAIConfig(answer=lambda messages, i: "NEW TEACHER", model="other-teacher")
+    with FakeOpenAI(old) as first:
+        out = run_collect(stage_config(tmp_path, first.base_url, prompts, cache=tmp_path / "cache"))
+        assert out.returncode == 0, out.stderr
+    with FakeOpenAI(new) as second:
+        config = stage_config(
+            tmp_path,
+            second.base_url,
+            prompts,
+            cache=tmp_path / "cache",
+            spec={"teacher": {"endpoint": {"model": "other"}}},
+        )
+        out = run_collect(config)
+        assert out.returncode == 0, out.stderr
+        assert second.count("ok") == 40  # asked again: nothing came from the old answers or their cache
+    assert "set aside" in out.stderr
+    layout = RunLayout(tmp_path / "run")
+    every = read_answers(layout, "train") + read_answers(layout, "eval")
+    assert len(every) == 40 and {a.response for a in every} == {"NEW TEACHER"}
+
+
+def test_the_same_inputs_resume_and_set_nothing_aside(tmp_path: Path) -> None:
+    texts = _texts(30)
+    with FakeOpenAI() as server:
+        config = stage_config(tmp_path, server.base_url, write_prompts(tmp_path / "p.jsonl", texts))
+        assert run_collect(config).returncode == 0
+        asked = server.count("ok")
+        out = run_collect(config)
+        assert out.returncode == 0 and server.count("ok") == asked  # nothing asked twice
+    assert "set aside" not in out.stderr and not (tmp_path / "run" / "superseded").exists()
