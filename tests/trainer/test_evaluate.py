@@ -210,3 +210,30 @@ def test_nothing_to_evaluate_writes_results_and_exits_one(tmp_path: Path) -> Non
     write_collected(tmp_path, [{"id": "e", "messages": [{"role": "user", "content": "x"}], "response": "y"}])
     out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
     assert out.exit_code == 1 and "does not answer" in read_results(tmp_path)["gate"]["verdict"]
+
+
+def test_a_student_that_fails_most_requests_fails_the_gate(tmp_path: Path) -> None:
+    """Failed requests are left out of every score, so a student whose server answers 500 to most of them
+    once passed with retention 1.000 on the few it answered. The share of failed requests now counts."""
+    rows = []
+    for k in range(30):
+        messages = [{"role": "user", "content": f"what is clause {k}"}]
+        rows.append({"id": f"p{k}", "messages": messages, "response": default_answer(messages, 0)})
+    write_collected(tmp_path, rows)
+    spec = {"evaluation": {"load": {"requests": 20, "concurrency": 4, "compareTeacher": False}}}
+    with FakeOpenAI(FakeOpenAIConfig(faults=Faults(rate_500=0.8), seed=11)) as student:
+        cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
+        out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    doc = read_results(tmp_path)
+    res = doc["results"]
+    assert res["qualityRetention"] == 1.0  # on what it answered
+    assert res["errorFraction"] > 0.2 and res["gatePassed"] is False and out.exit_code == 0
+    assert "evaluation.maxErrorFraction 0.02" in doc["gate"]["verdict"]
+    assert doc["gate"]["verdict"].startswith("FAILED: ")
+
+    # The same failures under a tolerance the user chose: the retention decides again.
+    spec["evaluation"]["maxErrorFraction"] = 1.0  # type: ignore[index]
+    with FakeOpenAI(FakeOpenAIConfig(faults=Faults(rate_500=0.8), seed=11)) as student:
+        cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
+        evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    assert read_results(tmp_path)["results"]["gatePassed"] is True

@@ -105,6 +105,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "judge": {"endpoint": {"baseURL": "https://judge.example/v1", "model": "judge"}, "rubric": "be fair"},
         "metrics": ["exact_match", "rouge_l"],
         "minQualityRetention": 0.9,
+        "maxErrorFraction": 0.05,
         "maxSamples": 200,
         "load": {"requests": 50, "concurrency": 4, "maxTokens": 64, "compareTeacher": True},
         "bootstrapSamples": 500,
@@ -303,6 +304,7 @@ def test_every_spec_leaf_restarts_the_same_stages_in_both_modes(base: str, tmp_p
         ("serving.keep", False, []),
         ("scheduling.queueName", "team-b", []),
         ("evaluation.minQualityRetention", 0.5, []),
+        ("evaluation.maxErrorFraction", 0.5, []),
         ("cost.gpuHourUSD", 9.0, []),
     ],
 )
@@ -360,3 +362,25 @@ def test_the_verdict_is_one_rule_for_every_caller() -> None:
     assert "straddles 0.9" in straddles.message and "evaluation.minQualityRetention 0.9" in straddles.message
     none = verdict(Results(), ev)
     assert (none.passed, none.reason) == (False, stage("evaluate").failed_reason)
+
+
+def test_failed_requests_fail_the_gate_in_the_cluster_too() -> None:
+    """The planner re-judges from the results the evaluate pod reported, with the same rule."""
+    spec = full_spec({})
+    world = World(spec=spec)
+    world.plan()
+    world.collect(3)
+    world.plan()
+    world.train(progress())
+    world.plan()
+    world.roll_out()
+    world.plan()
+    world.evaluate({**results(0.99), "errorFraction": 0.3})
+    world.plan()
+    assert world.status["phase"] == "Failed" and world.status["results"]["gatePassed"] is False
+    assert (
+        "30.0% of the student's requests failed > evaluation.maxErrorFraction 0.05" in world.status["message"]
+    )
+    world.spec, world.generation = _set(spec, ("evaluation", "maxErrorFraction"), 0.5), 2
+    world.plan()  # a verdict-only edit: re-judged, nothing runs again
+    assert world.status["phase"] == "Succeeded"

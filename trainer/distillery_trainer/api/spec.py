@@ -472,6 +472,15 @@ class Evaluation(ApiModel):
     min_quality_retention: float = Field(
         default=0.9, gt=0, le=1, description="Gate: student/teacher score below this fails the run."
     )
+    max_error_fraction: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description=(
+            "Gate: a larger share of failed student requests (held-out answers and the latency load) fails "
+            "the run, whatever the retention of the answers that came back."
+        ),
+    )
     max_samples: int | None = Field(
         default=None, ge=1, description="Evaluate at most this many held-out prompts."
     )

@@ -74,7 +74,7 @@ EXECUTION: tuple[str, ...] = (
     "scheduling",
 )
 # Spec fields that only change the verdict and the cost figures.
-VERDICT_ONLY: tuple[str, ...] = ("evaluation.minQualityRetention", "cost")
+VERDICT_ONLY: tuple[str, ...] = ("evaluation.minQualityRetention", "evaluation.maxErrorFraction", "cost")
 
 
 @dataclass(frozen=True)
@@ -233,7 +233,9 @@ class Verdict:
 
 
 def verdict(results: Results, evaluation: Evaluation) -> Verdict:
-    """The quality gate, from measured results and the spec's threshold (which may have changed since)."""
+    """The quality gate, from measured results and the spec's thresholds (which may have changed since):
+    no retention fails the evaluation; too many failed student requests, or a retention below
+    ``minQualityRetention``, fails the gate."""
     threshold = evaluation.min_quality_retention
     retention = results.quality_retention
     if retention is None:
@@ -243,6 +245,14 @@ def verdict(results: Results, evaluation: Evaluation) -> Verdict:
             REASON_EVALUATION_FAILED,
             "no quality retention could be measured",
         )
+    errors = results.error_fraction
+    if errors is not None and errors > evaluation.max_error_fraction:
+        # Failed requests are in no score: a retention over the few answers that came back proves nothing.
+        message = (
+            f"{errors:.1%} of the student's requests failed > evaluation.maxErrorFraction "
+            f"{evaluation.max_error_fraction:g} (quality retention {retention:.3f} on the answers that came back)"
+        )
+        return Verdict(False, PHASE_FAILED, REASON_QUALITY_GATE_FAILED, message)
     passed = retention >= threshold
     span, conclusive = "", None
     iv = results.retention_interval

@@ -160,6 +160,12 @@ class Results(ApiModel):
         default=None, ge=0, description="Student output tokens/s."
     )
     errors: int | None = Field(default=None, ge=0, description="Failed requests during evaluation.")
+    error_fraction: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="Share of the student's requests that failed (held-out answers and the latency load).",
+    )
     cost: CostResults | None = Field(default=None, description="What it cost, and what it saves.")
     report: str | None = Field(default=None, max_length=4096, description="Where the full report lies.")
 

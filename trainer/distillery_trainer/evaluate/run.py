@@ -7,7 +7,8 @@ from ``collect/summary-*.json`` and ``train/progress.json``, then writes, in thi
 ``eval/results.json`` (the commit point) and the termination message (the status ``Results``, ≤ 4 KiB).
 
 Nothing that goes wrong with a request ends the evaluation: failures are counted by kind and left out
-of every score. The exit code is 0 when a retention figure came out (the gate verdict is in the
+of every score, and their share (``errorFraction``) is held against ``evaluation.maxErrorFraction`` by
+the gate. The exit code is 0 when a retention figure came out (the gate verdict is in the
 results, pass or fail), 1 when it could not (no held-out prompts, no student, nothing scored) — the
 results are written either way.
 """
@@ -224,6 +225,8 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         v for k, v in (judge or {}).get("failures", {}).items() if k != "unparseable"
     )
     load_errors = sum(student_load.errors.values()) if student_load else 0
+    asked = len(answers) + (student_load.requests if student_load else 0)
+    error_fraction = round((sum(student_errors.values()) + load_errors) / asked, 4) if asked else None
     summaries, gpu_hours = _read_cost_inputs(layout, notes)
     cost = run_cost(spec, summaries, gpu_hours)
     results = Results(
@@ -237,6 +240,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         teacher_latency_ms=teacher_load.to_latency() if teacher_load else None,
         throughput_tokens_per_sec=_round(student_load.tokens_per_second()) if student_load else None,
         errors=sum(student_errors.values()) + judge_request_failures + load_errors,
+        error_fraction=error_fraction,
         cost=cost,
     )
     gate = gate_of(results, ev, r.problem)
