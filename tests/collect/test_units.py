@@ -25,7 +25,8 @@ from distillery_trainer.collect.prompts import (
     volume_root,
 )
 from distillery_trainer.collect.ratelimit import RateLimiter
-from distillery_trainer.collect.retry import FAIL, FATAL, RETRY, Backoff, classify, parse_retry_after
+from distillery_trainer.collect.verdict import FAIL, FATAL, RETRY, classify
+from distillery_trainer.retry import Backoff, parse_retry_after
 
 # ---------------------------------------------------------------------------------------------- rate limiter
 

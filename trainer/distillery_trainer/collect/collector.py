@@ -1,10 +1,11 @@
 """The collection engine: ``concurrency`` workers ask the teacher, one writer puts answers on disk.
 
 A worker takes the next prompt, looks it up in the cache, else waits for the rate limiter and calls the
-teacher — retrying per :mod:`.retry` — and hands the answer (or the failure) to the writer. The writer
-flushes a chunk every ``chunk_lines`` answers or ``flush_seconds``, whichever comes first, off the event
-loop. An answer is in the cache as soon as it arrives, so a kill loses only the requests in flight: the
-answers waiting for a flush come back from the cache on resume, for free.
+teacher — retrying what :mod:`.verdict` calls retryable, in :mod:`distillery_trainer.retry`'s loop — and
+hands the answer (or the failure) to the writer. The writer flushes a chunk every ``chunk_lines`` answers
+or ``flush_seconds``, whichever comes first, off the event loop. An answer is in the cache as soon as it
+arrives, so a kill loses only the requests in flight: the answers waiting for a flush come back from the
+cache on resume, for free.
 """
 
 from __future__ import annotations
@@ -18,13 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from tenacity import RetryCallState
+
 from ..data.topk import entry_key
+from ..retry import Backoff, TransientError, error_of, retrying
 from .cache import AnswerCache, cache_key
 from .prompts import Prompt
 from .ratelimit import RateLimiter
-from .retry import FAIL, FATAL, Backoff, classify
 from .store import Failure, Record, ShardStore
 from .teacher import Completion, RequestSpec, Teacher, TokenIds, parse_completion
+from .verdict import FAIL, FATAL, Verdict, classify
 
 log = logging.getLogger("distillery.collect")
 
@@ -33,6 +37,14 @@ Selection = Literal["first", "bestLogprob", "all"]
 
 class FatalError(RuntimeError):
     """Every prompt would fail the same way (the key, the URL, the model): stop the shard."""
+
+
+class _Again(TransientError):
+    """A failure the verdict says to retry, on its way through the retry loop."""
+
+    def __init__(self, verdict: Verdict, reason: str) -> None:
+        super().__init__(verdict.kind, reason, verdict.retry_after)
+        self.verdict = verdict
 
 
 @dataclass(frozen=True)
@@ -157,44 +169,63 @@ class Collector:
     # ------------------------------------------------------------------------------------------ one prompt
 
     async def _ask(self, prompt: Prompt) -> Completion | Failure:
+        """The teacher's answer, or why there is none: the attempts run in the shared retry loop, each
+        waiting for the rate limiter first; a worker sleeps between them holding its slot."""
         s = self.settings
         body = s.request.body(prompt.messages)
         estimate = s.request.estimated_tokens(prompt.messages)
-        attempt = 0
-        while True:
-            await self.limiter.acquire(estimate)
-            self.counters.requests += 1
-            try:
-                data = await self.teacher.complete(body)
-                completion = parse_completion(data, top_k=s.top_k, token_ids=self.token_ids)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
-                verdict = classify(exc)
-                self.limiter.settle(estimate, 0)
-                reason = self.redact(verdict.reason)
-                if verdict.action == FATAL:
-                    raise FatalError(reason) from None
-                if verdict.action == FAIL:
-                    return Failure(prompt.id, verdict.kind, reason, False, verdict.status, attempt + 1)
-                if attempt >= s.max_retries:
-                    return Failure(
-                        prompt.id,
-                        verdict.kind,
-                        f"gave up after {attempt + 1} attempts (collection.maxRetries={s.max_retries}): {reason}",
-                        True,
-                        verdict.status,
-                        attempt + 1,
-                    )
-                delay = s.backoff.delay(attempt, verdict.retry_after, self.rng)
-                attempt += 1
-                self.counters.retries += 1
-                log.debug("retry %d of %s in %.2fs: %s", attempt, prompt.id, delay, reason)
-                await asyncio.sleep(delay)
-                continue
-            self.limiter.settle(estimate, completion.prompt_tokens + completion.completion_tokens)
-            self.counters.unmapped_tokens += completion.unmapped_tokens
-            return completion
+
+        def retried(state: RetryCallState) -> None:
+            self.counters.retries += 1
+            log.debug(
+                "retry %d of %s in %.2fs: %s",
+                state.attempt_number,
+                prompt.id,
+                state.upcoming_sleep,
+                error_of(state),
+            )
+
+        attempts = 0
+        try:
+            async for attempt in retrying(s.backoff, s.max_retries, rng=self.rng, before_sleep=retried):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    return await self._attempt(prompt, body, estimate, attempts)
+        except _Again as exc:
+            return Failure(
+                prompt.id,
+                exc.kind,
+                f"gave up after {attempts} attempts (collection.maxRetries={s.max_retries}): {exc.detail}",
+                True,
+                exc.verdict.status,
+                attempts,
+            )
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    async def _attempt(
+        self, prompt: Prompt, body: dict[str, Any], estimate: int, attempts: int
+    ) -> Completion | Failure:
+        """One request; raises :class:`_Again` when the failure is worth another attempt."""
+        s = self.settings
+        await self.limiter.acquire(estimate)
+        self.counters.requests += 1
+        try:
+            data = await self.teacher.complete(body)
+            completion = parse_completion(data, top_k=s.top_k, token_ids=self.token_ids)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
+            verdict = classify(exc)
+            self.limiter.settle(estimate, 0)
+            reason = self.redact(verdict.reason)
+            if verdict.action == FATAL:
+                raise FatalError(reason) from None
+            if verdict.action == FAIL:
+                return Failure(prompt.id, verdict.kind, reason, False, verdict.status, attempts)
+            raise _Again(verdict, reason) from None
+        self.limiter.settle(estimate, completion.prompt_tokens + completion.completion_tokens)
+        self.counters.unmapped_tokens += completion.unmapped_tokens
+        return completion
 
     async def _one(self, prompt: Prompt) -> Record | Failure:
         s = self.settings

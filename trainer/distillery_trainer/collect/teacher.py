@@ -4,7 +4,7 @@ the OpenAI chat-completions shape parsed into answers, usage and top-k arrays.
 The call goes through ``AsyncOpenAI.post`` (the client's documented way to reach an endpoint directly)
 and the JSON is parsed here rather than into the client's pydantic models: a white-box answer carries
 k alternatives for every token, and building objects for them costs more CPU than the request itself.
-The client's own retries are off; :mod:`.retry` decides.
+The client's own retries are off: :mod:`.verdict` and :mod:`distillery_trainer.retry` decide.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import openai
 
 from ..data.topk import TopK
-from .retry import LogprobsUnsupported, MalformedResponse, Refusal, TokenIdsUnavailable
+from .verdict import LogprobsUnsupported, MalformedResponse, Refusal, TokenIdsUnavailable
 
 try:  # the HTTP library the installed openai client is built on
     import httpx2 as _http

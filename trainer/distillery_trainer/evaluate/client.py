@@ -4,25 +4,25 @@ Plain aiohttp rather than the ``openai`` package: the latency harness must times
 token itself and drive hundreds of requests a second from one core, and every failure has to come back
 as a value (an error kind the report can count), never as an exception that ends the evaluation.
 
-- :meth:`ChatClient.complete` — one answer, retried on 429/5xx/timeouts/dropped connections/malformed
-  JSON with exponential backoff that honours ``Retry-After``; other 4xx are final.
+- :meth:`ChatClient.complete` — one answer, retried as :mod:`distillery_trainer.retry` says (408/409/
+  429/5xx, timeouts, dropped connections — and malformed JSON) with exponential backoff that honours
+  ``Retry-After`` (about 30 s at most here: an evaluation waits on its slowest answer); other 4xx are final.
 - :meth:`ChatClient.stream` — one streamed answer, never retried (a retry would hide latency), with the
   time to the first content token and to the end of the stream.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
-RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
-MAX_RETRY_AFTER = 30.0
+from ..retry import Backoff, TransientError, parse_retry_after, retryable_status, retrying, transient_kind
+
+BACKOFF = Backoff(base=0.5, cap=10.0, max_retry_after=30.0)
 
 
 @dataclass
@@ -54,32 +54,10 @@ class StreamTiming:
         return self.error is None
 
 
-class _Retryable(Exception):
-    def __init__(self, kind: str, detail: str, retry_after: float | None = None) -> None:
-        super().__init__(detail)
-        self.kind, self.detail, self.retry_after = kind, detail, retry_after
-
-
 class _Final(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
         self.kind, self.detail = kind, detail
-
-
-def _retry_after(headers: Any) -> float | None:
-    ms = headers.get("retry-after-ms")
-    if ms:
-        try:
-            return float(ms) / 1000.0
-        except ValueError:
-            pass
-    value = headers.get("Retry-After")
-    if value:
-        try:
-            return float(value)
-        except ValueError:
-            return None  # an HTTP date: fall back to our own backoff
-    return None
 
 
 def _error_detail(body: str) -> str:
@@ -103,7 +81,7 @@ class ChatClient:
         timeout: float = 120.0,
         max_retries: int = 3,
         concurrency: int = 16,
-        backoff: float = 0.5,
+        backoff: Backoff = BACKOFF,
     ) -> None:
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.base_url = base_url.rstrip("/")
@@ -156,22 +134,17 @@ class ChatClient:
 
     async def complete(self, messages: list[dict[str, Any]], **sampling: Any) -> Completion:
         payload = self._payload(messages, sampling, stream=False)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                out = await self._complete_once(payload)
-                out.attempts = attempt
-                return out
-            except _Final as exc:
-                return Completion(error=exc.kind, detail=exc.detail, attempts=attempt)
-            except _Retryable as exc:
-                if attempt > self.max_retries:
-                    return Completion(error=exc.kind, detail=exc.detail, attempts=attempt)
-                delay = exc.retry_after
-                if delay is None:
-                    delay = min(self.backoff * 2 ** (attempt - 1), 10.0) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(min(delay, MAX_RETRY_AFTER))
+        attempts = 0
+        try:
+            async for attempt in retrying(self.backoff, self.max_retries):
+                with attempt:
+                    attempts = attempt.retry_state.attempt_number
+                    out = await self._complete_once(payload)
+                    out.attempts = attempts
+                    return out
+        except (_Final, TransientError) as exc:
+            return Completion(error=exc.kind, detail=exc.detail, attempts=attempts)
+        raise AssertionError("unreachable: the retry loop returns or raises")
 
     async def _complete_once(self, payload: dict[str, Any]) -> Completion:
         try:
@@ -179,13 +152,16 @@ class ChatClient:
                 body = await resp.text()
                 if resp.status != 200:
                     kind, detail = f"http_{resp.status}", _error_detail(body)
-                    if resp.status in RETRYABLE_STATUS:
-                        raise _Retryable(kind, detail, _retry_after(resp.headers))
+                    if retryable_status(resp.status):
+                        raise TransientError(kind, detail, parse_retry_after(resp.headers))
                     raise _Final(kind, detail)
-        except TimeoutError as exc:
-            raise _Retryable("timeout", f"no answer within {self._timeout.total:g} s") from exc
-        except (aiohttp.ClientError, OSError) as exc:
-            raise _Retryable("connection", f"{type(exc).__name__}: {exc}"[:300]) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            transport = transient_kind(exc)
+            if transport == "timeout":
+                raise TransientError(transport, f"no answer within {self._timeout.total:g} s") from exc
+            if transport == "connection":
+                raise TransientError(transport, f"{type(exc).__name__}: {exc}"[:300]) from exc
+            raise _Final("connection", f"{type(exc).__name__}: {exc}"[:300]) from exc
         try:
             data = json.loads(body)
             choice = data["choices"][0]
@@ -193,7 +169,7 @@ class ChatClient:
             if not isinstance(text, str):
                 text = "" if text is None else str(text)
         except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise _Retryable("malformed", f"unreadable response: {body[:200]!r}") from exc
+            raise TransientError("malformed", f"unreadable response: {body[:200]!r}") from exc
         usage = data.get("usage") or {}
         return Completion(
             text=text,

@@ -1,22 +1,22 @@
-"""What to do about a failed teacher call, decided in ONE place: retry (after how long), record, or stop.
+"""What a failed teacher call means for the collection: retry it, record it, or stop the shard.
 
-- retry: 429 (after ``Retry-After``/``retry-after-ms`` when sent), 408, 409, 5xx, timeouts, dropped
-  connections, malformed bodies — with exponential backoff and jitter, at most ``maxRetries`` times;
-- record in the failures file: 400/413/422 (a context too long, a parameter the endpoint rejects) —
-  retrying cannot fix those;
-- stop the shard: 401/403 (the API key), 404 (the model or URL) — every other prompt would fail the same.
+- retry: what :mod:`distillery_trainer.retry` calls retryable — 408, 409, 429, 5xx (with the server's
+  ``Retry-After``), timeouts, dropped connections — and malformed bodies; the collector waits per its
+  :class:`~distillery_trainer.retry.Backoff`, at most ``maxRetries`` times;
+- record in the failures file: other 4xx — 400/413/422 (a context too long, a parameter the endpoint
+  rejects) and refusals: retrying cannot fix those;
+- stop the shard: 401/403 (the API key), 404 (the model or URL), white-box answers that cannot be had —
+  every other prompt would fail the same.
 """
 
 from __future__ import annotations
 
-import email.utils
 import json
-import random
-import time
 from dataclasses import dataclass
-from typing import Any
 
 import openai
+
+from ..retry import parse_retry_after, retryable_status, transient_kind
 
 RETRY = "retry"
 FAIL = "fail"
@@ -48,48 +48,6 @@ class LogprobsUnsupported(RuntimeError):
     """Logprobs were asked for and the endpoint answered without them: no prompt can succeed."""
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with "equal jitter": a wait in [d/2, d], d = base × 2^attempt capped at ``cap``;
-    a server's ``Retry-After`` is honoured (plus up to 10 % jitter so retries do not arrive together)."""
-
-    base: float = 0.5
-    cap: float = 30.0
-    max_retry_after: float = 600.0
-
-    def delay(
-        self, attempt: int, retry_after: float | None = None, rng: random.Random | None = None
-    ) -> float:
-        r = float((rng or random).random())
-        if retry_after is not None and retry_after >= 0:
-            return min(retry_after, self.max_retry_after) * (1 + 0.1 * r)
-        d = min(self.cap, self.base * 2.0**attempt)
-        return d / 2 + d / 2 * r
-
-
-def parse_retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` (OpenAI), or ``Retry-After`` as seconds or an HTTP date."""
-    if headers is None:
-        return None
-    ms = headers.get("retry-after-ms")
-    if ms is not None:
-        try:
-            return max(0.0, float(ms) / 1000)
-        except ValueError:
-            pass
-    value = headers.get("retry-after")
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    parsed = email.utils.parsedate_tz(value)
-    if parsed is None:
-        return None
-    return max(0.0, email.utils.mktime_tz(parsed) - time.time())
-
-
 def _message(exc: openai.APIStatusError) -> tuple[str, str | None]:
     body = exc.body
     if isinstance(body, dict):
@@ -102,9 +60,10 @@ def _message(exc: openai.APIStatusError) -> tuple[str, str | None]:
 
 
 def classify(exc: BaseException) -> Verdict:
-    if isinstance(exc, openai.APITimeoutError):
+    transport = transient_kind(exc)
+    if transport == "timeout":
         return Verdict(RETRY, "timeout", "request timed out")
-    if isinstance(exc, openai.APIConnectionError):
+    if transport == "connection":
         return Verdict(RETRY, "connection", f"connection error: {exc.__cause__ or exc}")
     if isinstance(exc, (MalformedResponse, json.JSONDecodeError, openai.APIResponseValidationError)):
         return Verdict(RETRY, "malformed", f"malformed response: {exc}")
@@ -118,10 +77,9 @@ def classify(exc: BaseException) -> Verdict:
         status = exc.status_code
         message, code = _message(exc)
         text = f"HTTP {status}: {message}"
-        if status == 429:
-            return Verdict(RETRY, "rate_limited", text, status, parse_retry_after(exc.response.headers))
-        if status in (408, 409) or status >= 500:
-            return Verdict(RETRY, "server_error", text, status, parse_retry_after(exc.response.headers))
+        if retryable_status(status):
+            kind = "rate_limited" if status == 429 else "server_error"
+            return Verdict(RETRY, kind, text, status, parse_retry_after(exc.response.headers))
         if status in (401, 403):
             return Verdict(
                 FATAL, "auth", f"{text} — check the teacher's API key (its Secret or apiKeyEnv)", status
