@@ -63,12 +63,13 @@ from pydantic import ValidationError
 
 from . import status as derive
 from .builders.collect import collect_job, teacher_deployment, teacher_service
-from .builders.common import COLLECT, EVAL, MAX_RUN_NAME, SERVE, TEACHER, TRAIN, Run
+from .builders.common import Run
 from .builders.config import config_map
 from .builders.evaluate import eval_job
 from .builders.serve import serve_deployment, serve_service
-from .builders.storage import CLASS_NOT_FOUND, IMMEDIATE, persistent_volume_claim
+from .builders.storage import persistent_volume_claim
 from .builders.train import pytorch_job, rendezvous_service, train_job
+from .naming import CLASS_NOT_FOUND, COLLECT, EVAL, IMMEDIATE, MAX_RUN_NAME, SERVE, TEACHER, TRAIN
 from .observe import Child, Observed, RunView, parse_time
 from .settings import Settings
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from distillery_operator.builders.common import INPUTS_ANNOTATION
+from distillery_operator.naming import INPUTS_ANNOTATION
 from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view
 from distillery_operator.planner import Capabilities, Plan, fingerprints, plan
 from distillery_operator.settings import Settings
