@@ -18,9 +18,9 @@ from typing import Any
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from .builders.common import HASH_ANNOTATION
 from .errors import translate
 from .kube import Api
+from .naming import HASH_ANNOTATION
 from .observe import Child
 from .planner import Desired
 

@@ -24,10 +24,9 @@ from typing import Any
 
 import kopf
 
-from .builders.common import MANAGED_LABEL, RUN_LABEL
-from .builders.storage import claim_to_create
 from .kube import Api
 from .metrics import MetricsServer, OperatorMetrics
+from .naming import MANAGED_LABEL, RUN_LABEL, claim_to_create
 from .observe import Child, Key, Pod, RunView, child_view, pod_view, run_view
 from .reconciler import CLAIM_INDEX, POD_INDEX, RUN_INDEX, Reconciler
 from .settings import MANAGED_BY, Settings

@@ -18,7 +18,7 @@ import aiohttp
 import kopf
 from kubernetes.client.exceptions import ApiException
 
-from .builders.storage import CLASS_NOT_FOUND, IMMEDIATE
+from .naming import CLASS_NOT_FOUND, IMMEDIATE
 
 logger = logging.getLogger("distillery.operator")
 

@@ -17,8 +17,13 @@ from typing import Any
 
 from distillery_trainer.api.base import ApiModel
 
-from .builders.common import COMPONENT_LABEL, HASH_ANNOTATION, INPUTS_ANNOTATION, RUN_LABEL
-from .builders.train import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER
+from .naming import (
+    COMPLETION_INDEX_ANNOTATION,
+    COMPONENT_LABEL,
+    HASH_ANNOTATION,
+    INPUTS_ANNOTATION,
+    PYTORCHJOB_CONTAINER,
+)
 
 PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch-replica-type")
 COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
@@ -186,13 +191,6 @@ def parse_time(value: Any) -> datetime | None:
         return datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
         return None
-
-
-def run_key(meta: Mapping[str, Any]) -> Key | None:
-    """The run a child belongs to, from its ``distillery.dev/run`` label."""
-    run = (meta.get("labels") or {}).get(RUN_LABEL)
-    namespace = meta.get("namespace")
-    return (namespace, run) if run and namespace else None
 
 
 def plain(value: Any) -> Any:

@@ -32,8 +32,8 @@ from distillery_trainer.api.base import ApiModel
 from distillery_trainer.progress_line import latest
 from kubernetes.client.exceptions import ApiException
 
-from .builders.common import COLLECT, TRAIN
 from .kube import Api
+from .naming import COLLECT, TRAIN, child_name
 from .observe import Child, Key, Live, Observed
 from .settings import Settings
 
@@ -63,14 +63,16 @@ def targets(run: str, observed: Observed) -> list[Target]:
     """The pods to read for a run: the running training master, and every running collection pod, of
     the stage's current child while it has not ended."""
     out: list[Target] = []
-    train = observed.child("PyTorchJob", f"{run}-{TRAIN}") or observed.child("Job", f"{run}-{TRAIN}")
+    train = observed.child("PyTorchJob", child_name(run, TRAIN)) or observed.child(
+        "Job", child_name(run, TRAIN)
+    )
     if train is not None and not train.deleting and not _ended(train):
         out += [
             Target(p.name, p.container, "train")
             for p in observed.pods_of(TRAIN, train)
             if p.running and p.master
         ]
-    collect = observed.child("Job", f"{run}-{COLLECT}")
+    collect = observed.child("Job", child_name(run, COLLECT))
     if collect is not None and not collect.deleting and not _ended(collect):
         out += [
             Target(p.name, p.container, "collect") for p in observed.pods_of(COLLECT, collect) if p.running

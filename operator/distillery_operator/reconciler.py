@@ -32,9 +32,9 @@ import kopf
 from distillery_trainer.api.status import PHASE_PENDING, REASON_RETRYING
 
 from . import apply, errors
-from .builders.storage import claim_to_create
 from .kube import Api
 from .metrics import OperatorMetrics
+from .naming import claim_to_create
 from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
 from .podlogs import LiveProgress, targets

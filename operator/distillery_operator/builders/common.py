@@ -1,4 +1,5 @@
-"""What every child of a run shares: names, labels, the owner reference, pod security and placement.
+"""What every child of a run shares: names, labels, the owner reference, pod security and placement
+(the names, labels and annotations themselves are :mod:`distillery_operator.naming`'s).
 
 Builders are pure: a :class:`Run` (the parts of the DistillationRun they need) and the operator's
 :class:`~distillery_operator.settings.Settings` in, a plain manifest (dict) out. No API calls.
@@ -21,37 +22,26 @@ from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import digest
 from distillery_trainer.serve import VLLM_PORT
 
+from ..naming import (  # noqa: F401  (the components and MAX_RUN_NAME: re-exported for the builders)
+    COLLECT,
+    COMPONENT_LABEL,
+    COMPONENT_STAGE,
+    CONFIG,
+    DATA,
+    EVAL,
+    HASH_ANNOTATION,
+    INPUTS_ANNOTATION,
+    MANAGED_LABEL,
+    MAX_RUN_NAME,
+    QUEUE_LABEL,
+    RUN_LABEL,
+    SERVE,
+    STAGE_LABEL,
+    TEACHER,
+    TRAIN,
+    child_name,
+)
 from ..settings import MANAGED_BY, Settings
-
-# Labels and annotations.
-RUN_LABEL = "distillery.dev/run"
-STAGE_LABEL = "distillery.dev/stage"
-COMPONENT_LABEL = "app.kubernetes.io/component"
-MANAGED_LABEL = "app.kubernetes.io/managed-by"
-QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-HASH_ANNOTATION = "distillery.dev/hash"  # of the manifest as built: a differing one is re-applied
-INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage depends on: restarts
-
-# Components (one per kind of child) and the stage each belongs to.
-CONFIG = "config"
-DATA = "data"
-TEACHER = "teacher"
-COLLECT = "collect"
-TRAIN = "train"
-SERVE = "serve"
-EVAL = "eval"
-COMPONENT_STAGE = {
-    CONFIG: "config",
-    DATA: "storage",
-    TEACHER: "collect",
-    COLLECT: "collect",
-    TRAIN: "train",
-    SERVE: "serve",
-    EVAL: "evaluate",
-}
-
-# The longest suffix a child's name gets, plus the "-<index>" of an Indexed Job's pod hostname.
-MAX_RUN_NAME = 63 - len("-collect") - len("-99999")
 
 CONFIG_FILE = "stage.yaml"
 TORCH_PORT = 29500
@@ -68,7 +58,7 @@ class Run:
     spec: DistillationRunSpec
 
     def child(self, component: str) -> str:
-        return f"{self.name}-{component}"
+        return child_name(self.name, component)
 
     def service_url(self, component: str, port: int = VLLM_PORT) -> str:
         return f"http://{self.child(component)}.{self.namespace}.svc:{port}/v1"

@@ -16,23 +16,10 @@ spec's ``create`` section is immutable too (a CEL rule) and a resize is the clai
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from ..settings import Settings
 from .common import DATA, Run, finish, labels, owner_reference
-
-# A StorageClass's volumeBindingMode, and what the reconciler reports for a class that does not exist.
-IMMEDIATE = "Immediate"
-WAIT_FOR_FIRST_CONSUMER = "WaitForFirstConsumer"
-CLASS_NOT_FOUND = "NotFound"
-
-
-def claim_to_create(spec: Mapping[str, Any]) -> str | None:
-    """The claim a run's spec (as the API server holds it) asks the operator to create, if any."""
-    pvc = ((spec.get("storage") or {}).get("pvc")) or {}
-    name = pvc.get("claimName")
-    return name if isinstance(name, str) and name and pvc.get("create") else None
 
 
 def persistent_volume_claim(run: Run, settings: Settings) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..naming import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER
 from ..settings import Settings
 from .common import (
     PYTORCHJOB_PORT,
@@ -27,9 +28,6 @@ from .common import (
     stage_command,
     volume_mounts,
 )
-
-PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
-COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 
 
 def nproc_per_node(run: Run) -> int:

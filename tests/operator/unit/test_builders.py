@@ -13,17 +13,12 @@ import kubernetes_validate
 import pytest
 import yaml
 from distillery_operator.builders.collect import collect_job, teacher_deployment, teacher_service
-from distillery_operator.builders.common import (
-    HASH_ANNOTATION,
-    INPUTS_ANNOTATION,
-    MAX_RUN_NAME,
-    QUEUE_LABEL,
-    Run,
-)
+from distillery_operator.builders.common import Run
 from distillery_operator.builders.config import config_map
 from distillery_operator.builders.evaluate import eval_job
 from distillery_operator.builders.serve import serve_deployment, serve_service, student_server
 from distillery_operator.builders.train import pytorch_job, rendezvous_service, train_job
+from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, MAX_RUN_NAME, QUEUE_LABEL
 from distillery_operator.settings import Settings
 from distillery_operator.validate import _to_json_schema
 from distillery_trainer.api.resource import load_yaml

@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from distillery_operator.builders.common import INPUTS_ANNOTATION
+from distillery_operator.naming import INPUTS_ANNOTATION
 from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view
-from distillery_operator.planner import Capabilities, Plan, fingerprints, plan
+from distillery_operator.planner import Capabilities, Plan, plan
 from distillery_operator.settings import Settings
 from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.stages import fingerprints
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
 

@@ -9,13 +9,8 @@ import kubernetes_validate
 import pytest
 from distillery_operator import apply
 from distillery_operator.builders.common import Run
-from distillery_operator.builders.storage import (
-    CLASS_NOT_FOUND,
-    IMMEDIATE,
-    WAIT_FOR_FIRST_CONSUMER,
-    claim_to_create,
-    persistent_volume_claim,
-)
+from distillery_operator.builders.storage import persistent_volume_claim
+from distillery_operator.naming import CLASS_NOT_FOUND, IMMEDIATE, WAIT_FOR_FIRST_CONSUMER, claim_to_create
 from distillery_operator.observe import Child, RunView, child_view
 from distillery_operator.planner import Capabilities, Desired
 from distillery_operator.reconciler import CHILD_INDICES, CLAIM_INDEX, POD_INDEX, RUN_INDEX, Reconciler

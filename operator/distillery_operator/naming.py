@@ -1,0 +1,58 @@
+"""What names a run's children and what the operator recognises them by: their names, labels and
+annotations, the components, and the few Kubernetes words it matches on. No logic beyond names, so the
+builders, the observers, the handlers and the planner all read the same words without importing each other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+# Labels and annotations.
+RUN_LABEL = "distillery.dev/run"
+STAGE_LABEL = "distillery.dev/stage"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_LABEL = "app.kubernetes.io/managed-by"
+QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+HASH_ANNOTATION = "distillery.dev/hash"  # of the manifest as built: a differing one is re-applied
+INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage depends on: restarts
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
+
+# Components (one per kind of child) and the stage each belongs to.
+CONFIG = "config"
+DATA = "data"
+TEACHER = "teacher"
+COLLECT = "collect"
+TRAIN = "train"
+SERVE = "serve"
+EVAL = "eval"
+COMPONENT_STAGE = {
+    CONFIG: "config",
+    DATA: "storage",
+    TEACHER: "collect",
+    COLLECT: "collect",
+    TRAIN: "train",
+    SERVE: "serve",
+    EVAL: "evaluate",
+}
+
+# The longest suffix a child's name gets, plus the "-<index>" of an Indexed Job's pod hostname.
+MAX_RUN_NAME = 63 - len("-collect") - len("-99999")
+
+# A StorageClass's volumeBindingMode, and what the reconciler reports for a class that does not exist.
+IMMEDIATE = "Immediate"
+WAIT_FOR_FIRST_CONSUMER = "WaitForFirstConsumer"
+CLASS_NOT_FOUND = "NotFound"
+
+
+def child_name(run: str, component: str) -> str:
+    """The name of a run's child: ``<run>-<component>``."""
+    return f"{run}-{component}"
+
+
+def claim_to_create(spec: Mapping[str, Any]) -> str | None:
+    """The claim a run's spec (as the API server holds it) asks the operator to create, if any."""
+    pvc = ((spec.get("storage") or {}).get("pvc")) or {}
+    name = pvc.get("claimName")
+    return name if isinstance(name, str) and name and pvc.get("create") else None

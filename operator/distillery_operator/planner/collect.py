@@ -1,0 +1,107 @@
+"""Collect: the teacher's answers, an Indexed Job of ``collection.shards`` shards.
+
+Before its Job is created the run's claim must be ready (:func:`.storage.claim`). A self-hosted teacher
+(``teacher.selfHosted``) is a vLLM Deployment and Service that the Job waits for, torn down once the
+collection ends, whether it succeeded or failed.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from distillery_trainer.api.status import REASON_RETRYING
+
+from .. import status as derive
+from ..builders.collect import collect_job, teacher_deployment, teacher_service
+from ..naming import COLLECT, TEACHER
+from ..observe import parse_time
+from .model import Outcome
+from .storage import claim
+
+if TYPE_CHECKING:
+    from .walk import Walk
+
+
+def collect(w: Walk) -> Outcome:
+    st = w.st.collection
+    shards = w.spec.collection.shards
+    name = w.run.child(COLLECT)
+    job = w.observed.child("Job", name)
+    self_hosted = w.spec.teacher.self_hosted is not None
+    if (held := w.superseded("collect", job)) is not None:
+        return held
+    if job is None or job.deleting:
+        if job is None and st.state == "Succeeded":
+            teardown_teacher(w)
+            return Outcome.DONE
+        hold = claim(w)
+        if hold is not None:
+            st.message = w.storage_wait = hold
+            return Outcome.RUNNING
+        w.start("collect", f"0/{shards} shards done")
+        if self_hosted:
+            _want_teacher(w)
+            teacher = w.observed.child("Deployment", w.run.child(TEACHER))
+            if teacher is None or int(teacher.status.get("readyReplicas") or 0) < 1:
+                st.message = "waiting for the self-hosted teacher (vLLM) to become ready"
+                return Outcome.RUNNING
+        if job is None:
+            w.want(collect_job(w.run, w.settings, w.fp["collect"]), mutable=False)
+        else:
+            st.message = f"waiting for the previous Job {name} to be deleted"
+        return Outcome.RUNNING
+
+    pods = w.observed.pods_of(COLLECT, job)
+    found = derive.summaries(pods)
+    if job.is_true("Complete"):
+        if st.state == "Succeeded":
+            teardown_teacher(w)
+            return Outcome.DONE
+        derive.apply_collection(st, found, shards)
+        completed = parse_time(job.status.get("completionTime"))
+        if len(found) < shards and w.waiting_for_reports(completed):
+            st.message = f"Job {name} complete; reading the shards' summaries ({len(found)}/{shards})"
+            return Outcome.RUNNING
+        w.succeed("collect", completed)
+        missing = f" ({shards - len(found)} shard summaries missing)" if len(found) < shards else ""
+        st.message = (
+            f"{st.done} answers from {shards} shards, {st.failed} prompts failed, {st.cached} cached{missing}"
+        )
+        teardown_teacher(w)
+        return Outcome.DONE
+    live = derive.live_summaries(pods, w.observed.live)
+    derive.apply_collection(st, found, shards, live)
+    if job.is_true("Failed"):
+        teardown_teacher(w)
+        shards_failed = job.status.get("failedIndexes")
+        return w.failed("collect", job, pods, f"failed shards: {shards_failed}" if shards_failed else "")
+    answered = f"; {st.done}/{st.total if st.total is not None else '?'} answered" if live else ""
+    w.start("collect", f"{len(found)}/{shards} shards done{answered}")
+    if self_hosted:
+        _want_teacher(w)
+    eta = derive.collection_eta(found, live, shards)
+    times = derive.finish_times(pods)
+    if eta is not None:
+        st.eta_seconds = eta
+    elif found and times and st.start_time is not None:
+        per_shard = (times[-1] - st.start_time).total_seconds() / len(found)
+        st.eta_seconds = round(max(0.0, per_shard * (shards - len(found))), 1)
+    failed = int(job.status.get("failed") or 0)
+    if failed:
+        w.degraded = (
+            REASON_RETRYING,
+            f"{failed} collection pod(s) failed; each shard is retried up to "
+            f"{w.spec.collection.backoff_limit_per_index} times. {derive.failure_detail(pods)}".strip(),
+        )
+    return Outcome.RUNNING
+
+
+def _want_teacher(w: Walk) -> None:
+    w.want(teacher_deployment(w.run, w.settings), mutable=True)
+    w.want(teacher_service(w.run, w.settings), mutable=True)
+
+
+def teardown_teacher(w: Walk) -> None:
+    if w.spec.teacher.self_hosted is not None:
+        w.drop("Deployment", w.run.child(TEACHER))
+        w.drop("Service", w.run.child(TEACHER))
