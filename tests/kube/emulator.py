@@ -512,14 +512,15 @@ class ApiServer(kmock.KubernetesEmulator):
         body = Apply.body(request)
         current = self._current(request)
         if current is None:
-            if entry is not None:  # the API server authorizes an apply that creates as a create too
-                created = entry._replace(verb="create")
-                self.audit.append(created)
-                self._inject(created)
             data = copy.deepcopy(body)
             fields = Manager(manager, "Apply", _leaves(body), body["apiVersion"], time=_now())
             data.setdefault("metadata", {})["managedFields"] = [fields.render()]
             created_request = attrs.evolve(request, action=action.CREATE, data=data)
+            # The API server authorizes an apply that creates as a create too: audited (and refused when a
+            # test injected a fault) as one.
+            created = self._audit(created_request) if entry is not None else None
+            if created is not None:
+                self._inject(created)
             _CURRENT.set(created_request)  # kmock's matching finds the request being served here
             return created_request
         new = Apply.merge(current, body, manager, force=request.params.get("force") == "true")
