@@ -1,10 +1,20 @@
-"""The one writer: every create, patch and delete of a child, and every status write, goes through here.
+"""The one writer: every create, apply and delete of a child, and every status write, goes through here.
 
-- ``ensure``: a child missing from the index is created; a 409 means it exists (a previous operator
-  process made it, or the index lags): read it, check it is this run's, and patch only what differs. A
-  child that is known and carries the desired hash is left alone, so a steady run costs no API call.
-  A non-exclusive child (the run's PersistentVolumeClaim) is only ever created: one found under its
-  name is used as it is, whoever made it.
+- ``ensure``: mutable children (ConfigMap, Service, Deployment) are written with server-side apply
+  (:meth:`.kube.Api.apply`: the whole desired manifest, field manager ``distillery``, ``force``), which
+  also creates them: the API server then removes a field the operator set before and the manifest no
+  longer has (``serving.gpus`` 1 -> 0 drops the GPU limit), keeps what other writers set, and takes back
+  a field someone else changed. A child is (re)applied when the index shows it differing from the
+  desired one, by this rule: its hash annotation differs from the manifest's, *or* the fields the
+  operator's apply owns (``metadata.managedFields``) are not the manifest's fields
+  (:func:`.observe.shape_digest`) -- the API server moves a field a hand edit changed to the editor's
+  manager, so a hand edit of an owned field reads as drift, while a steady child costs no API call.
+  Values are compared through the hash only (the server normalizes some, which would read as drift).
+  A child missing from the index is read first: force-applying over an object someone else made would
+  take it over. One that exists must belong to the run (``exclusive``), else the reconcile fails.
+- Immutable children (Jobs, PyTorchJobs) and the non-exclusive claim are only ever created (``POST``):
+  a 409 means it exists (a previous operator process made it, or the index lags): read it and check it is
+  this run's; a claim found under its name is used as it is, whoever made it.
 - ``remove``: delete with background propagation; a 404 is success.
 - ``write_status``: a JSON merge patch of what changed in ``status``, nothing when nothing did.
 
@@ -16,15 +26,12 @@ from __future__ import annotations
 from typing import Any
 
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from .errors import translate
-from .kube import Api
+from .kube import Api, ApiError
 from .naming import HASH_ANNOTATION
-from .observe import Child
+from .observe import Child, child_view, shape_digest
 from .planner import Desired
-
-MANAGED_PARTS = ("spec", "data")
 
 
 def merge_patch(old: Any, new: Any) -> Any:
@@ -47,26 +54,13 @@ def merge_patch(old: Any, new: Any) -> Any:
     return out
 
 
-def differing(existing: Any, desired: Any) -> Any:
-    """The parts of ``desired`` that ``existing`` lacks or has otherwise; keys only ``existing`` has
-    (defaults the API server filled in, other controllers' fields) are left alone."""
-    if not isinstance(existing, dict) or not isinstance(desired, dict):
-        return desired
-    out: dict[str, Any] = {}
-    for key, value in desired.items():
-        if key not in existing:
-            out[key] = value
-        elif isinstance(value, dict) and isinstance(existing[key], dict):
-            sub = differing(existing[key], value)
-            if sub != {}:
-                out[key] = sub
-        elif existing[key] != value:
-            out[key] = value
-    return out
-
-
 def _hash(obj: dict[str, Any]) -> str | None:
     return ((obj.get("metadata") or {}).get("annotations") or {}).get(HASH_ANNOTATION)
+
+
+def in_line(child: Child, manifest: dict[str, Any]) -> bool:
+    """The child as applied from ``manifest``: the same hash, and the operator owns exactly its fields."""
+    return child.hash == _hash(manifest) and child.owned == shape_digest(manifest)
 
 
 def _what(verb: str, kind: str, namespace: str, name: str) -> str:
@@ -80,49 +74,61 @@ async def ensure(api: Api, run_uid: str, desired: Desired, observed: Child | Non
     kind, name = desired.kind, desired.name
     namespace = manifest["metadata"]["namespace"]
     if observed is not None and not observed.deleting:
-        if not desired.mutable or observed.hash == _hash(manifest):
+        if not desired.mutable or in_line(observed, manifest):
             return None
-        existing = await _call(api.get(kind, namespace, name), _what("get", kind, namespace, name))
-    else:
+        _check_owner(desired, run_uid, observed.owners, namespace)
+        return await _apply(api, desired, namespace)
+    if not desired.mutable:
         try:
             return await api.create(namespace, manifest)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 409:
                 raise translate(exc, _what("create", kind, namespace, name)) from exc
         except Exception as exc:
             raise translate(exc, _what("create", kind, namespace, name)) from exc
         existing = await _call(api.get(kind, namespace, name), _what("get", kind, namespace, name))
-    owners = [ref.get("uid") for ref in (existing.get("metadata") or {}).get("ownerReferences") or ()]
-    if not desired.exclusive:
-        return existing  # a claim: used as it is, whoever made it, and never patched
+        if desired.exclusive:  # else a claim: used as it is, whoever made it, and never changed
+            _check_owner(desired, run_uid, _owners(existing), namespace)
+        return existing
+    try:
+        found: dict[str, Any] | None = await api.get(kind, namespace, name)
+    except ApiError as exc:
+        if exc.status != 404:
+            raise translate(exc, _what("get", kind, namespace, name)) from exc
+        found = None
+    except Exception as exc:
+        raise translate(exc, _what("get", kind, namespace, name)) from exc
+    if found is not None:
+        _check_owner(desired, run_uid, _owners(found), namespace)
+        if in_line(child_view(found), manifest):
+            return found
+    return await _apply(api, desired, namespace)
+
+
+def _owners(obj: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(ref.get("uid", "") for ref in (obj.get("metadata") or {}).get("ownerReferences") or ())
+
+
+def _check_owner(desired: Desired, run_uid: str, owners: tuple[str, ...], namespace: str) -> None:
     if run_uid not in owners:
         raise kopf.TemporaryError(
-            f"{kind} {namespace}/{name} exists and does not belong to this run: delete it, or rename the run",
+            f"{desired.kind} {namespace}/{desired.name} exists and does not belong to this run: delete it, "
+            "or rename the run",
             delay=30,
         )
-    if not desired.mutable or _hash(existing) == _hash(manifest):
-        return existing
-    patch: dict[str, Any] = {}
-    meta = differing(
-        existing.get("metadata") or {}, {k: manifest["metadata"].get(k) for k in ("labels", "annotations")}
+
+
+async def _apply(api: Api, desired: Desired, namespace: str) -> dict[str, Any]:
+    return await _call(
+        api.apply(namespace, desired.manifest), _what("apply", desired.kind, namespace, desired.name)
     )
-    if meta:
-        patch["metadata"] = meta
-    for part in MANAGED_PARTS:
-        if part in manifest:
-            diff = differing(existing.get(part) or {}, manifest[part])
-            if diff != {}:
-                patch[part] = diff
-    if not patch:
-        return existing
-    return await _call(api.patch(kind, namespace, name, patch), _what("patch", kind, namespace, name))
 
 
 async def remove(api: Api, kind: str, namespace: str, name: str) -> bool:
     try:
         await api.delete(kind, namespace, name)
         return True
-    except ApiException as exc:
+    except ApiError as exc:
         if exc.status == 404:
             return False
         raise translate(exc, _what("delete", kind, namespace, name)) from exc

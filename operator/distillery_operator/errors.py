@@ -9,7 +9,8 @@ import json
 
 import aiohttp
 import kopf
-from kubernetes.client.exceptions import ApiException
+
+from .kube import ApiError
 
 RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
 # First delays; the reconciler doubles them on every failure in a row, up to a minute.
@@ -39,7 +40,7 @@ STATUS_REASONS = {
 }
 
 
-def _message(exc: ApiException) -> str:
+def _message(exc: ApiError) -> str:
     try:
         body = json.loads(exc.body or "")
         return str(body.get("message") or exc.reason or "")
@@ -47,7 +48,7 @@ def _message(exc: ApiException) -> str:
         return str(exc.reason or "")
 
 
-def _retry_after(exc: ApiException) -> float | None:
+def _retry_after(exc: ApiError) -> float | None:
     headers = exc.headers or {}
     value = headers.get("Retry-After") or headers.get("retry-after")
     try:
@@ -67,7 +68,7 @@ def translate(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.Perma
 
 
 def _intent(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.PermanentError:
-    if isinstance(exc, ApiException):
+    if isinstance(exc, ApiError):
         status = int(exc.status or 0)
         detail = f"{what}: {status} {_message(exc)}".rstrip()
         if status in RETRYABLE:
@@ -97,7 +98,7 @@ def reason(exc: BaseException) -> str:
     someone else owns, no credentials), or the exception's type for a bug."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ApiException):
+        if isinstance(seen, ApiError):
             status = int(seen.status or 0)
             return STATUS_REASONS.get(status, f"HTTP{status}")
         if isinstance(seen, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):

@@ -1,8 +1,20 @@
 """A small asyncio Kubernetes REST client for the one writer (:mod:`.apply`): plain dicts in and out.
 
 It shares kopf's credentials (its login handlers parse the service account or the kubeconfig) and raises
-the ``kubernetes`` package's :class:`ApiException` on HTTP errors, which :mod:`.errors` maps to kopf's
-temporary and permanent errors. The operator's requests stay on its one event loop: no thread per call.
+its own :class:`ApiError` on HTTP errors, which :mod:`.errors` maps to kopf's temporary and permanent
+errors. The operator's requests stay on its one event loop: no thread per call.
+
+Why hand-written, not a client library: the operator makes nine kinds of request (get, create, a merge
+patch of a run's status, a server-side apply, delete, a pod's log, discovery) on nine resources, with
+kopf's credentials, on kopf's event loop. The ``kubernetes`` package was imported only for its exception
+class (its client is synchronous); ``kubernetes_asyncio``, ``lightkube`` and ``kr8s`` would each bring a
+second credentials loader and a model layer the writer does not want (it sends and reads plain dicts),
+for requests that are one line each here. So the client stays, with its own error type, and the
+operator no longer depends on ``kubernetes``.
+
+Server-side apply (:meth:`Api.apply`) is a ``PATCH`` with ``application/apply-patch+yaml`` (the body is
+JSON, which is YAML), ``fieldManager=distillery`` and ``force=true``: the operator is the one authority
+on the fields it sets. Every other write names the same field manager.
 """
 
 from __future__ import annotations
@@ -16,7 +28,6 @@ from typing import Any
 
 import aiohttp
 import kopf
-from kubernetes.client.exceptions import ApiException
 
 from .naming import CLASS_NOT_FOUND, IMMEDIATE
 
@@ -55,6 +66,23 @@ KINDS: dict[str, Kind] = {
 }
 
 MERGE_PATCH = "application/merge-patch+json"
+APPLY_PATCH = "application/apply-patch+yaml"
+FIELD_MANAGER = "distillery"
+WRITE_PARAMS = {"fieldManager": FIELD_MANAGER}
+
+
+class ApiError(Exception):
+    """An HTTP error answer of the API server: ``status``, ``reason``, the body (a ``Status`` object as
+    JSON, usually) and the response headers (``Retry-After``)."""
+
+    def __init__(
+        self, status: int, reason: str = "", body: str = "", headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(f"{status} {reason}".strip())
+        self.status = status
+        self.reason = reason
+        self.body = body
+        self.headers: dict[str, str] = dict(headers or {})
 
 
 class Api:
@@ -126,10 +154,7 @@ class Api:
                     await self.close()
                     continue
                 if resp.status >= 400:
-                    exc = ApiException(status=resp.status, reason=resp.reason)
-                    exc.body = text
-                    exc.headers = dict(resp.headers)
-                    raise exc
+                    raise ApiError(resp.status, resp.reason or "", text, dict(resp.headers))
                 return text
         raise AssertionError("unreachable")
 
@@ -148,13 +173,32 @@ class Api:
         return await self.request("GET", KINDS[kind].path(namespace, name))
 
     async def create(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
-        return await self.request("POST", KINDS[manifest["kind"]].path(namespace), body=manifest)
+        return await self.request(
+            "POST", KINDS[manifest["kind"]].path(namespace), body=manifest, params=WRITE_PARAMS
+        )
 
     async def patch(
         self, kind: str, namespace: str, name: str, patch: dict[str, Any], *, sub: str | None = None
     ) -> dict[str, Any]:
+        """A JSON merge patch (the run's status)."""
         return await self.request(
-            "PATCH", KINDS[kind].path(namespace, name, sub), body=patch, content_type=MERGE_PATCH
+            "PATCH",
+            KINDS[kind].path(namespace, name, sub),
+            body=patch,
+            params=WRITE_PARAMS,
+            content_type=MERGE_PATCH,
+        )
+
+    async def apply(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply of the whole desired object: created when missing; otherwise the fields this
+        manager applied before and ``manifest`` lacks are removed, the others set, and fields other
+        writers own and ``manifest`` does not mention are kept (``force``: ours win a conflict)."""
+        return await self.request(
+            "PATCH",
+            KINDS[manifest["kind"]].path(namespace, manifest["metadata"]["name"]),
+            body=manifest,
+            params={**WRITE_PARAMS, "force": "true"},
+            content_type=APPLY_PATCH,
         )
 
     async def delete(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
@@ -171,7 +215,7 @@ class Api:
         try:
             doc = await self.request("GET", f"/apis/{api_version}")
             found = any(r.get("name") == plural for r in doc.get("resources") or ())
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status != 404:
                 raise
             found = False
@@ -191,7 +235,7 @@ class Api:
         try:
             doc = await self.get("StorageClass", "", storage_class)
             mode = str(doc.get("volumeBindingMode") or IMMEDIATE)
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 404:
                 mode = CLASS_NOT_FOUND
             elif exc.status == 403:

@@ -30,9 +30,8 @@ from datetime import UTC, datetime
 import aiohttp
 from distillery_trainer.api.base import ApiModel
 from distillery_trainer.progress_line import latest
-from kubernetes.client.exceptions import ApiException
 
-from .kube import Api
+from .kube import Api, ApiError
 from .naming import COLLECT, TRAIN, child_name
 from .observe import Child, Key, Live, Observed
 from .settings import Settings
@@ -182,7 +181,7 @@ class LiveProgress:
                     ),
                     READ_TIMEOUT + 1,
                 )
-        except ApiException as exc:
+        except ApiError as exc:
             if exc.status == 403 and key not in self._warned:
                 self._warned.add(key)
                 logger.warning(

@@ -27,8 +27,6 @@ Grant = tuple[str, str, str]  # (verb, group, resource)
 # needs it. When a test starts to reach one, test_the_cluster_role_grants_nothing_unused says to
 # remove it from here.
 UNEXERCISED: dict[Grant, str] = {
-    ("get", "", "services"): "apply.ensure reads a Service back when creating it answers 409 Conflict",
-    ("patch", "", "services"): "apply.ensure patches a Service whose desired manifest changed",
     ("get", "batch", "jobs"): "apply.ensure reads a Job back after a 409 Conflict",
     ("get", "kubeflow.org", "pytorchjobs"): "apply.ensure reads a PyTorchJob back after a 409 Conflict",
     ("get", "", "persistentvolumeclaims"): "apply.ensure reads a run's claim back after a 409 Conflict",

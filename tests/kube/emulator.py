@@ -13,6 +13,8 @@ Events use it), keeps ``status`` behind the status subresource and answers a sta
 - ``pods/log``: a container's log, as text the test writes (``write_log``), served as ``text/plain``
   the way the kubelet serves it through the API server (``container``, ``tailLines``, ``limitBytes``;
   400 for a container that has not started, 404 for a pod that does not exist). kmock has no logs.
+- server-side apply, which kmock lacks (it would merge an apply body like a merge patch): this emulator
+  plays the API server's part, as a thin model of what the operator relies on -- see :class:`Apply`.
 
 Label selectors, garbage collection and admission are still absent: the operator must not rely on
 them (it filters by labels itself; deletion cascading is asserted through owner references).
@@ -32,13 +34,14 @@ import json
 import re
 import secrets
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import aiohttp.web
 import attrs
 import kmock
+import yaml
 from kmock._internal import dicts as kmock_dicts
 from kmock._internal.enums import action
 from kmock._internal.rendering import Request
@@ -88,6 +91,263 @@ def rbac_resource(group: str, plural: str, subresource: str | None = None) -> st
 
 def _now() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+APPLY_PATCH = "application/apply-patch+yaml"
+Path = tuple[str, ...]
+MISSING: Any = object()
+# Not a manager's field: set from the URL, or by the API server itself.
+UNTRACKED = {"apiVersion", "kind"}
+UNTRACKED_META = {
+    "name",
+    "namespace",
+    "uid",
+    "resourceVersion",
+    "generation",
+    "creationTimestamp",
+    "deletionTimestamp",
+    "managedFields",
+    "generateName",
+}
+
+
+def _leaves(obj: Any) -> set[Path]:
+    """The field paths an object sets: a map's keys, recursively; a list, a scalar or an empty map is one
+    field (lists are atomic here, where the real API server merges some lists by key)."""
+    out: set[Path] = set()
+
+    def walk(value: Any, path: Path) -> None:
+        if isinstance(value, dict) and value:
+            for key, sub in value.items():
+                walk(sub, (*path, key))
+        elif path:
+            out.add(path)
+
+    for key, value in (obj or {}).items():
+        if key in UNTRACKED or key == "status":
+            continue
+        if key == "metadata" and isinstance(value, dict):
+            for mkey, mvalue in value.items():
+                if mkey not in UNTRACKED_META:
+                    walk(mvalue, ("metadata", mkey))
+        else:
+            walk(value, (key,))
+    return out
+
+
+def _at(obj: Any, path: Path) -> Any:
+    for key in path:
+        if not isinstance(obj, dict) or key not in obj:
+            return MISSING
+        obj = obj[key]
+    return obj
+
+
+def _put(obj: dict[str, Any], path: Path, value: Any) -> None:
+    for key in path[:-1]:
+        if not isinstance(obj.get(key), dict):
+            obj[key] = {}
+        obj = obj[key]
+    obj[path[-1]] = copy.deepcopy(value)
+
+
+def _drop(obj: dict[str, Any], path: Path, keep: Callable[[Path], bool]) -> None:
+    """Remove a field, then the maps it leaves empty (unless ``keep`` says someone owns one of them)."""
+    parents = [obj]
+    for key in path[:-1]:
+        nxt = parents[-1].get(key)
+        if not isinstance(nxt, dict):
+            return
+        parents.append(nxt)
+    parents[-1].pop(path[-1], None)
+    for depth in range(len(path) - 1, 0, -1):
+        if parents[depth] or keep(path[:depth]):
+            break
+        parents[depth - 1].pop(path[depth - 1], None)
+
+
+def _fields_v1(paths: Iterable[Path]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path in sorted(paths):
+        node = tree
+        for key in path:
+            node = node.setdefault(f"f:{key}", {})
+    return tree
+
+
+def _paths(fields: dict[str, Any], prefix: Path = ()) -> set[Path]:
+    out: set[Path] = set()
+    for key, sub in fields.items():
+        if not key.startswith("f:"):
+            continue
+        path = (*prefix, key[2:])
+        inner = _paths(sub, path) if isinstance(sub, dict) else set()
+        out |= inner or {path}
+    return out
+
+
+@dataclass
+class Manager:
+    """One ``metadata.managedFields`` entry: who wrote which fields, by apply or by another write."""
+
+    manager: str
+    operation: str  # Apply | Update
+    fields: set[Path]
+    api_version: str = ""
+    subresource: str = ""
+    time: str = ""
+
+    @classmethod
+    def read(cls, obj: dict[str, Any]) -> list[Manager]:
+        return [
+            cls(
+                manager=e.get("manager", ""),
+                operation=e.get("operation", ""),
+                fields=_paths(e.get("fieldsV1") or {}),
+                api_version=e.get("apiVersion", ""),
+                subresource=e.get("subresource", ""),
+                time=e.get("time", ""),
+            )
+            for e in (obj.get("metadata") or {}).get("managedFields") or ()
+        ]
+
+    def key(self) -> tuple[str, str, str]:
+        return (self.manager, self.operation, self.subresource)
+
+    def render(self) -> dict[str, Any]:
+        out = {
+            "manager": self.manager,
+            "operation": self.operation,
+            "apiVersion": self.api_version,
+            "time": self.time,
+            "fieldsType": "FieldsV1",
+            "fieldsV1": _fields_v1(self.fields),
+        }
+        if self.subresource:
+            out["subresource"] = self.subresource
+        return out
+
+
+class Apply:
+    """Server-side apply, as the emulator plays it (kmock has none), after the API server's rules for
+    what the operator does with it:
+
+    - ``PATCH`` with ``Content-Type: application/apply-patch+yaml`` (YAML or JSON) and ``fieldManager``
+      (required: 400 without); the body must name the object of the URL;
+    - a missing object is created from the body (authorized as ``create`` too, as the API server does:
+      the audit records both verbs);
+    - an existing one: the fields this manager applied before and the body lacks are removed, unless
+      another manager owns them too; the body's fields are set; the fields of other writers are kept.
+      A field another manager owns with another value is a conflict (409) unless ``force=true``, which
+      takes it over;
+    - ``metadata.managedFields`` records the field paths each manager owns (``FieldsV1`` with ``f:`` keys
+      only: lists are atomic here, where the API server merges some lists by key). A non-apply write to
+      an object that has managedFields takes over the fields it changed, as on the API server: that is
+      how a hand edit of an applied field shows. Objects no apply has touched carry no managedFields (the
+      API server records every writer from the create on; nothing here needs it);
+    - an apply that changes nothing writes nothing (no new resourceVersion, no watch event).
+    """
+
+    @staticmethod
+    def wanted(request: Request) -> bool:
+        content_type = request.headers.get("Content-Type", "").split(";")[0].strip()
+        return request.action == action.UPDATE and content_type == APPLY_PATCH
+
+    @staticmethod
+    def body(request: Request) -> dict[str, Any]:
+        data = request.data
+        if not isinstance(data, dict):
+            try:
+                data = yaml.safe_load(request.text)
+            except yaml.YAMLError:
+                data = None
+        if not isinstance(data, dict) or not data.get("apiVersion") or not data.get("kind"):
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message="an apply body is an object with apiVersion and kind"
+            )
+        meta = data.get("metadata") or {}
+        if meta.get("name") != request.name or meta.get("namespace") not in (None, request.namespace):
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message="the name of the object does not match the URL"
+            )
+        return data
+
+    @staticmethod
+    def merge(current: dict[str, Any], body: dict[str, Any], manager: str, force: bool) -> dict[str, Any]:
+        """The object after ``manager`` applied ``body`` to ``current``."""
+        applied = _leaves(body)
+        entries = Manager.read(current)
+        mine = next(
+            (e for e in entries if e.key() == (manager, "Apply", "")),
+            Manager(manager, "Apply", set(), body.get("apiVersion", "")),
+        )
+        others = [e for e in entries if e is not mine and not e.subresource]
+        conflicts = {
+            (e.manager, path)
+            for e in others
+            for path in applied & e.fields
+            if _at(current, path) != _at(body, path)
+        }
+        if conflicts and not force:
+            listed = "; ".join(f'conflict with "{m}": .{".".join(p)}' for m, p in sorted(conflicts))
+            raise kmock.KubernetesError(
+                status=409,
+                reason="Conflict",
+                message=f"Apply failed with {len(conflicts)} conflicts: {listed}",
+            )
+        new = copy.deepcopy(current)
+        owned_elsewhere = set().union(*(e.fields for e in others)) if others else set()
+        for path in sorted(mine.fields - applied, key=len, reverse=True):
+            if path not in owned_elsewhere:
+                _drop(new, path, keep=lambda p: p in owned_elsewhere or p in applied)
+        for path in applied:
+            _put(new, path, _at(body, path))
+        taken = {path for _, path in conflicts}
+        for e in others:
+            e.fields = {p for p in e.fields - taken if _at(new, p) is not MISSING}
+        if mine.fields != applied:
+            mine.fields, mine.time = set(applied), _now()
+        if all(e is not mine for e in entries):
+            entries.append(mine)
+        new["metadata"]["managedFields"] = [e.render() for e in entries if e.fields]
+        return new
+
+    @staticmethod
+    def track(
+        current: dict[str, Any], new: dict[str, Any], manager: str, subresource: str
+    ) -> list[Any] | None:
+        """The managedFields after a non-apply write by ``manager``: it owns the fields it changed, which
+        every other manager loses; removed fields leave every entry. None when nothing is tracked."""
+        if not (current.get("metadata") or {}).get("managedFields"):
+            return None
+        changed = {p for p in _leaves(new) if _at(current, p) != _at(new, p)}
+        entries = Manager.read(current)
+        key = (manager, "Update", subresource)
+        for e in entries:
+            e.fields = {p for p in e.fields - changed if _at(new, p) is not MISSING}
+        if changed:
+            mine = next((e for e in entries if e.key() == key), None)
+            if mine is None:
+                mine = Manager(manager, "Update", set(), new.get("apiVersion", ""), subresource)
+                entries.append(mine)
+            mine.fields |= changed
+            mine.time = _now()
+        return [e.render() for e in entries if e.fields]
+
+
+def _merge_patch(old: Any, new: Any) -> Any:
+    """The RFC 7386 merge patch from ``old`` to ``new``."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return new
+    out = {k: _merge_patch(old.get(k), v) for k, v in new.items() if old.get(k, MISSING) != v}
+    out.update({k: None for k in old if k not in new})
+    return out
+
+
+def _manager(request: Request) -> str:
+    """The field manager of a write: ``?fieldManager=``, else the User-Agent up to its first ``/``."""
+    agent = request.headers.get("User-Agent", "")
+    return request.params.get("fieldManager") or agent.split("/")[0] or "unknown"
 
 
 def _essence(obj: Any) -> dict[str, Any]:
@@ -220,18 +480,17 @@ class ApiServer(kmock.KubernetesEmulator):
     async def _serve(self, request: Request) -> Any:
         entry = self._audit(request)
         if entry is not None:
-            fault = self._fault(entry)
-            if fault is not None:
-                raise kmock.KubernetesError(
-                    status=fault.status,
-                    reason="InjectedFault",
-                    message=f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
-                )
+            self._inject(entry)
         if entry is not None and entry.resource == "pods/log" and request.action == action.FETCH:
             return self._serve_log(request)
         if request.resource is None or request.action not in (action.CREATE, action.UPDATE, action.DELETE):
             return await super()._handle(request)
         async with self._mutations:  # the bookkeeping below reads the object before kmock changes it
+            if Apply.wanted(request):
+                applied = self._apply(request, entry)
+                if isinstance(applied, dict):
+                    return aiohttp.web.json_response(applied)  # nothing changed: nothing written
+                request = applied
             if request.action == action.CREATE:
                 self._stamp_create(request)
             elif request.action == action.UPDATE:
@@ -241,6 +500,40 @@ class ApiServer(kmock.KubernetesEmulator):
             for listener in self.listeners:
                 listener(entry, request)
         return response
+
+    def _apply(self, request: Request, entry: AuditEntry | None) -> Request | dict[str, Any]:
+        """Server-side apply (:class:`Apply`): the request as the create or the merge patch it amounts to,
+        or the object as it is when the apply changes nothing."""
+        manager = request.params.get("fieldManager")
+        if not manager:
+            raise kmock.KubernetesError(
+                status=400, reason="BadRequest", message="fieldManager is required for apply requests"
+            )
+        body = Apply.body(request)
+        current = self._current(request)
+        if current is None:
+            data = copy.deepcopy(body)
+            fields = Manager(manager, "Apply", _leaves(body), body["apiVersion"], time=_now())
+            data.setdefault("metadata", {})["managedFields"] = [fields.render()]
+            created_request = attrs.evolve(request, action=action.CREATE, data=data)
+            # The API server authorizes an apply that creates as a create too: audited (and refused when a
+            # test injected a fault) as one.
+            created = self._audit(created_request) if entry is not None else None
+            if created is not None:
+                self._inject(created)
+            _CURRENT.set(created_request)  # kmock's matching finds the request being served here
+            return created_request
+        new = Apply.merge(current, body, manager, force=request.params.get("force") == "true")
+        if new == current:
+            return current
+        patch = _merge_patch(current, new)
+        if isinstance(request.data, dict):  # kmock's handlers read the body as the merge patch
+            request.data.clear()
+            request.data.update(patch)
+            return request
+        patched = attrs.evolve(request, data=patch)  # the body was YAML
+        _CURRENT.set(patched)
+        return patched
 
     def _serve_log(self, request: Request) -> aiohttp.web.Response:
         """``GET .../pods/{name}/log``: the container's log as text, its last ``tailLines`` lines, at most
@@ -287,6 +580,16 @@ class ApiServer(kmock.KubernetesEmulator):
         if verb in ("list", "watch"):
             self.selectors[res] = request.params.get("labelSelector")
         return entry
+
+    def _inject(self, entry: AuditEntry) -> None:
+        """Answer with the error a test injected for this request, if any is left."""
+        fault = self._fault(entry)
+        if fault is not None:
+            raise kmock.KubernetesError(
+                status=fault.status,
+                reason="InjectedFault",
+                message=f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
+            )
 
     def _fault(self, entry: AuditEntry) -> Fault | None:
         for fault in self.faults:
@@ -367,6 +670,10 @@ class ApiServer(kmock.KubernetesEmulator):
                 else:
                     patch.pop("status", None)
             new = kmock_dicts.patch_dict(current, patch)
+            if not Apply.wanted(request):
+                tracked = Apply.track(current, dict(new), _manager(request), request.subresource or "")
+                if tracked is not None:
+                    patch.setdefault("metadata", {})["managedFields"] = tracked
         elif isinstance(patch, list):
             new = kmock_dicts.patch_dict(current, patch)
         else:

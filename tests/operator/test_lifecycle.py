@@ -278,8 +278,12 @@ async def test_without_kubeflow_training_is_an_indexed_job_with_a_headless_servi
     await cluster.finish_collection("ns-1", "small", summaries(1))
     job = await cluster.wait_for(lambda: cluster.get("Job", "ns-1", "small-train"), "the training Job")
     assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
-    service = cluster.get("Service", "ns-1", "small-train")
-    assert service is not None and service["spec"]["clusterIP"] == "None"
+    # The Service is written in the same reconcile (server-side apply reads a missing child first, so it
+    # may land a moment after the Job; the pods' rendezvous retries until it resolves).
+    service = await cluster.wait_for(
+        lambda: cluster.get("Service", "ns-1", "small-train"), "the rendezvous Service"
+    )
+    assert service["spec"]["clusterIP"] == "None"
     await cluster.create_shard_pod("ns-1", "small-train", 0, message=progress(gpu_hours=0.0))
     await cluster.patch_status(
         "Job",

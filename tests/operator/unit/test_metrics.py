@@ -279,7 +279,7 @@ async def test_the_reconciler_counts_reconciles_errors_and_runs_by_phase() -> No
     h = Harness()
     metrics = h.reconciler.metrics
     assert h.reconciler.run_phases() == {("ns", "Pending"): 1}  # not reconciled yet: its status says nothing
-    h.api.fail[("create", "ConfigMap")] = [api_error(500)]
+    h.api.fail[("apply", "ConfigMap")] = [api_error(500)]
     h.reconciler.request(("ns", "r"))
     for _ in range(100):  # fails once, retried after 0.5 s
         await asyncio.sleep(0.05)

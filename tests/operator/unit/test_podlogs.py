@@ -7,12 +7,12 @@ import logging
 from typing import Any
 
 import pytest
+from distillery_operator.kube import ApiError
 from distillery_operator.observe import Child, Observed, Pod
 from distillery_operator.podlogs import TAIL_LINES, LiveProgress, Target, targets
 from distillery_operator.settings import Settings
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.progress_line import format_line
-from kubernetes.client.exceptions import ApiException
 
 KEY = ("ns", "r")
 
@@ -129,9 +129,9 @@ async def test_reads_at_most_once_per_interval_and_asks_for_a_reconcile_only_on_
 @pytest.mark.parametrize(
     "error",
     [
-        ApiException(status=404),
-        ApiException(status=400, reason='container "c" is waiting to start'),
-        ApiException(status=500),
+        ApiError(404),
+        ApiError(400, 'container "c" is waiting to start'),
+        ApiError(500),
         TimeoutError(),
         OSError("connection reset"),
     ],
@@ -160,7 +160,7 @@ async def test_a_failed_read_keeps_the_last_line_quietly(
 async def test_a_403_is_one_warning_per_run_and_nothing_else(caplog: pytest.LogCaptureFixture) -> None:
     api, clock = FakeApi(), Clock()
     lp, changes = live(api, clock)
-    api.errors["m"] = ApiException(status=403, reason="Forbidden")
+    api.errors["m"] = ApiError(403, "Forbidden")
     follow = [Target("m", "pytorch", "train")]
     with caplog.at_level(logging.WARNING, logger="distillery.operator"):
         for _ in range(3):

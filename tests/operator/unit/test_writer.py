@@ -10,24 +10,24 @@ import aiohttp
 import kopf
 import pytest
 from distillery_operator import apply, errors
+from distillery_operator.kube import FIELD_MANAGER, ApiError
 from distillery_operator.observe import RunView, child_view
 from distillery_operator.planner import Desired
 from distillery_operator.reconciler import CHILD_INDICES, POD_INDEX, RUN_INDEX, Reconciler
 from distillery_operator.settings import Settings
-from kubernetes.client.exceptions import ApiException
 
+from tests.kube.emulator import Apply, Manager, _leaves
 from tests.operator.unit.test_planner import spec_of
 
 
-def api_error(status: int, message: str = "boom", retry_after: str | None = None) -> ApiException:
-    exc = ApiException(status=status, reason="Reason")
-    exc.body = json.dumps({"message": message})
-    exc.headers = {"Retry-After": retry_after} if retry_after else {}
-    return exc
+def api_error(status: int, message: str = "boom", retry_after: str | None = None) -> ApiError:
+    headers = {"Retry-After": retry_after} if retry_after else {}
+    return ApiError(status, "Reason", json.dumps({"message": message}), headers)
 
 
 class FakeApi:
-    """Records every call; ``fail`` makes the next calls of a verb raise."""
+    """Records every call; ``fail`` makes the next calls of a verb raise. Its server-side apply is the
+    API emulator's model of it (:class:`tests.kube.emulator.Apply`)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
@@ -58,6 +58,21 @@ class FakeApi:
             raise api_error(409, "exists")
         self.objects[ref] = self._stamp(manifest)
         return self.objects[ref]
+
+    async def apply(self, namespace: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        if self.gate is not None:
+            await self.gate.wait()
+        kind, name = manifest["kind"], manifest["metadata"]["name"]
+        self.calls.append(("apply", kind, name))
+        self._maybe_fail("apply", kind)
+        current = self.objects.get((kind, name))
+        if current is None:
+            obj = json.loads(json.dumps(manifest))
+            obj["metadata"]["managedFields"] = [Manager(FIELD_MANAGER, "Apply", _leaves(manifest)).render()]
+        else:
+            obj = Apply.merge(current, manifest, FIELD_MANAGER, force=True)
+        self.objects[(kind, name)] = self._stamp(obj)
+        return self.objects[(kind, name)]
 
     async def get(self, kind: str, namespace: str, name: str) -> dict[str, Any]:
         self.calls.append(("get", kind, name))
@@ -137,39 +152,47 @@ def test_merge_patch_turns_old_into_new() -> None:
     assert apply.merge_patch(new, new) == {}
 
 
-def test_differing_keeps_what_the_server_added() -> None:
-    existing = {
-        "spec": {
-            "replicas": 1,
-            "revisionHistoryLimit": 10,
-            "template": {"spec": {"dnsPolicy": "ClusterFirst"}},
-        }
-    }
-    desired = {"spec": {"replicas": 0, "template": {"spec": {}}}}
-    assert apply.differing(existing, desired) == {"spec": {"replicas": 0}}
-
-
 # ---------------------------------------------------------------------------------------------- ensure
 
 
-async def test_ensure_creates_and_treats_409_as_read_compare_patch() -> None:
+async def test_ensure_reads_then_applies_and_then_sends_nothing() -> None:
     api = FakeApi()
     written = await apply.ensure(api, "run-uid", Desired(manifest(data="a"), mutable=True), None)  # type: ignore[arg-type]
-    assert written is not None and api.calls == [("create", "ConfigMap", "r-config")]
-    # The index lags: the writer creates, learns it exists, reads it, patches only what differs.
+    assert written is not None
+    assert api.calls == [("get", "ConfigMap", "r-config"), ("apply", "ConfigMap", "r-config")]
+    # The index lags: the writer reads the child, sees it is the run's, applies the new manifest.
     api.calls.clear()
     await apply.ensure(api, "run-uid", Desired(manifest(data="b"), mutable=True), None)  # type: ignore[arg-type]
-    assert api.calls == [
-        ("create", "ConfigMap", "r-config"),
-        ("get", "ConfigMap", "r-config"),
-        ("patch", "ConfigMap", "r-config"),
-    ]
+    assert api.calls == [("get", "ConfigMap", "r-config"), ("apply", "ConfigMap", "r-config")]
     assert api.objects[("ConfigMap", "r-config")]["data"]["stage.yaml"] == "b"
+    # The index lags and the child is as desired: read, nothing written.
+    api.calls.clear()
+    await apply.ensure(api, "run-uid", Desired(manifest(data="b"), mutable=True), None)  # type: ignore[arg-type]
+    assert api.calls == [("get", "ConfigMap", "r-config")]
     # Known and equal: nothing sent at all.
     api.calls.clear()
     seen = child_view(api.objects[("ConfigMap", "r-config")])
     assert await apply.ensure(api, "run-uid", Desired(manifest(data="b"), mutable=True), seen) is None  # type: ignore[arg-type]
     assert api.calls == []
+    # Known, same hash, but someone else took over a field: applied again, no read first.
+    drifted = api.objects[("ConfigMap", "r-config")]
+    drifted["metadata"]["managedFields"][0]["fieldsV1"].pop("f:data")  # a hand edit took data over
+    seen = child_view(drifted)
+    assert seen.hash == "b" and not apply.in_line(seen, manifest(data="b"))
+    assert await apply.ensure(api, "run-uid", Desired(manifest(data="b"), mutable=True), seen) is not None  # type: ignore[arg-type]
+    assert api.calls == [("apply", "ConfigMap", "r-config")]
+    assert apply.in_line(child_view(api.objects[("ConfigMap", "r-config")]), manifest(data="b"))
+
+
+async def test_ensure_never_applies_over_someone_elses_child() -> None:
+    api = FakeApi()
+    api.objects[("ConfigMap", "r-config")] = manifest(owner="someone-else")
+    with pytest.raises(kopf.TemporaryError, match="does not belong to this run"):
+        await apply.ensure(api, "run-uid", Desired(manifest(), mutable=True), None)  # type: ignore[arg-type]
+    known = child_view(manifest(data="old", owner="someone-else"))
+    with pytest.raises(kopf.TemporaryError, match="does not belong to this run"):
+        await apply.ensure(api, "run-uid", Desired(manifest(), mutable=True), known)  # type: ignore[arg-type]
+    assert [c[0] for c in api.calls] == ["get"]
 
 
 async def test_ensure_leaves_immutable_children_and_refuses_foreign_ones() -> None:
@@ -178,9 +201,9 @@ async def test_ensure_leaves_immutable_children_and_refuses_foreign_ones() -> No
     api.calls.clear()
     await apply.ensure(api, "run-uid", Desired(manifest("Job", "r-collect", "b"), mutable=False), None)  # type: ignore[arg-type]
     assert [c[0] for c in api.calls] == ["create", "get"]  # adopted as it is: a Job's template is immutable
-    api.objects[("ConfigMap", "r-config")] = manifest(owner="someone-else")
+    api.objects[("Job", "r-collect")] = manifest("Job", "r-collect", owner="someone-else")
     with pytest.raises(kopf.TemporaryError, match="does not belong to this run"):
-        await apply.ensure(api, "run-uid", Desired(manifest(), mutable=True), None)  # type: ignore[arg-type]
+        await apply.ensure(api, "run-uid", Desired(manifest("Job", "r-collect"), mutable=False), None)  # type: ignore[arg-type]
 
 
 async def test_remove_treats_404_as_done_and_maps_other_errors() -> None:
@@ -255,7 +278,8 @@ async def test_a_reconcile_applies_the_plan_then_writes_nothing_more() -> None:
     h.reconciler.request(("ns", "r"))
     await h.settle()
     assert [c[:2] for c in h.api.calls] == [
-        ("create", "ConfigMap"),
+        ("get", "ConfigMap"),
+        ("apply", "ConfigMap"),
         ("create", "Job"),
         ("patch/status", "DistillationRun"),
     ]
@@ -290,7 +314,7 @@ async def test_requests_during_a_reconcile_coalesce_into_one_more() -> None:
 
 async def test_a_flaky_api_is_retried_with_backoff_and_one_warning() -> None:
     h = Harness()
-    h.api.fail[("create", "ConfigMap")] = [api_error(500), api_error(500)]
+    h.api.fail[("apply", "ConfigMap")] = [api_error(500), api_error(500)]
     h.reconciler.request(("ns", "r"))
     await asyncio.sleep(0.05)
     assert h.reconciler._failures[("ns", "r")] == 1 and ("ns", "r") in h.reconciler._timers
@@ -303,7 +327,7 @@ async def test_a_flaky_api_is_retried_with_backoff_and_one_warning() -> None:
     assert ("ns", "r") not in h.reconciler._failures
     # The ConfigMap failed twice and was created on the third attempt; the Job, created on the first
     # attempt, was not sent again (the reconciler remembers its own writes until the watch shows them).
-    assert sum(1 for c in h.api.calls if c[:2] == ("create", "ConfigMap")) == 3
+    assert sum(1 for c in h.api.calls if c[:2] == ("apply", "ConfigMap")) == 3
     assert sum(1 for c in h.api.calls if c[:2] == ("create", "Job")) == 1
     warnings = [e for e in h.events if e[0] == "Warning"]
     assert len(warnings) == 1 and "500" in warnings[0][2] and warnings[0][1] == "Retrying"
