@@ -39,7 +39,7 @@ RETRY_AFTER = 0.1
 
 def _serve(queue: Any, latency: float, rate_429: float, retry_after: float, stats: Any) -> None:
     """The teacher, in its own process so the client under test has a core of its own."""
-    from tests.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig, Faults
+    from tests.support.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig, Faults
 
     faults = Faults(rate_429=rate_429, retry_after=retry_after)
     server = FakeOpenAI(FakeOpenAIConfig(faults=faults, latency=lambda rng: latency, seed=7)).start()

@@ -4,7 +4,7 @@ Baseline: vLLM's benchmark client, run in the same process of measurement as our
 server, same prompts, same load), rounds alternating between the two; tables show percentiles over
 every request of every round (pooled), throughputs of the median round, and the ratio ours / vLLM.
 
-1. Known distribution: the fake OpenAI server (tests/servers/fake_openai.py, in its own process) waits a
+1. Known distribution: the fake OpenAI server (tests/support/servers/fake_openai.py, in its own process) waits a
    fixed multiset of delays before the first token (lognormal quantiles, median 300 ms) and 10 ms
    between its 16 tokens; the true percentiles are printed beside both measurements.
 2. Real vLLM: SmolLM2-135M-Instruct on the CPU build (started with the project's launcher unless
@@ -46,7 +46,7 @@ from distillery_trainer.evaluate.client import ChatClient  # noqa: E402
 from distillery_trainer.evaluate.latency import run_load  # noqa: E402
 from distillery_trainer.evaluate.stats import percentile  # noqa: E402
 
-from tests.servers.fake_openai import fake_openai_process  # noqa: E402
+from tests.support.servers.fake_openai import fake_openai_process  # noqa: E402
 
 VLLM_BENCH = """
 import sys

@@ -29,9 +29,9 @@ sys.path[:0] = [str(REPO), str(REPO / "operator"), str(REPO / "trainer")]
 
 import kmock  # noqa: E402
 
-from tests.builders import make_run  # noqa: E402
-from tests.kube.cluster import die_with_parent, path, write_kubeconfig  # noqa: E402
-from tests.kube.emulator import ApiServer, AuditEntry, declare_resources  # noqa: E402
+from tests.support.builders import make_run  # noqa: E402
+from tests.support.kube.cluster import die_with_parent, path, write_kubeconfig  # noqa: E402
+from tests.support.kube.emulator import ApiServer, AuditEntry, declare_resources  # noqa: E402
 
 
 def rss_kib(pid: int) -> tuple[int, int]:

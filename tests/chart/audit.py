@@ -1,7 +1,7 @@
 """What the operator asked of the API emulator, recorded across the operator's integration tests, for the
 chart's RBAC test (tests/chart/test_rbac.py).
 
-The emulator (``tests/kube/emulator.py``) keeps an audit of every request as ``(verb, resource,
+The emulator (``tests/support/kube/emulator.py``) keeps an audit of every request as ``(verb, resource,
 namespace)`` in RBAC terms. The tests themselves also talk to it — they play the Job, Deployment and
 training controllers (create pods, patch statuses) — so the operator's part is the audit *minus* the
 test's own requests, told apart by their credentials (:meth:`AuditRecorder.install`).
@@ -32,7 +32,7 @@ from tests.conftest import REPO
 
 MARKER = "operator_audit"
 ENV_OUT = "DISTILLERY_OPERATOR_AUDIT"
-OPERATOR_TESTS = REPO / "tests" / "operator"
+OPERATOR_TESTS = REPO / "tests" / "operator" / "integration"
 
 
 @dataclass(frozen=True, order=True)
@@ -75,7 +75,7 @@ def watched_namespaces(args: Iterable[str]) -> list[str] | None:
 
 def _resource_names(api: Any) -> dict[str, tuple[str, str]]:
     """The emulator's RBAC resource strings back to (group, plural[/sub]) for every resource it serves."""
-    from tests.kube.emulator import rbac_resource
+    from tests.support.kube.emulator import rbac_resource
 
     names = {"namespaces": ("", "namespaces")}
     for res in api.resources:
@@ -118,7 +118,7 @@ class AuditRecorder:
         emulator's ``_audit`` to count the credential-less ones per emulator.
         """
         try:
-            from tests.kube.emulator import ApiServer
+            from tests.support.kube.emulator import ApiServer
         except ModuleNotFoundError:
             return  # the operator's emulator is not on this branch: nothing records
         original = ApiServer._audit

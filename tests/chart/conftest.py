@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.tools.fetch_k8s_tools import fetch
+from tests.support.fetch_k8s_tools import fetch
 
 from .helm import Tools
 

@@ -3,7 +3,7 @@
 kubectl reads discovery more strictly than kopf does, and asks for server-side printing: a ``get``
 sends ``Accept: application/json;as=Table;g=meta.k8s.io;v=v1`` and prints the columns the server
 sends, which for a custom resource are its CRD's ``additionalPrinterColumns``. Three fixes over
-:class:`tests.kube.emulator.ApiServer`, each what a real API server does:
+:class:`tests.support.kube.emulator.ApiServer`, each what a real API server does:
 
 - ``/api/v1`` reports ``groupVersion: v1`` (kmock says ``/v1``, and kubectl then finds no core kinds),
   and a subresource (``distillationruns/status``) has no short names of its own (kubectl warns that
@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 from kmock._internal.rendering import Payload, Request
 
-from tests.kube.emulator import ApiServer
+from tests.support.kube.emulator import ApiServer
 
 TABLE_ACCEPT = "as=Table"
 

@@ -50,8 +50,8 @@ async def test_kubectl_applies_the_example_and_get_drun_shows_the_printer_column
 ) -> None:
     import kmock
 
-    from tests.kube.cluster import write_kubeconfig
-    from tests.kube.emulator import declare_resources
+    from tests.support.kube.cluster import write_kubeconfig
+    from tests.support.kube.emulator import declare_resources
 
     from .kubectl_api import KubectlApiServer
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.builders import make_run
+from tests.support.builders import make_run
 
 pytestmark = pytest.mark.slow
 
@@ -157,7 +157,7 @@ def test_broken_teacher_url_fails_naming_the_stage(tmp_path: Path) -> None:
 def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
     """`kill PID` (a supervisor, a closed session) stops as Ctrl-C does: the stage processes (in their own
     process groups) are stopped, the status says interrupted, and nothing is left running."""
-    from tests.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
+    from tests.support.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q {i}"}) + "\n" for i in range(200)))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer import tiny
+from tests.support import tiny
 
 CACHE = Path(os.environ.get("DISTILLERY_TEST_CACHE") or Path.home() / ".cache" / "distillery-tests")
 TEACHER_VERSION = "tiny-teacher-v1"  # bump when tiny.train_teacher or the task changes

@@ -26,8 +26,8 @@ from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stage import StageConfig
 from distillery_trainer.serve import VLLM_IMAGE, VllmServer
 
-from tests.builders import make_run
 from tests.conftest import EXAMPLES, REPO
+from tests.support.builders import make_run
 
 K8S_VERSIONS = ("1.30", "1.37")
 SETTINGS = Settings(
@@ -153,7 +153,7 @@ def test_builtin_manifests_are_valid_kubernetes(key: str, version: str) -> None:
 @functools.cache
 def pytorchjob_validator() -> jsonschema.Draft4Validator:
     schema = yaml.safe_load(
-        (REPO / "tests/data/kubeflow-pytorchjob-v1.schema.yaml").read_text(encoding="utf-8")
+        (REPO / "tests/support/data/kubeflow-pytorchjob-v1.schema.yaml").read_text(encoding="utf-8")
     )
     return jsonschema.Draft4Validator(_to_json_schema(schema))
 

@@ -16,9 +16,9 @@ from distillery_trainer.api.stages import fingerprints
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
 
-from tests.builders import make_run
-from tests.operator.reports import progress, results, summaries
 from tests.operator.unit.test_health_lua import health
+from tests.support.builders import make_run
+from tests.support.reports import progress, results, summaries
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 UID = "run-uid"

@@ -20,9 +20,9 @@ from distillery_trainer.api.status import Condition, Results
 from distillery_trainer.api.summaries import CollectionSummary
 from distillery_trainer.termination import compact
 
-from tests.operator.reports import progress
-from tests.operator.reports import results as results_message
-from tests.operator.reports import summaries as summary_messages
+from tests.support.reports import progress
+from tests.support.reports import results as results_message
+from tests.support.reports import summaries as summary_messages
 
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 
@@ -100,7 +100,7 @@ def test_a_failure_detail_skips_the_progress_lines_of_a_log_tail() -> None:
 
     from distillery_trainer.progress_line import format_line
 
-    from tests.operator.reports import summaries as shard_reports
+    from tests.support.reports import summaries as shard_reports
 
     line = format_line("collect", CollectionSummary.model_validate(shard_reports(1)[0]))
     tail = f"Traceback (most recent call last):\nOSError: disk full\n{line}"  # FallbackToLogsOnError

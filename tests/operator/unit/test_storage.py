@@ -17,9 +17,9 @@ from distillery_operator.reconciler import CHILD_INDICES, CLAIM_INDEX, POD_INDEX
 from distillery_operator.settings import Settings
 from distillery_trainer.api.spec import DistillationRunSpec
 
-from tests.builders import make_run
 from tests.operator.unit.test_planner import UID, World, conditions, kinds, reasons, spec_of
 from tests.operator.unit.test_writer import FakeApi, api_error
+from tests.support.builders import make_run
 
 CLAIM = "distill-data"
 PVC = "PersistentVolumeClaim"

@@ -16,8 +16,8 @@ from distillery_operator.planner import Desired
 from distillery_operator.reconciler import CHILD_INDICES, POD_INDEX, RUN_INDEX, Reconciler
 from distillery_operator.settings import Settings
 
-from tests.kube.emulator import Apply, Manager, _leaves
 from tests.operator.unit.test_planner import spec_of
+from tests.support.kube.emulator import Apply, Manager, _leaves
 
 
 def api_error(status: int, message: str = "boom", retry_after: str | None = None) -> ApiError:
@@ -27,7 +27,7 @@ def api_error(status: int, message: str = "boom", retry_after: str | None = None
 
 class FakeApi:
     """Records every call; ``fail`` makes the next calls of a verb raise. Its server-side apply is the
-    API emulator's model of it (:class:`tests.kube.emulator.Apply`)."""
+    API emulator's model of it (:class:`tests.support.kube.emulator.Apply`)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []

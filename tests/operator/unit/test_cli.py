@@ -1,0 +1,65 @@
+"""`distillery validate` and `distillery crd` as a user runs them: real processes, exit codes, output."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import EXAMPLES, REPO
+from tests.support.builders import make_run
+
+
+def _distillery(*args: str) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("distillery", path=str(Path(sys.executable).parent))
+    cmd = [exe] if exe else [sys.executable, "-m", "distillery_operator.cli"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_validate_examples_exit_zero_with_a_summary() -> None:
+    out = _distillery("validate", *map(str, sorted(EXAMPLES.glob("*.yaml"))))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("is valid") == 3
+    assert "contracts-8b" in out.stdout
+
+
+def test_validate_invalid_exits_one_with_paths(tmp_path: Path) -> None:
+    bad = (
+        make_run("bad")
+        .spec(
+            {
+                "collection": {"shards": 0},
+                "training": {"method": "kd"},
+                "teacher": {"endpoint": {"apiKey": "sk-x"}},
+            }
+        )
+        .obj()
+    )
+    f = tmp_path / "bad.yaml"
+    f.write_text(yaml.safe_dump(bad))
+    out = _distillery("validate", str(f))
+    assert out.returncode == 1
+    assert "spec.collection.shards" in out.stderr
+    assert "spec.teacher.endpoint.apiKey" in out.stderr and "never inlined" in out.stderr
+    assert "sk-x" not in out.stderr + out.stdout
+
+
+def test_validate_missing_file_exits_one(tmp_path: Path) -> None:
+    out = _distillery("validate", str(tmp_path / "nope.yaml"))
+    assert out.returncode == 1 and "no such file" in out.stderr
+
+
+def test_crd_prints_the_checked_in_file() -> None:
+    out = _distillery("crd")
+    assert out.returncode == 0
+    assert out.stdout == (REPO / "crds" / "distillery.dev_distillationruns.yaml").read_text()
+
+
+def test_help_is_instant_and_names_the_commands() -> None:
+    out = _distillery("--help")
+    assert out.returncode == 0
+    for cmd in ("validate", "crd"):
+        assert cmd in out.stdout

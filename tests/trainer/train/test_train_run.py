@@ -1,0 +1,409 @@
+"""``distillery-trainer train --config`` as the pods run it: real processes, real training steps on tiny real
+models, real files. Offline (HF_HUB_OFFLINE=1); every run takes seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from distillery_trainer.layout import RunLayout
+from distillery_trainer.models import materialize
+
+from tests.support import tiny
+from tests.support.builders import DELETE
+from tests.trainer.conftest import TOP_K, new_run
+
+pytestmark = pytest.mark.slow
+
+TRAINING: dict[str, Any] = {"batchSize": 16, "maxSeqLength": 64, "warmupRatio": 0.05, "seed": 7}
+
+
+def progress(root: Path) -> dict[str, Any]:
+    return json.loads(RunLayout(root).progress_file.read_text())
+
+
+def weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def check_ok(out: subprocess.CompletedProcess[str]) -> None:
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------------------------- quality
+
+
+@pytest.mark.parametrize("method", ["sft", "kd-topk", "kd-online"])
+def test_student_agrees_with_the_teacher_more_after_training(
+    method: str,
+    tmp_path: Path,
+    teacher_dir: Path,
+    collected: Path,
+    held_out: tuple[list[str], list[list[int]]],
+) -> None:
+    """The demo's shape: a student cut from the teacher (1 of its 2 layers) learns to imitate it again."""
+    root = new_run(tmp_path, collected)
+    training = {**TRAINING, "method": method.split("-")[0], "maxSteps": 100, "learningRate": 3e-3}
+    teacher = None
+    if method == "kd-topk":
+        training["kd"] = {"temperature": 2.0, "alpha": 0.5, "source": "topk"}
+        teacher = {"logprobs": {"topK": TOP_K}}
+    if method == "kd-online":
+        training["kd"] = {"temperature": 2.0, "alpha": 0.5, "divergence": "jsd", "chunkTokens": 64}
+        teacher = {"endpoint": DELETE, "selfHosted": {"model": str(teacher_dir)}}
+    config = tiny.stage_config(
+        root, teacher_dir, training, teacher=teacher, student_extra={"prune": {"keepLayers": 1}}
+    )
+    check_ok(tiny.run_train(config))
+
+    prompts, answers = held_out
+    pruned = materialize(str(teacher_dir), tmp_path / "cache", prune=1)
+    before = tiny.exact_match(pruned, prompts, answers), tiny.agreement(pruned, teacher_dir, prompts, answers)
+    after = (
+        tiny.exact_match(root / "student", prompts, answers),
+        tiny.agreement(root / "student", teacher_dir, prompts, answers),
+    )
+    print(
+        f"{method}: same answer as the teacher {before[0]:.2f} -> {after[0]:.2f}, same next token {before[1]:.3f} -> {after[1]:.3f}"
+    )
+    assert after[0] >= before[0] + 0.3 and after[0] >= 0.8, (before, after)  # before: 0.42
+    assert after[1] > before[1], (before, after)
+    p = progress(root)
+    assert p["state"] == "Succeeded" and p["step"] == 100 and p["method"] == training["method"]
+    meta = json.loads((root / "student" / "distillery-training.json").read_text())
+    assert meta["kdSource"] == {"sft": None, "kd-topk": "topk", "kd-online": "online"}[method]
+
+
+# ---------------------------------------------------------------------------------------------- torchrun
+
+
+def torchrun(config: Path, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert exe, "torchrun is installed with torch"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "DISTILLERY_TERMINATION_LOG": str(config.parent / "termination.log"),
+    }
+    return subprocess.run(
+        [
+            exe,
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc),
+            "--no-python",
+            *tiny.trainer_cmd(),
+            "train",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_two_ranks_ddp_and_fsdp_agree(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+    """torchrun with 2 CPU ranks (gloo): both ranks step, only rank 0 writes, the result loads; FSDP reaches
+    the same loss as DDP."""
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        root = new_run(tmp_path, collected, strategy)
+        training = {
+            **TRAINING,
+            "method": "kd",
+            "maxSteps": 12,
+            "learningRate": 3e-3,
+            "strategy": strategy,
+            "checkpointEverySteps": 5,
+            "kd": {"temperature": 2.0, "alpha": 0.5},
+        }
+        config = tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}})
+        out = torchrun(config)
+        assert out.returncode == 0, out.stderr[-4000:]
+        for rank in (0, 1):
+            assert (
+                f"rank{rank} INFO distillery_trainer.train.loop: rank {rank} finished 12 steps" in out.stderr
+            )
+        writes = [
+            line for line in out.stderr.splitlines() if "checkpoint " in line or "saved the student" in line
+        ]
+        assert writes and all(" rank0 " in line for line in writes), writes  # only rank 0 writes
+        p = progress(root)
+        assert p["worldSize"] == 2 and p["step"] == 12 and p["state"] == "Succeeded"
+        ckpts = sorted(x.name for x in RunLayout(root).checkpoints_dir.iterdir())
+        assert ckpts == ["step-000010", "step-000012"]  # the last two, no temp leftovers
+        assert json.loads((root / "termination.log").read_text())["step"] == 12
+        tok, model = tiny.load(root / "student")
+        assert model.config.num_hidden_layers == 1
+        results[strategy] = (p["loss"], weights(root / "student"))
+    (ddp_loss, ddp_w), (fsdp_loss, fsdp_w) = results["ddp"], results["fsdp"]
+    assert abs(ddp_loss - fsdp_loss) < 1e-3 * abs(ddp_loss)
+    for name, value in ddp_w.items():
+        assert torch.allclose(value, fsdp_w[name], atol=1e-4), name
+
+
+# ---------------------------------------------------------------------------------------------- resume
+
+
+def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    training = {
+        **TRAINING,
+        "method": "sft",
+        "maxSteps": 300,
+        "learningRate": 3e-3,
+        "checkpointEverySteps": 10,
+    }
+    straight = new_run(tmp_path, collected, "straight")
+    check_ok(tiny.run_train(tiny.stage_config(straight, student_dir, training)))
+
+    root = new_run(tmp_path, collected, "killed")
+    config = tiny.stage_config(root, student_dir, training)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*tiny.trainer_cmd(), "train", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    ckpts = RunLayout(root).checkpoints_dir
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = progress(root)["step"]
+    assert killed_at < 300
+
+    out = tiny.run_train(config)
+    check_ok(out)
+    assert "resuming from" in out.stderr
+    assert progress(root)["step"] == 300 and progress(root)["state"] == "Succeeded"
+    a, b = weights(straight / "student"), weights(root / "student")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-5), (
+            name
+        )  # exact resume: weights, optimizer, data, RNG
+
+    again = tiny.run_train(config)  # a finished run restarted: nothing to do
+    check_ok(again)
+    assert "already finished" in again.stderr
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+
+def test_object_store_artifacts_are_refused_with_the_reason(tmp_path: Path, student_dir: Path) -> None:
+    config = tiny.stage_config(tmp_path, student_dir, {**TRAINING, "method": "sft"})
+    config.write_text(config.read_text().replace(f"artifacts: {tmp_path}", "artifacts: s3://bucket/runs/x"))
+    out = tiny.run_train(config)
+    assert out.returncode == 1 and "mounted volume" in out.stderr
+    assert json.loads((tmp_path / "termination.log").read_text())["state"] == "Failed"
+
+
+def test_tokenizer_mismatch_is_refused_before_the_first_step(tmp_path: Path, collected: Path) -> None:
+    other = tmp_path / "other-student"
+    tiny.make_llama(other, tiny.make_tokenizer(tmp_path / "other-tok", merges=8), seed=3)
+    root = new_run(tmp_path, collected)
+    training = {**TRAINING, "method": "kd", "maxSteps": 5, "kd": {"temperature": 2.0, "alpha": 0.5}}
+    out = tiny.run_train(tiny.stage_config(root, other, training, teacher={"logprobs": {"topK": TOP_K}}))
+    assert out.returncode == 1
+    assert "share a tokenizer" in out.stderr and "training.method: sft or seqkd" in out.stderr
+    assert not RunLayout(root).checkpoints_dir.exists() and not (root / "student").exists()
+    p = progress(root)
+    assert p["state"] == "Failed" and p["step"] == 0 and "tokenizer" in p["message"]
+    assert json.loads((root / "termination.log").read_text())["state"] == "Failed"
+
+
+def test_kd_without_collected_logprobs_says_what_to_do(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    root = new_run(tmp_path, collected)
+    for f in RunLayout(root).collect_dir.glob("*.logprobs.safetensors"):
+        f.unlink()
+    training = {**TRAINING, "method": "kd", "maxSteps": 5}
+    out = tiny.run_train(
+        tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}})
+    )
+    assert out.returncode == 1
+    assert "needs the teacher's logprobs" in out.stderr and "use training.method sft" in out.stderr
+
+
+def test_nan_loss_stops_with_the_step_number(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(student_dir, broken)
+    state = load_file(str(broken / "model.safetensors"))
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    root = new_run(tmp_path, collected)
+    out = tiny.run_train(tiny.stage_config(root, broken, {**TRAINING, "method": "sft", "maxSteps": 5}))
+    assert out.returncode == 1
+    assert "the loss is nan at step 1" in out.stderr
+    assert progress(root)["state"] == "Failed" and not (root / "student").exists()
+
+
+def test_time_budget_ends_the_run_with_a_student(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+    root = new_run(tmp_path, collected)
+    training = {
+        **TRAINING,
+        "method": "sft",
+        "maxSteps": 1_000_000,
+        "maxSeconds": 2,
+        "checkpointEverySteps": 100_000,
+        "gradientCheckpointing": True,
+    }
+    check_ok(tiny.run_train(tiny.stage_config(root, student_dir, training)))
+    p = progress(root)
+    assert p["state"] == "Succeeded" and 0 < p["step"] < 1_000_000 and 2 <= p["elapsedSeconds"] < 30
+    assert "time budget of 2 s reached" in p["message"]
+    assert (root / "student" / "config.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------- LoRA, DPO
+
+
+def test_lora_student_is_saved_merged(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+    root = new_run(tmp_path, collected)
+    for f in RunLayout(root).collect_dir.glob("*.logprobs.safetensors"):
+        f.unlink()  # a black-box collection: seqkd needs no logprobs
+    training = {
+        **TRAINING,
+        "method": "seqkd",
+        "seqkd": {"selection": "all"},
+        "maxSteps": 15,
+        "learningRate": 1e-2,
+    }
+    config = tiny.stage_config(
+        root, student_dir, training, student_extra={"lora": {"rank": 4, "dropout": 0.0}}
+    )
+    check_ok(tiny.run_train(config))
+    saved = root / "student"
+    assert not (saved / "adapter_config.json").exists()
+    base, trained = weights(student_dir), weights(saved)
+    assert set(trained) == set(base)  # a plain model: no lora_A/lora_B left
+    changed = [k for k in base if not torch.equal(base[k], trained[k])]
+    assert any("proj" in k for k in changed)  # the adapters were merged into the linear layers
+    tok, model = tiny.load(saved)
+    ids = tok("<|im_start|>user\nabc<|im_end|>\n<|im_start|>assistant\n", return_tensors="pt")["input_ids"]
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+
+
+def test_dpo_phase_after_sft(tmp_path: Path, student_dir: Path, collected: Path) -> None:
+    root = new_run(tmp_path, collected)
+    training = {
+        **TRAINING,
+        "method": "sft",
+        "maxSteps": 8,
+        "batchSize": 4,
+        "gradientAccumulationSteps": 2,
+        "packing": True,
+        "precision": "bf16",
+        "warmupRatio": 0.0,
+        "dpo": {"enabled": True, "pairs": 8, "beta": 0.1, "learningRate": 1e-3, "epochs": 2},
+    }
+    check_ok(tiny.run_train(tiny.stage_config(root, student_dir, training)))
+    p = progress(root)
+    assert p["state"] == "Succeeded" and p["method"] == "sft" and p["step"] == 8
+    assert "then DPO: 8 pairs, 2 steps" in p["message"]
+    meta = json.loads((root / "student" / "distillery-training.json").read_text())
+    assert meta["dpo"] == {"pairs": 8, "beta": 0.1, "steps": 2}
+    from safetensors.torch import load_file
+
+    ckpt = load_file(str(RunLayout(root).checkpoints_dir / "step-000008" / "trainable.safetensors"))
+    after = weights(root / "student")
+    assert not torch.equal(
+        ckpt["student.model.layers.0.mlp.up_proj.weight"], after["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+# ---------------------------------------------------------------------------------------------- live progress
+
+
+def test_rank_zero_prints_progress_lines_the_operator_can_parse(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    """Off a terminal (a pod's log), the human lines come with machine-readable ones: at the start and the end
+    (and every 10 s between), one compact JSON object each, the TrainingProgress the status shows."""
+    from distillery_trainer.api.summaries import TrainingProgress
+    from distillery_trainer.progress_line import latest_training, parse_line
+
+    root = new_run(tmp_path, collected)
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**TRAINING, "method": "sft", "maxSteps": 6}))
+    check_ok(out)
+    found = [r for line in out.stderr.splitlines() if (r := parse_line(line)) is not None]
+    assert len(found) >= 2 and {stage for stage, _ in found} == {"train"}
+    first, last = found[0][1], found[-1][1]
+    assert isinstance(first, TrainingProgress) and isinstance(last, TrainingProgress)
+    assert (first.state, first.step, first.total_steps) == ("Running", 0, 6)
+    assert (last.state, last.step, last.total_steps, last.eta_seconds) == ("Succeeded", 6, 6, 0.0)
+    assert last.loss is not None and last.tokens_per_second and last.elapsed_seconds > 0
+    assert latest_training(out.stderr) == last == TrainingProgress.model_validate(progress(root))
+    assert "sft step 6/6" in out.stderr  # the human line is still there
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def test_a_changed_training_section_trains_again_and_sets_the_old_student_aside(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    """What a restarted train pod does after "train more" on a failed gate: the finished student on the
+    volume was trained for other inputs, so it is set aside and training starts again (it used to exit 0
+    with "nothing to do" and the old student was served and judged again)."""
+    root = new_run(tmp_path, collected)
+    first = {**TRAINING, "method": "sft", "maxSteps": 3, "learningRate": 3e-3}
+    check_ok(tiny.run_train(tiny.stage_config(root, student_dir, first)))
+    assert progress(root)["step"] == 3
+    before = weights(root / "student")
+
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**first, "maxSteps": 6}))
+    check_ok(out)
+    assert "set aside" in out.stderr and "already finished" not in out.stderr
+    assert progress(root)["step"] == 6 and progress(root)["state"] == "Succeeded"
+    after = weights(root / "student")
+    assert any(not torch.equal(before[name], after[name]) for name in before)
+    (aside,) = (root / "superseded").iterdir()
+    assert aside.name.startswith("train-i2-")
+    kept = weights(aside / "student")  # the previous student is kept, not overwritten
+    assert all(torch.equal(before[name], kept[name]) for name in before)
+    assert json.loads((aside / "train" / "progress.json").read_text())["step"] == 3
+
+    same = tiny.run_train(tiny.stage_config(root, student_dir, {**first, "maxSteps": 6}))
+    check_ok(same)  # the same inputs again: nothing to do, nothing set aside
+    assert "already finished" in same.stderr and len(list((root / "superseded").iterdir())) == 1
+
+
+def test_training_refuses_a_collection_made_for_other_inputs(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    from distillery_trainer import outputs
+
+    root = new_run(tmp_path, collected)
+    atomic = RunLayout(root).collect_dir / "inputs.json"
+    atomic.write_text(json.dumps({"inputs": "i2-0000000000000000", "token": "x"}))
+    out = tiny.run_train(tiny.stage_config(root, student_dir, {**TRAINING, "method": "sft", "maxSteps": 2}))
+    assert out.returncode == 1
+    assert "the collect stage must run again first" in out.stderr and "Traceback" not in out.stderr
+    assert not (root / "student").exists() and outputs.recorded(RunLayout(root), "train") is None
