@@ -22,6 +22,10 @@ from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
 
+# Past this many doublings every delay is at its cap anyway; stopping there keeps a long outage (a
+# thousand failures in a row) from overflowing the float.
+_MAX_DOUBLINGS = 64
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -35,7 +39,7 @@ class Outcome:
 def backoff(first: float, attempt: int, cap: float) -> float:
     """The delay before retrying the ``attempt``-th failure in a row: ``first``, doubled for each failure
     before it, at most ``cap``."""
-    return min(cap, first * 2.0 ** (attempt - 1))
+    return min(cap, first * 2.0 ** min(attempt - 1, _MAX_DOUBLINGS))
 
 
 class WorkQueue(Generic[K]):

@@ -56,6 +56,14 @@ def test_backoff_doubles_from_the_first_delay_up_to_the_cap() -> None:
     assert [backoff(2.0, n, 300.0) for n in range(1, 10)] == [2, 4, 8, 16, 32, 64, 128, 256, 300]
 
 
+def test_backoff_stays_at_the_cap_through_a_long_outage() -> None:
+    # An API server that fails for a day at one try a minute is ~1440 failures in a row: the delay must
+    # stay at the cap. It overflowed the float past ~1024 failures, and the OverflowError, raised while
+    # handling the failure, ended the run's retries until the next watch event.
+    assert backoff(1.0, 1440, 60.0) == 60.0
+    assert backoff(2.0, 10_000, 300.0) == 300.0
+
+
 async def test_requests_while_a_key_runs_coalesce_into_exactly_one_more_run() -> None:
     gate = asyncio.Event()
     work = Worker(gates={"a": gate})
