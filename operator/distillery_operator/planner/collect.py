@@ -45,11 +45,7 @@ def collect(w: Walk) -> Outcome:
             if teacher is None or int(teacher.status.get("readyReplicas") or 0) < 1:
                 st.message = "waiting for the self-hosted teacher (vLLM) to become ready"
                 return Outcome.RUNNING
-        if job is None:
-            w.want(collect_job(w.run, w.settings, w.fp["collect"]), mutable=False)
-        else:
-            st.message = f"waiting for the previous Job {name} to be deleted"
-        return Outcome.RUNNING
+        return w.create_or_wait("collect", job, collect_job(w.run, w.settings, w.fp["collect"]))
 
     pods = w.observed.pods_of(COLLECT, job)
     found = derive.summaries(pods)
