@@ -151,7 +151,15 @@ def parse_resources(text: str, where: str) -> dict[str, dict[str, str]]:
     from pydantic import ValidationError
 
     try:
-        return PodResources.model_validate(json.loads(text)).manifest()
+        data = json.loads(text)
+        if isinstance(data, dict):  # the chart's values: empty means none, and `cpu: 1` is a number
+            data = {
+                part: {k: str(v) for k, v in entries.items() if v not in (None, "")}
+                if isinstance(entries, dict)
+                else entries
+                for part, entries in data.items()
+            }
+        return PodResources.model_validate(data).manifest()
     except (ValueError, ValidationError) as exc:
         raise ValueError(
             f'{where}: expected JSON like {{"requests": {{"cpu": "1", "memory": "4Gi"}}, '
