@@ -12,7 +12,6 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
-
 from distillery_operator.builders.common import Run
 from distillery_operator.builders.serve import serve_deployment
 from distillery_operator.settings import Settings
