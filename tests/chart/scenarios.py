@@ -17,6 +17,12 @@ GPU_KUEUE: dict[str, Any] = {
         "priorityClassName": "batch-high",
         "storageClassName": "fast-rwx",
         "kueue": {"queueName": "team-a-gpus"},
+        "resources": {
+            "collection": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+            "evaluation": {"limits": {"memory": "8Gi"}},
+            "vllm": {"requests": {"cpu": "8", "memory": "64Gi"}},
+        },
+        "shmSize": "16Gi",
     }
 }
 EVERYTHING: dict[str, Any] = {

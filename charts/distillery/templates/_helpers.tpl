@@ -109,6 +109,10 @@ Empty values set nothing, so the operator's own default applies.
   "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
   "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
   "DISTILLERY_STORAGE_CLASS" $w.storageClassName
+  "DISTILLERY_SHM_SIZE" $w.shmSize
+  "DISTILLERY_COLLECTION_RESOURCES" (toJson $w.resources.collection)
+  "DISTILLERY_EVALUATION_RESOURCES" (toJson $w.resources.evaluation)
+  "DISTILLERY_VLLM_RESOURCES" (toJson $w.resources.vllm)
 }}
 {{- if $w.nodeSelector }}
 {{- $_ := set $env "DISTILLERY_NODE_SELECTOR" (toJson $w.nodeSelector) }}

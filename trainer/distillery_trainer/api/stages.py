@@ -67,11 +67,16 @@ EXECUTION: tuple[str, ...] = (
     "collection.timeoutSeconds",
     "collection.backoffLimitPerIndex",
     "collection.cache",
+    "collection.resources",
     "training.backend",
     "serving.replicas",
     "serving.keep",
     "serving.keepOnFailure",
+    "serving.resources",
+    "serving.shmSize",
+    "evaluation.resources",
     "scheduling",
+    "huggingFace",  # a token changes what may be downloaded, never what a stage makes of it
 )
 # Spec fields that only change the verdict and the cost figures.
 VERDICT_ONLY: tuple[str, ...] = ("evaluation.minQualityRetention", "evaluation.maxErrorFraction", "cost")
