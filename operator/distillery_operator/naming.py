@@ -16,6 +16,8 @@ MANAGED_LABEL = "app.kubernetes.io/managed-by"
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 HASH_ANNOTATION = "distillery.dev/hash"  # of the manifest as built: a differing one is re-applied
 INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage depends on: restarts
+# The run's generation a Job was made for: a failed one is tried again after any later edit of the spec.
+GENERATION_ANNOTATION = "distillery.dev/generation"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
 

@@ -22,6 +22,7 @@ from .kube import FIELD_MANAGER
 from .naming import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
+    GENERATION_ANNOTATION,
     HASH_ANNOTATION,
     INPUTS_ANNOTATION,
     PYTORCHJOB_CONTAINER,
@@ -69,6 +70,13 @@ class RunView:
         return value
 
 
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
 def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), default=str)
 
@@ -82,6 +90,7 @@ class Child:
     owners: tuple[str, ...] = ()
     hash: str | None = None
     inputs: str | None = None
+    made_for: int | None = None  # the run's generation a Job was made for (GENERATION_ANNOTATION)
     deleting: bool = False
     generation: int = 1
     replicas: int | None = None
@@ -259,6 +268,7 @@ def child_view(body: Mapping[str, Any]) -> Child:
         ),
         hash=annotations.get(HASH_ANNOTATION),
         inputs=annotations.get(INPUTS_ANNOTATION),
+        made_for=_int(annotations.get(GENERATION_ANNOTATION)),
         deleting=bool(meta.get("deletionTimestamp")),
         generation=int(meta.get("generation") or 1),
         replicas=spec.get("replicas") if kind == "Deployment" else None,

@@ -42,7 +42,7 @@ from pydantic import ValidationError
 from .. import status as derive
 from ..builders.common import Run
 from ..builders.config import config_map
-from ..naming import EVAL, MAX_RUN_NAME, SERVE, TRAIN
+from ..naming import EVAL, GENERATION_ANNOTATION, MAX_RUN_NAME, SERVE, TRAIN
 from ..observe import Child, Observed, Pod, RunView, parse_time
 from ..settings import Settings
 from . import collect, evaluate, serve, train
@@ -143,6 +143,9 @@ class Walk:
     # ------------------------------------------------------------------------------------------ helpers
 
     def want(self, manifest: dict[str, Any], *, mutable: bool) -> None:
+        if not mutable:  # a workload: which spec it was made for decides whether a failure is retried
+            annotations = manifest["metadata"].setdefault("annotations", {})
+            annotations[GENERATION_ANNOTATION] = str(self.view.generation)
         self.out.apply.append(Desired(manifest, mutable))
 
     def drop(self, kind: str, name: str) -> None:
@@ -181,9 +184,16 @@ class Walk:
             return None
         if not self.owned(child):
             return self.blocked(stage, child)
-        if child.deleting or not inputs_changed(child.inputs, self.fp[stage]):
+        if child.deleting:
             return None
-        self.restart(stage)
+        if inputs_changed(child.inputs, self.fp[stage]):
+            self.restart(stage)
+        elif child.is_true("Failed") and child.made_for is not None and child.made_for < self.view.generation:
+            # The spec changed since this Job failed (more memory, a longer deadline, a fixed secret...):
+            # try the stage again, as `distillery run` does on every run.
+            self.restart(stage, f"the spec changed after {stage} failed: retrying {stage}")
+        else:
+            return None
         for kind in (child.kind, *also):
             self.drop(kind, child.name)
         return Outcome.RUNNING
@@ -230,8 +240,8 @@ class Walk:
                 detail += f"; {part}"
         return self.fail(stage, detail, parse_time(cond.get("lastTransitionTime")))
 
-    def restart(self, stage: str) -> Outcome:
-        """The stage's inputs changed: reset it and every later stage, and delete its child."""
+    def restart(self, stage: str, why: str | None = None) -> Outcome:
+        """The stage's inputs changed (or ``why``): reset it and every later stage."""
         restarted = later(BY_NAME[stage])
         started = any(s.status(self.st).state != "Pending" for s in restarted)
         for s in restarted:
@@ -242,9 +252,9 @@ class Walk:
         sections = "/".join(f"spec.{s}" for s in BY_NAME[stage].inputs)
         if started:
             self.out.events.append(
-                Event("Normal", REASON_SPEC_CHANGED, f"{sections} changed: restarting from {stage}")
+                Event("Normal", REASON_SPEC_CHANGED, why or f"{sections} changed: restarting from {stage}")
             )
-        self.start(stage, f"{sections} changed: restarting")
+        self.start(stage, why or f"{sections} changed: restarting")
         return Outcome.RUNNING
 
     def waiting_for_reports(self, since: datetime | None) -> bool:

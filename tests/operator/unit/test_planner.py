@@ -709,3 +709,31 @@ def test_collection_sums_finished_shards_and_the_running_shards_latest_lines() -
     world.plan()
     st = world.status["collection"]
     assert st["state"] == "Succeeded" and st["done"] == 3 * 1498 and st["total"] == 4500
+
+
+def test_a_failed_stage_is_retried_after_any_edit_of_the_spec() -> None:
+    """An OOMKilled evaluation is fixed by raising evaluation.resources, an execution setting that
+    restarts nothing by itself: a stage whose Job failed is tried again once the spec has changed since
+    that Job was made (its generation annotation), and not before."""
+    world = World()
+    world.to_serving()
+    world.roll_out()
+    world.plan()
+    failed = [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "OOMKilled"}]
+    world.set_status("Job", "eval", conditions=failed)
+    world.plan()
+    assert conditions(world.status)["Failed"] == ("True", "EvaluationFailed")
+    out = world.plan()  # the same spec: the failure stands, nothing is deleted
+    assert out.delete == [] and world.status["phase"] == "Failed"
+
+    world.spec = {**world.spec, "collection": {**world.spec.get("collection", {}), "concurrency": 64}}
+    world.generation = 2
+    out = world.plan()
+    assert out.delete == [("Job", "r-eval")] and world.status["phase"] == "Evaluating"
+    assert ("Normal", "SpecChanged", "the spec changed after evaluate failed: retrying evaluate") in [
+        (e.type, e.reason, e.message) for e in out.events
+    ]
+    assert world.status["collection"]["state"] == "Succeeded"  # earlier stages stand
+    out = world.plan()
+    job = next(d for d in out.apply if d.kind == "Job")
+    assert job.manifest["metadata"]["annotations"]["distillery.dev/generation"] == "2"
