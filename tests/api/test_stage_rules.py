@@ -57,6 +57,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "timeoutSeconds": 60,
         "backoffLimitPerIndex": 2,
         "cache": True,
+        "deadlineSeconds": 86400,
     },
     "training": {
         "method": "kd",
@@ -88,6 +89,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         },
         "backend": "pytorchjob",
         "image": "ghcr.io/example/trainer:1.0",
+        "deadlineSeconds": 604800,
     },
     "serving": {
         "image": "vllm/vllm-openai:v0.9.0",
@@ -110,6 +112,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "load": {"requests": 50, "concurrency": 4, "maxTokens": 64, "compareTeacher": True},
         "bootstrapSamples": 500,
         "confidence": 0.9,
+        "deadlineSeconds": 3600,
     },
     "cost": {"gpuHourUSD": 2.0, "requestsPerMonth": 1000000},
     "storage": {"pvc": {"claimName": "distill-data", "subPath": "team-a"}},

@@ -67,10 +67,13 @@ EXECUTION: tuple[str, ...] = (
     "collection.timeoutSeconds",
     "collection.backoffLimitPerIndex",
     "collection.cache",
+    "collection.deadlineSeconds",
     "training.backend",
+    "training.deadlineSeconds",
     "serving.replicas",
     "serving.keep",
     "serving.keepOnFailure",
+    "evaluation.deadlineSeconds",
     "scheduling",
 )
 # Spec fields that only change the verdict and the cost figures.
