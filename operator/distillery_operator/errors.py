@@ -13,7 +13,7 @@ import kopf
 from .kube import ApiError
 
 RETRYABLE = {408, 425, 429, 500, 502, 503, 504}
-# First delays; the reconciler doubles them on every failure in a row, up to a minute.
+# First delays; the reconciler doubles them on every failure in a row (``workqueue.backoff``), up to a minute.
 DEFAULT_DELAY = 0.5
 CONFLICT_DELAY = 0.2
 NOT_FOUND_DELAY = 2.0

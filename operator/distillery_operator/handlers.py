@@ -7,7 +7,8 @@
   operator sees every child it made before it plans anything.
 - ``@kopf.on.event`` on runs and on children (matched by the ``app.kubernetes.io/managed-by`` and
   ``distillery.dev/run`` labels: a label selector on the watch, and the same filter again here for API
-  servers that ignore selectors) requests a reconcile of the run; :class:`~distillery_operator.reconciler.Reconciler` coalesces and retries.
+  servers that ignore selectors) requests a reconcile of the run; the
+  :class:`~distillery_operator.reconciler.Reconciler`'s work queue (:mod:`.workqueue`) coalesces and retries.
 - One ``@kopf.on.startup`` holds every setting, and starts the metrics endpoint when ``--metrics`` asked
   for one (:mod:`.metrics`; the memo's ``metrics_url``).
 

@@ -1,11 +1,16 @@
-"""The reconcile loop's bookkeeping: one reconcile per run at a time, coalesced requests, retries.
+"""The reconcile of one run: observe, plan, execute, write status.
 
-Watch events (a run's, or any of its children's) *request* a reconcile of the run; nothing polls. A
-request while that run's reconcile is running marks it dirty, so it runs once more afterwards, however
-many events arrived. A failed attempt is retried after the delay :mod:`.errors` chose (a one-shot timer,
-backing off to a minute; a bug backs off to five). There is no thread or long-lived task per run: a
-reconcile is a short task that reads kopf's indices, calls the pure planner and applies its result
-through the one writer.
+Watch events (a run's, or any of its children's) *request* a reconcile of the run; nothing polls. The
+requests go through a work queue keyed by run (:mod:`.workqueue`: one reconcile per run at a time,
+requests during one coalesced into one more, one-shot retry timers). A reconcile is a short task: it
+observes the run's children in kopf's indices, corrected by this process's writes the watch has not
+delivered yet (:mod:`.expectations`), calls the pure planner, applies its result through the one writer
+(:mod:`.apply`), writes the status and posts the plan's events.
+
+A failed attempt is retried after the delay :mod:`.errors` chose, doubled for each failure in a row, up to
+:data:`MAX_DELAY`; a bug (an unexpected exception) backs off to :data:`MAX_BUG_DELAY`; an error that will
+not go away by itself is not retried until the run or a child changes. Each distinct failure is one
+Warning event (``Retrying``).
 
 While training or collection runs, the run is also reconciled on a timer, and the tail of its pods' logs
 is read in the background (:mod:`.podlogs`, at most once per ``progress_interval_seconds``), so the
@@ -24,7 +29,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +36,7 @@ import kopf
 from distillery_trainer.api.status import PHASE_PENDING, REASON_RETRYING
 
 from . import apply, errors
+from .expectations import Expectations
 from .kube import Api
 from .metrics import OperatorMetrics
 from .naming import claim_name, claim_to_create
@@ -39,6 +44,7 @@ from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
 from .podlogs import LiveProgress, targets
 from .settings import Settings
+from .workqueue import Outcome, WorkQueue, backoff
 
 logger = logging.getLogger("distillery.operator")
 
@@ -53,38 +59,8 @@ CHILD_INDICES = (
     "distillery_deployments",
     "distillery_pytorchjobs",
 )
-MAX_DELAY = 60.0
-MAX_BUG_DELAY = 300.0
-
-
-EXPECTATION_TTL = 30.0
-
-
-def _version(child: Child) -> int | None:
-    try:
-        return int(child.resource_version)
-    except ValueError:
-        return None
-
-
-@dataclass(frozen=True)
-class Expectation:
-    """A write of this process's that the watch may not have delivered yet (client-go calls these
-    expectations): the child as written, or None for one deleted (``gone_uid``)."""
-
-    child: Child | None
-    gone_uid: str
-    since: float
-
-    def caught_up(self, seen: Child | None) -> bool:
-        if self.child is None:
-            return seen is None or seen.uid != self.gone_uid
-        if seen is None or seen.uid != self.child.uid:
-            return False
-        if seen.resource_version == self.child.resource_version:
-            return True
-        mine, theirs = _version(self.child), _version(seen)
-        return mine is not None and theirs is not None and theirs > mine
+MAX_DELAY = 60.0  # the longest wait before retrying an API error
+MAX_BUG_DELAY = 300.0  # the longest wait before retrying after a bug (an unexpected exception)
 
 
 def utcnow() -> datetime:
@@ -117,15 +93,11 @@ class Reconciler:
         self.clock = clock
         self.post_event = post_event or kopf.event
         self.indices: Mapping[str, Any] = {}
-        self._running: set[Key] = set()
-        self._dirty: set[Key] = set()
-        self._timers: dict[Key, asyncio.TimerHandle] = {}
-        self._failures: dict[Key, int] = {}
-        self._warned: dict[Key, str] = {}
+        self.queue: WorkQueue[Key] = WorkQueue(self._attempt, name=lambda key: f"reconcile {key[0]}/{key[1]}")
+        self.expectations = Expectations()
+        self._warned: dict[Key, str] = {}  # run -> the failure last posted as a Warning
         self._written: dict[str, str] = {}  # run uid -> the status last written (JSON)
         self._phases: dict[str, str] = {}  # run uid -> the phase last written
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._expected: dict[Key, dict[tuple[str, str], Expectation]] = {}
         self.live = LiveProgress(api, settings, self.request)
 
     # ------------------------------------------------------------------------------------------ requests
@@ -138,77 +110,26 @@ class Reconciler:
             }
 
     def request(self, key: Key) -> None:
-        if key in self._running or (key in self._timers and self._failures.get(key)):
-            self._dirty.add(key)  # runs after the current attempt, or when the retry timer fires
-            return
-        self._start(key)
-
-    def _start(self, key: Key) -> None:
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._running.add(key)
-        task = asyncio.get_running_loop().create_task(self._loop(key), name=f"reconcile {key[0]}/{key[1]}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _later(self, key: Key, delay: float) -> None:
-        old = self._timers.pop(key, None)
-        if old is not None:
-            old.cancel()
-        self._timers[key] = asyncio.get_running_loop().call_later(delay, self._fire, key)
-
-    def _fire(self, key: Key) -> None:
-        self._timers.pop(key, None)
-        if key not in self._running:
-            self._start(key)
-        else:
-            self._dirty.add(key)
+        """Reconcile the run soon (see :meth:`.WorkQueue.request`)."""
+        self.queue.request(key)
 
     def forget(self, key: Key, uid: str | None) -> None:
         """The run is gone: drop what is kept about it."""
-        timer = self._timers.pop(key, None)
-        if timer is not None:
-            timer.cancel()
-        self._failures.pop(key, None)
+        self.queue.forget(key)
         self._warned.pop(key, None)
-        self._dirty.discard(key)
-        self._expected.pop(key, None)
+        self.expectations.forget(key)
         self.live.forget(key)
         if uid:
             self._written.pop(uid, None)
             self._phases.pop(uid, None)
 
     async def close(self) -> None:
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.close()
         await self.live.close()
         await self.api.close()
 
-    async def _loop(self, key: Key) -> None:
-        try:
-            while True:
-                self._dirty.discard(key)
-                ok, delay = await self._attempt(key)
-                if not ok:
-                    self._dirty.discard(key)
-                    if delay is not None:
-                        self._later(key, delay)
-                    return
-                if key in self._dirty:
-                    continue
-                if delay is not None:
-                    self._later(key, delay)
-                return
-        finally:
-            self._running.discard(key)
-
-    async def _attempt(self, key: Key) -> tuple[bool, float | None]:
-        """(succeeded, when to run again)."""
+    async def _attempt(self, key: Key) -> Outcome:
+        """One reconcile as the work queue runs it: its metrics, its Warning, and when to retry."""
         started = time.monotonic()
 
         def failed(kind: str, exc: BaseException) -> None:
@@ -218,30 +139,27 @@ class Reconciler:
             requeue = await self.reconcile(key)
         except kopf.TemporaryError as exc:
             failed("temporary", exc)
-            n = self._failures[key] = self._failures.get(key, 0) + 1
-            delay = min(MAX_DELAY, (exc.delay or 1.0) * 2 ** (n - 1))
+            n = self.queue.failures(key) + 1
+            delay = backoff(exc.delay or 1.0, n, MAX_DELAY)
             self._warn(key, f"{exc} (attempt {n}, retrying in {delay:.0f}s)", str(exc))
-            return False, delay
+            return Outcome(ok=False, after=delay)
         except kopf.PermanentError as exc:
             failed("permanent", exc)
-            self._failures.pop(key, None)
             self._warn(key, f"{exc} (not retried until the run or a child changes)", str(exc))
-            return False, None
+            return Outcome(ok=False)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: log it, back off, never crash-loop
             failed("internal", exc)
-            n = self._failures[key] = self._failures.get(key, 0) + 1
-            delay = min(MAX_BUG_DELAY, 2.0**n)
+            delay = backoff(2.0, self.queue.failures(key) + 1, MAX_BUG_DELAY)
             logger.exception("reconcile %s/%s failed", *key)
             self._warn(
                 key, f"internal error: {type(exc).__name__}: {exc} (retrying in {delay:.0f}s)", repr(exc)
             )
-            return False, delay
+            return Outcome(ok=False, after=delay)
         self.metrics.reconciled(time.monotonic() - started)
-        self._failures.pop(key, None)
         self._warned.pop(key, None)
-        return True, requeue
+        return Outcome(ok=True, after=requeue)
 
     def _warn(self, key: Key, message: str, dedupe: str) -> None:
         logger.warning("%s/%s: %s", key[0], key[1], message)
@@ -276,22 +194,9 @@ class Reconciler:
         if claim is not None:
             for child in self.indices.get(CLAIM_INDEX, {}).get((key[0], claim)) or ():
                 children[(child.kind, child.name)] = child
-        pending = self._expected.get(key)
-        if pending:
-            clock = time.monotonic()
-            for ref, exp in list(pending.items()):
-                seen = children.get(ref)
-                if clock - exp.since > EXPECTATION_TTL or exp.caught_up(seen):
-                    del pending[ref]
-                elif exp.child is None:
-                    children.pop(ref, None)
-                else:
-                    children[ref] = exp.child
+        self.expectations.correct(key, children)
         pods: list[Pod] = list(self.indices.get(POD_INDEX, {}).get(key) or ())
         return Observed(children, tuple(pods), self.live.seen(key))
-
-    def _expect(self, key: Key, ref: tuple[str, str], child: Child | None, gone_uid: str = "") -> None:
-        self._expected.setdefault(key, {})[ref] = Expectation(child, gone_uid, time.monotonic())
 
     async def reconcile(self, key: Key) -> float | None:
         view = self._view(key)
@@ -346,7 +251,7 @@ class Reconciler:
                 gone = observed.child(kind, name)
                 await apply.remove(self.api, kind, view.namespace, name)
                 logger.info("%s/%s: deleted %s %s", view.namespace, view.name, kind, name)
-                self._expect(key, (kind, name), None, gone.uid if gone is not None else "")
+                self.expectations.deleted(key, (kind, name), gone.uid if gone is not None else "")
             await self._ensure_all(view, result, observed)
         else:
             await self._ensure_all(view, result, observed)
@@ -362,7 +267,7 @@ class Reconciler:
         key = (view.namespace, view.name)
         for desired, outcome in zip(result.apply, outcomes, strict=True):
             if isinstance(outcome, dict):
-                self._expect(key, (desired.kind, desired.name), child_view(outcome))
+                self.expectations.written(key, (desired.kind, desired.name), child_view(outcome))
                 logger.info("%s/%s: applied %s %s", view.namespace, view.name, desired.kind, desired.name)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

@@ -61,6 +61,20 @@ class Settings:
     # at most this often per run for the live progress in the status; 0 turns it off (then progress
     # arrives only as the pods end, from their termination messages).
     progress_interval_seconds: float = 30.0
+    # CPU and memory of the stage pods whose run does not set its own (collection.resources,
+    # evaluation.resources, serving.resources): the container ``resources`` shape, cpu and memory only.
+    collection_resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
+    )
+    evaluation_resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    )
+    # Every vLLM pod (the student's and a self-hosted teacher's): weights pass through host memory on load.
+    vllm_resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "2", "memory": "16Gi"}}
+    )
+    # The size limit of the memory-backed /dev/shm of vLLM and training pods (it counts as their memory).
+    shm_size: str = "8Gi"
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -80,6 +94,7 @@ class Settings:
             ("queue_name", "QUEUE_NAME"),
             ("gpu_resource", "GPU_RESOURCE"),
             ("storage_class", "STORAGE_CLASS"),
+            ("shm_size", "SHM_SIZE"),
         ):
             if (value := get(var)) is not None:
                 values[attr] = value
@@ -104,6 +119,13 @@ class Settings:
             values["node_selector"] = parse_node_selector(value)
         if (value := get("TOLERATIONS")) is not None:
             values["tolerations"] = parse_tolerations(value)
+        for attr, var in (
+            ("collection_resources", "COLLECTION_RESOURCES"),
+            ("evaluation_resources", "EVALUATION_RESOURCES"),
+            ("vllm_resources", "VLLM_RESOURCES"),
+        ):
+            if (value := get(var)) is not None:
+                values[attr] = parse_resources(value, ENV_PREFIX + var)
         return replace(base, **values)
 
     def with_overrides(self, **overrides: Any) -> Settings:
@@ -135,3 +157,26 @@ def parse_tolerations(text: str) -> tuple[dict[str, Any], ...]:
             'tolerations must be a JSON list of objects, e.g. [{"key": "gpu", "operator": "Exists"}]'
         )
     return tuple(data)
+
+
+def parse_resources(text: str, where: str) -> dict[str, dict[str, str]]:
+    """A JSON ``{"requests": {"cpu", "memory"}, "limits": {...}}`` (a container's resources, cpu and
+    memory only), checked as a run's ``*.resources`` is."""
+    from distillery_trainer.api.spec import PodResources
+    from pydantic import ValidationError
+
+    try:
+        data = json.loads(text)
+        if isinstance(data, dict):  # the chart's values: empty means none, and `cpu: 1` is a number
+            data = {
+                part: {k: str(v) for k, v in entries.items() if v not in (None, "")}
+                if isinstance(entries, dict)
+                else entries
+                for part, entries in data.items()
+            }
+        return PodResources.model_validate(data).manifest()
+    except (ValueError, ValidationError) as exc:
+        raise ValueError(
+            f'{where}: expected JSON like {{"requests": {{"cpu": "1", "memory": "4Gi"}}, '
+            f'"limits": {{"memory": "4Gi"}}}}: {exc}'
+        ) from None

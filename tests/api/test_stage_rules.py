@@ -58,6 +58,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "backoffLimitPerIndex": 2,
         "cache": True,
         "deadlineSeconds": 86400,
+        "resources": {"requests": {"cpu": "1"}, "limits": {"memory": "8Gi"}},
     },
     "training": {
         "method": "kd",
@@ -102,6 +103,8 @@ FULL_ENDPOINT: dict[str, Any] = {
         "gpuMemoryUtilization": 0.8,
         "maxLogprobs": 10,
         "extraArgs": ["--enable-prefix-caching"],
+        "resources": {"requests": {"cpu": "4"}, "limits": {"memory": "32Gi"}},
+        "shmSize": "8Gi",
     },
     "evaluation": {
         "judge": {"endpoint": {"baseURL": "https://judge.example/v1", "model": "judge"}, "rubric": "be fair"},
@@ -113,6 +116,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "bootstrapSamples": 500,
         "confidence": 0.9,
         "deadlineSeconds": 3600,
+        "resources": {"requests": {"memory": "2Gi"}},
     },
     "cost": {"gpuHourUSD": 2.0, "requestsPerMonth": 1000000},
     "storage": {"pvc": {"claimName": "distill-data", "subPath": "team-a"}},
@@ -122,6 +126,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "priorityClassName": "batch",
         "queueName": "team-a",
     },
+    "huggingFace": {"tokenSecretRef": {"name": "hf", "key": "token"}},
 }
 # The other branches: a self-hosted teacher, a Hugging Face dataset, seqkd, an operator-created claim.
 FULL_SELF_HOSTED: dict[str, Any] = {
@@ -306,6 +311,11 @@ def test_every_spec_leaf_restarts_the_same_stages_in_both_modes(base: str, tmp_p
         ("serving.replicas", 3, []),
         ("serving.keep", False, []),
         ("scheduling.queueName", "team-b", []),
+        ("collection.resources.limits.memory", "16Gi", []),
+        ("evaluation.resources.requests.memory", "6Gi", []),
+        ("serving.resources.requests.cpu", "8", []),
+        ("serving.shmSize", "16Gi", []),
+        ("huggingFace.tokenSecretRef.name", "other-token", []),
         ("evaluation.minQualityRetention", 0.5, []),
         ("evaluation.maxErrorFraction", 0.5, []),
         ("cost.gpuHourUSD", 9.0, []),

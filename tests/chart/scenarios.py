@@ -19,6 +19,12 @@ GPU_KUEUE: dict[str, Any] = {
         "deadlines": {"collectSeconds": 43200, "trainSeconds": 259200, "evaluateSeconds": 7200},
         "stallTimeoutSeconds": 1800,
         "kueue": {"queueName": "team-a-gpus"},
+        "resources": {
+            "collection": {"requests": {"cpu": "250m", "memory": "512Mi"}},
+            "evaluation": {"limits": {"memory": "8Gi"}},
+            "vllm": {"requests": {"cpu": "8", "memory": "64Gi"}},
+        },
+        "shmSize": "16Gi",
     }
 }
 EVERYTHING: dict[str, Any] = {

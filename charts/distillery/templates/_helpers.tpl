@@ -114,6 +114,10 @@ Empty values set nothing, so the operator's own default applies; the numbers are
   "DISTILLERY_TRAIN_DEADLINE_SECONDS" (int64 $w.deadlines.trainSeconds | toString)
   "DISTILLERY_EVALUATE_DEADLINE_SECONDS" (int64 $w.deadlines.evaluateSeconds | toString)
   "DISTILLERY_STALL_TIMEOUT_SECONDS" (int64 $w.stallTimeoutSeconds | toString)
+  "DISTILLERY_SHM_SIZE" $w.shmSize
+  "DISTILLERY_COLLECTION_RESOURCES" (toJson $w.resources.collection)
+  "DISTILLERY_EVALUATION_RESOURCES" (toJson $w.resources.evaluation)
+  "DISTILLERY_VLLM_RESOURCES" (toJson $w.resources.vllm)
 }}
 {{- if $w.nodeSelector }}
 {{- $_ := set $env "DISTILLERY_NODE_SELECTOR" (toJson $w.nodeSelector) }}

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from distillery_trainer.api.base import API_GROUP, API_VERSION, KIND
-from distillery_trainer.api.spec import DistillationRunSpec
+from distillery_trainer.api.spec import DistillationRunSpec, PodResources
 from distillery_trainer.api.stages import digest
+from distillery_trainer.models import VOLUME_ROOT_ENV
 from distillery_trainer.serve import VLLM_PORT
 
 from ..naming import (  # noqa: F401  (the components and MAX_RUN_NAME: re-exported for the builders)
@@ -44,6 +45,8 @@ from ..naming import (  # noqa: F401  (the components and MAX_RUN_NAME: re-expor
 from ..settings import MANAGED_BY, Settings
 
 CONFIG_FILE = "stage.yaml"
+# The variable huggingface_hub reads its access token from (gated models).
+HF_TOKEN_ENV = "HF_TOKEN"
 TORCH_PORT = 29500
 PYTORCHJOB_PORT = 23456
 
@@ -219,7 +222,8 @@ def cache_root(run: Run, settings: Settings) -> str:
     return f"{settings.data_mount}/cache"
 
 
-def volumes(run: Run, *, shm: bool = False, config: bool = True) -> list[dict[str, Any]]:
+def volumes(run: Run, *, shm: str | None = None, config: bool = True) -> list[dict[str, Any]]:
+    """The pod's volumes; ``shm``: the size limit of a memory-backed /dev/shm (none without it)."""
     out: list[dict[str, Any]] = [{"name": "home", "emptyDir": {}}]
     if config:
         out.append({"name": "config", "configMap": {"name": run.child(CONFIG)}})
@@ -227,7 +231,9 @@ def volumes(run: Run, *, shm: bool = False, config: bool = True) -> list[dict[st
     if storage is not None and storage.pvc is not None:
         out.append({"name": "data", "persistentVolumeClaim": {"claimName": storage.pvc.claim_name}})
     if shm:
-        out.append({"name": "shm", "emptyDir": {"medium": "Memory"}})
+        # Bounded: a memory-backed emptyDir counts against the pod's memory, and unbounded it may take
+        # the node's (the kubelet evicts the pod past the limit instead).
+        out.append({"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": shm}})
     return out
 
 
@@ -255,11 +261,30 @@ def base_env(run: Run, settings: Settings) -> list[dict[str, Any]]:
         if storage is not None and storage.pvc is not None
         else "/home/distillery/.cache/huggingface"
     )
-    return [
+    env = [
         {"name": "HOME", "value": "/home/distillery"},
         {"name": "HF_HOME", "value": hf_home},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if storage is not None and storage.pvc is not None:
+        # Where the volume is mounted: pvcPath prompts and pvc://<path> models are relative to it.
+        env.append({"name": VOLUME_ROOT_ENV, "value": settings.data_mount})
+    return env
+
+
+def hf_token_env(run: Run) -> list[dict[str, Any]]:
+    """``HF_TOKEN`` from the run's Secret, for a pod that downloads a model (a gated one needs it)."""
+    hf = run.spec.hugging_face
+    if hf is None or hf.token_secret_ref is None:
+        return []
+    return [secret_env(HF_TOKEN_ENV, hf.token_secret_ref)]
+
+
+def volume_path(ref: str, settings: Settings) -> str:
+    """A model reference as a pod sees it: ``pvc://<path>`` is the path under the volume's mount."""
+    from distillery_trainer.models import resolve_model_ref
+
+    return resolve_model_ref(ref, volume=settings.data_mount) if ref.startswith("pvc://") else ref
 
 
 def secret_env(name: str, ref: Any) -> dict[str, Any]:
@@ -288,6 +313,23 @@ def resources(
     return out
 
 
+def stage_resources(
+    spec: PodResources | None,
+    default: Any,
+    *,
+    gpus: int = 0,
+    gpu_resource: str = "nvidia.com/gpu",
+) -> dict[str, Any]:
+    """A container's resources: the run's CPU and memory (``*.resources``) or else the operator's default
+    for the stage, as a whole; plus the GPUs, requested and limited alike."""
+    base = spec.manifest() if spec is not None else default
+    out: dict[str, Any] = {part: dict(base[part]) for part in ("requests", "limits") if base.get(part)}
+    if gpus > 0:
+        for part in ("requests", "limits"):
+            out.setdefault(part, {})[gpu_resource] = str(gpus)
+    return out
+
+
 def pod_spec(
     run: Run,
     settings: Settings,
@@ -295,8 +337,10 @@ def pod_spec(
     *,
     restart_policy: str,
     shm: bool = False,
+    shm_size: str | None = None,
     config: bool = True,
     component: str | None = None,
+    extra_volumes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """A pod spec with the shared security context, placement and volumes; no API token mounted. With
     ``component``, the pod affinity a single-node claim needs (:func:`colocation`)."""
@@ -314,7 +358,8 @@ def pod_spec(
         **scheduling(run, settings),
         **placement,
         "containers": containers,
-        "volumes": volumes(run, shm=shm, config=config),
+        "volumes": volumes(run, shm=(shm_size or settings.shm_size) if shm else None, config=config)
+        + (extra_volumes or []),
     }
 
 

@@ -17,9 +17,9 @@ from .common import (
     labels,
     metadata,
     pod_spec,
-    resources,
     secret_env,
     stage_command,
+    stage_resources,
     volume_mounts,
 )
 
@@ -38,7 +38,7 @@ def eval_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
         "image": run.spec.training.image or settings.trainer_image,
         "command": stage_command("evaluate", settings),
         "env": env,
-        "resources": resources(cpu="1", memory="2Gi"),
+        "resources": stage_resources(run.spec.evaluation.resources, settings.evaluation_resources),
         "volumeMounts": volume_mounts(run, settings),
     }
     meta = metadata(run, EVAL, inputs=inputs, workload=True, settings=settings)

@@ -17,11 +17,12 @@ from .common import (
     artifacts_root,
     base_env,
     finish,
+    hf_token_env,
     labels,
     metadata,
     pod_spec,
-    resources,
     selector,
+    stage_resources,
     volume_mounts,
 )
 
@@ -57,6 +58,7 @@ def vllm_deployment(
     inputs: str | None,
 ) -> dict[str, Any]:
     gpu_resource = run.spec.training.resources.gpu_resource or settings.gpu_resource
+    serving = run.spec.serving
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD}
     startup = {**probe, "failureThreshold": max(1, settings.startup_seconds // PROBE_PERIOD)}
     container = {
@@ -64,9 +66,12 @@ def vllm_deployment(
         "image": image,
         "command": server.command(),
         "args": server.args(),
-        "env": base_env(run, settings),
+        # A hub model (or the hub tokenizer of a student's base) may be gated: the token, when the run has one.
+        "env": base_env(run, settings) + hf_token_env(run),
         "ports": [{"name": "http", "containerPort": server.port, "protocol": "TCP"}],
-        "resources": resources(gpus=gpus, gpu_resource=gpu_resource),
+        "resources": stage_resources(
+            serving.resources, settings.vllm_resources, gpus=gpus, gpu_resource=gpu_resource
+        ),
         "volumeMounts": volume_mounts(run, settings, shm=True, config=False),
         "startupProbe": startup,
         "readinessProbe": {**probe, "failureThreshold": 3},
@@ -95,6 +100,7 @@ def vllm_deployment(
                         [container],
                         restart_policy="Always",
                         shm=True,
+                        shm_size=serving.shm_size,
                         config=False,
                         component=component,
                     ),

@@ -21,6 +21,7 @@ from .common import (
     active_deadline,
     base_env,
     finish,
+    hf_token_env,
     labels,
     metadata,
     pod_spec,
@@ -41,7 +42,8 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
         "name": name,
         "image": run.spec.training.image or settings.trainer_image,
         "command": command,
-        "env": base_env(run, settings),
+        "env": base_env(run, settings)
+        + hf_token_env(run),  # the student (and an online teacher) may be gated
         "resources": resources(
             cpu=res.cpu,
             memory=res.memory,

@@ -38,6 +38,7 @@ from distillery_trainer.api.status import Results
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
 from distillery_trainer.layout import RunLayout, atomic_write, atomic_write_json
+from distillery_trainer.models import VOLUME_ROOT_ENV
 
 from ..status import apply_collection, conditions
 from . import process
@@ -81,6 +82,12 @@ class LocalRun:
     @property
     def spec_dir(self) -> Path:
         return self.spec_file.resolve().parent
+
+    def stage_env(self) -> dict[str, str]:
+        """What the stage processes get beyond this environment: the run file's directory stands for the
+        volume (``pvc://`` models and ``pvcPath`` prompts are relative to it, as in a cluster to the
+        volume's root). HF_TOKEN, when exported, is inherited as it is."""
+        return {VOLUME_ROOT_ENV: str(self.spec_dir)}
 
     # ------------------------------------------------------------------------------------------ config
 
@@ -240,7 +247,14 @@ def prompts_args(lr: LocalRun) -> list[str]:
     """``--prompts FILE`` for a prompt source that is a local file (relative to the run file's directory)."""
     from distillery_trainer.collect.prompts import local_prompts_path
 
-    path = local_prompts_path(lr.run.spec.data.prompts, lr.spec_dir)
+    source = lr.run.spec.data.prompts
+    if source.config_map_ref is not None:
+        raise StageFailed(
+            "collect",
+            "spec.data.prompts.configMapRef: `distillery run` has no ConfigMap to read: put the JSONL in a "
+            "file and set data.prompts.pvcPath (relative to the run file) or url: file:///path/prompts.jsonl",
+        )
+    path = local_prompts_path(source, lr.spec_dir)
     if path is None:
         return []
     if not path.exists():
@@ -285,7 +299,7 @@ def run_collect(lr: LocalRun) -> None:
             for shard in range(spec.collection.shards):
                 argv = [*lr.trainer_cmd(), "collect", "--config", str(config), "--shard", str(shard),
                         "--shards", str(spec.collection.shards), *extra]  # fmt: skip
-                procs.append(process.start(argv, lr.logs / f"collect-{shard:05d}.log"))
+                procs.append(process.start(argv, lr.logs / f"collect-{shard:05d}.log", lr.stage_env()))
             while any(p.alive() for p in procs):
                 observe(lr)
                 lr.ui.progress("collect", lr.status.collection)
@@ -339,7 +353,7 @@ def run_train(lr: LocalRun) -> None:
                 "--module", "distillery_trainer.cli", "train", "--config", str(config)]  # fmt: skip
     else:
         argv = [*lr.trainer_cmd(), "train", "--config", str(config)]
-    env = {} if nproc > 0 else {"CUDA_VISIBLE_DEVICES": ""}
+    env = lr.stage_env() if nproc > 0 else {**lr.stage_env(), "CUDA_VISIBLE_DEVICES": ""}
 
     def tick() -> None:
         observe(lr)

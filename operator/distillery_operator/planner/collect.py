@@ -57,11 +57,7 @@ def collect(w: Walk) -> Outcome:
                 _want_teacher(w)
                 return Outcome.RUNNING
             _want_teacher(w)
-        if job is None:
-            w.want(collect_job(w.run, w.settings, w.fp["collect"]), mutable=False)
-        else:
-            st.message = f"waiting for the previous Job {name} to be deleted"
-        return Outcome.RUNNING
+        return w.create_or_wait("collect", job, collect_job(w.run, w.settings, w.fp["collect"]))
 
     pods = w.observed.pods_of(COLLECT, job)
     found = derive.summaries(pods)

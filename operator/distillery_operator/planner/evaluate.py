@@ -30,11 +30,7 @@ def evaluate(w: Walk) -> Outcome:
         if job is None and st.state == "Succeeded" and w.st.results is not None:
             return Outcome.DONE
         w.start("evaluate", "evaluating the student against the teacher")
-        if job is None:
-            w.want(eval_job(w.run, w.settings, w.fp["evaluate"]), mutable=False)
-        else:
-            st.message = f"waiting for the previous Job {name} to be deleted"
-        return Outcome.RUNNING
+        return w.create_or_wait("evaluate", job, eval_job(w.run, w.settings, w.fp["evaluate"]))
     pods = w.observed.pods_of(EVAL, job)
     if job.is_true("Complete"):
         if st.state == "Succeeded" and w.st.results is not None:

@@ -34,14 +34,11 @@ def train(w: Walk) -> Outcome:
         backend = "job" if w.spec.training.backend == "job" or not w.caps.pytorchjob else "pytorchjob"
         what = "PyTorchJob" if backend == "pytorchjob" else "Indexed Job"
         w.start("train", f"starting: {what}, {res.nodes} node(s) x {res.gpus_per_node} GPU(s)")
-        if child is not None:
-            st.message = f"waiting for the previous {child.kind} {name} to be deleted"
-        elif backend == "pytorchjob":
-            w.want(pytorch_job(w.run, w.settings, w.fp["train"]), mutable=False)
-        else:
+        if backend == "pytorchjob":
+            return w.create_or_wait("train", child, pytorch_job(w.run, w.settings, w.fp["train"]))
+        if child is None:  # the Indexed Job's workers find rank 0 through its Service
             w.want(rendezvous_service(w.run, w.settings), mutable=True)
-            w.want(train_job(w.run, w.settings, w.fp["train"]), mutable=False)
-        return Outcome.RUNNING
+        return w.create_or_wait("train", child, train_job(w.run, w.settings, w.fp["train"]))
 
     pods = w.observed.pods_of(TRAIN, child)
     done = child.is_true("Succeeded") if child.kind == "PyTorchJob" else child.is_true("Complete")

@@ -163,6 +163,16 @@ class Walk:
         if child is not None and self.view.uid in child.owners and not child.deleting:
             self.out.delete.append((kind, name))
 
+    def create_or_wait(self, stage: str, previous: Child | None, manifest: dict[str, Any]) -> Outcome:
+        """Create the stage's immutable child (``manifest``), or wait while the ``previous`` one of that
+        name is being deleted: a child made for other inputs is replaced, never changed in place."""
+        if previous is None:
+            self.want(manifest, mutable=False)
+        else:
+            waiting = f"waiting for the previous {previous.kind} {previous.name} to be deleted"
+            self.stage_status(stage).message = waiting
+        return Outcome.RUNNING
+
     def owned(self, child: Child | None) -> bool:
         return child is None or self.view.uid in child.owners
 

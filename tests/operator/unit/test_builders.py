@@ -214,7 +214,7 @@ def test_pytorchjob_shape_follows_the_resources() -> None:
     volumes = {
         v["name"]: v for v in job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["volumes"]
     }
-    assert volumes["shm"]["emptyDir"] == {"medium": "Memory"}
+    assert volumes["shm"]["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}  # bounded
     assert volumes["data"]["persistentVolumeClaim"]["claimName"] == "distill-rwx"
     one_node = pytorch_job(example("run.yaml"), SETTINGS, "x")
     assert (

@@ -502,14 +502,41 @@ def test_a_child_of_someone_else_blocks_the_stage_instead_of_being_taken() -> No
     assert "does not belong to this run" in world.status["collection"]["message"]
 
 
-def test_a_child_being_deleted_is_waited_for() -> None:
-    world = World()
+@pytest.mark.parametrize(
+    ("kind", "suffix", "section", "backend"),
+    [
+        ("Job", "collect", "collection", "pytorchjob"),
+        ("PyTorchJob", "train", "training", "pytorchjob"),
+        ("Job", "train", "training", "job"),  # an Indexed Job, with its rendezvous Service
+        ("Job", "eval", "evaluation", "pytorchjob"),
+    ],
+)
+def test_a_stage_child_being_deleted_is_waited_for_then_created_again(
+    kind: str, suffix: str, section: str, backend: str
+) -> None:
+    world = World(spec_of(training={"backend": backend}))
     world.plan()
-    old = world.child("Job", "collect")
-    world.children[("Job", old.name)] = Child(**{**old.__dict__, "deleting": True, "inputs": "old"})
+    if suffix != "collect":
+        world.collect()
+        world.plan()
+    if suffix == "eval":
+        world.train(progress(gpu_hours=2.5))
+        world.plan()
+        world.roll_out()
+        world.plan()
+    old = world.child(kind, suffix)
+    world.children[(kind, old.name)] = Child(**{**old.__dict__, "deleting": True, "inputs": "old"})
+    if backend == "job":
+        del world.children[("Service", old.name)]  # deleted with the Job it served
     out = world.plan()
-    assert ("Job", "r-collect") not in kinds(out) and out.delete == []
-    assert "waiting for the previous Job" in world.status["collection"]["message"]
+    assert out.delete == [] and not [ref for ref in kinds(out) if ref[1] == old.name]
+    assert world.status[section]["state"] == "Running"
+    assert world.status[section]["message"] == f"waiting for the previous {kind} {old.name} to be deleted"
+    del world.children[(kind, old.name)]
+    out = world.plan()
+    wanted = [ref for ref in kinds(out) if ref[1] == old.name]
+    assert wanted == ([("Service", old.name)] if backend == "job" else []) + [(kind, old.name)]
+    assert world.child(kind, suffix).inputs != "old"
 
 
 def test_a_finished_stage_whose_child_was_removed_is_not_run_again() -> None:

@@ -269,7 +269,7 @@ class Harness:
     async def settle(self) -> None:
         for _ in range(200):
             await asyncio.sleep(0.01)
-            if not self.reconciler._running and not self.reconciler._tasks:
+            if self.reconciler.queue.idle():
                 return
 
 
@@ -317,14 +317,15 @@ async def test_a_flaky_api_is_retried_with_backoff_and_one_warning() -> None:
     h.api.fail[("apply", "ConfigMap")] = [api_error(500), api_error(500)]
     h.reconciler.request(("ns", "r"))
     await asyncio.sleep(0.05)
-    assert h.reconciler._failures[("ns", "r")] == 1 and ("ns", "r") in h.reconciler._timers
+    queue = h.reconciler.queue
+    assert queue.failures(("ns", "r")) == 1 and queue.scheduled(("ns", "r"))
     h.reconciler.request(("ns", "r"))  # an event during the back-off waits for the timer
-    assert ("ns", "r") not in h.reconciler._running
+    assert not queue.running(("ns", "r"))
     for _ in range(100):  # 0.5 s, then 1 s: the second retry succeeds
         await asyncio.sleep(0.05)
-        if ("ns", "r") not in h.reconciler._failures and not h.reconciler._tasks:
+        if not queue.failures(("ns", "r")) and queue.idle():
             break
-    assert ("ns", "r") not in h.reconciler._failures
+    assert queue.failures(("ns", "r")) == 0
     # The ConfigMap failed twice and was created on the third attempt; the Job, created on the first
     # attempt, was not sent again (the reconciler remembers its own writes until the watch shows them).
     assert sum(1 for c in h.api.calls if c[:2] == ("apply", "ConfigMap")) == 3
@@ -338,6 +339,6 @@ async def test_forget_drops_everything_about_a_deleted_run() -> None:
     h = Harness()
     h.reconciler.request(("ns", "r"))
     await h.settle()
-    assert h.reconciler._written and h.reconciler._expected
+    assert h.reconciler._written and h.reconciler.expectations.pending(("ns", "r"))
     h.reconciler.forget(("ns", "r"), "run-uid")
-    assert not h.reconciler._written and not h.reconciler._expected
+    assert not h.reconciler._written and not h.reconciler.expectations.pending(("ns", "r"))

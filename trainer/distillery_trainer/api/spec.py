@@ -228,6 +228,34 @@ class Student(ApiModel):
     prune: Prune | None = Field(default=None, description="Start from a depth-pruned copy of the model.")
 
 
+class HuggingFace(ApiModel):
+    """Access to the Hugging Face Hub for the pods that download a model (gated models such as Llama)."""
+
+    token_secret_ref: SecretKeyRef | None = Field(
+        default=None,
+        description=(
+            "Secret key holding a Hugging Face access token; reaches the pods that download a model (the "
+            "self-hosted teacher, training, serving, a white-box collection's tokenizer) as HF_TOKEN from a "
+            "secretKeyRef, never in the stage config. `distillery run` reads HF_TOKEN from its environment."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_secret(cls, data: Any) -> Any:
+        if isinstance(data, dict) and any(k in data for k in INLINE_SECRET_FIELDS):
+            raise RuleViolations(
+                [
+                    (
+                        "token",
+                        "secrets are referenced, never inlined: put the token in a Secret and set "
+                        "huggingFace.tokenSecretRef: {name, key} (for `distillery run`, export HF_TOKEN)",
+                    )
+                ]
+            )
+        return data
+
+
 # ---------------------------------------------------------------------------------------------- data
 
 
@@ -305,6 +333,56 @@ class Data(ApiModel):
 # ---------------------------------------------------------------------------------------------- stages
 
 
+_UNITS = {
+    "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}  # fmt: skip
+
+
+def quantity_value(q: str) -> float:
+    """A Kubernetes quantity (of the :data:`Quantity` pattern) as a number: ``500m`` -> 0.5, ``1Gi`` -> 2**30."""
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([a-zA-Z]*)", q)
+    if m is None:
+        raise ValueError(f"not a quantity: {q!r}")
+    return float(m.group(1)) * _UNITS.get(m.group(2), 1.0)
+
+
+class ResourceList(ApiModel):
+    cpu: Quantity | None = Field(default=None, description="CPU, e.g. 500m or 2.")
+    memory: Quantity | None = Field(default=None, description="Memory, e.g. 4Gi.")
+
+
+class PodResources(ApiModel):
+    """CPU and memory of a stage's container (GPUs are set by the stage's own fields). When set, it
+    replaces the operator's default for that stage (the chart's ``workloads.resources.*``) as a whole."""
+
+    requests: ResourceList | None = Field(default=None, description="What the scheduler reserves.")
+    limits: ResourceList | None = Field(
+        default=None, description="The most the container may use (above the memory limit it is OOMKilled)."
+    )
+
+    @model_validator(mode="after")
+    def _limits_cover_requests(self) -> PodResources:
+        if self.requests is None or self.limits is None:
+            return self
+        for name in ("cpu", "memory"):
+            want, cap = getattr(self.requests, name), getattr(self.limits, name)
+            if want is not None and cap is not None and quantity_value(cap) < quantity_value(want):
+                raise RuleViolations(
+                    [(f"limits.{name}", f"the limit {cap} is below the request {want}: raise the limit")]
+                )
+        return self
+
+    def manifest(self) -> dict[str, dict[str, str]]:
+        """The ``resources`` of a container (cpu and memory only)."""
+        out: dict[str, dict[str, str]] = {}
+        for part in ("requests", "limits"):
+            value = getattr(self, part)
+            if value is not None and (entries := value.to_dict()):
+                out[part] = entries
+        return out
+
+
 class Collection(ApiModel):
     shards: int = Field(default=1, ge=1, le=10000, description="Pods of the Indexed collection Job.")
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
@@ -329,7 +407,12 @@ class Collection(ApiModel):
         ),
     )
     cache: bool = Field(
-        default=True, description="Reuse answers cached on the volume by (model, sampling, messages)."
+        default=True,
+        description="Reuse answers cached on the volume by (teacher endpoint and model, sampling, messages).",
+    )
+    resources: PodResources | None = Field(
+        default=None,
+        description="CPU and memory of each collection pod. Default: the operator's (workloads.resources.collection).",
     )
 
 
@@ -457,6 +540,21 @@ class Serving(ApiModel):
     extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=64, description="Extra vLLM arguments."
     )
+    resources: PodResources | None = Field(
+        default=None,
+        description=(
+            "CPU and memory of every vLLM pod of the run (the student's and a self-hosted teacher's; GPUs "
+            "come from serving.gpus and teacher.selfHosted.tensorParallelSize). "
+            "Default: the operator's (workloads.resources.vllm)."
+        ),
+    )
+    shm_size: Quantity | None = Field(
+        default=None,
+        description=(
+            "Size limit of the memory-backed /dev/shm of the vLLM pods (it counts against their memory). "
+            "Default: the operator's (workloads.shmSize)."
+        ),
+    )
 
 
 Metric = Literal["exact_match", "token_f1", "rouge_l"]
@@ -512,6 +610,10 @@ class Evaluation(ApiModel):
             "Longest the evaluation Job may run, in seconds (the Job's activeDeadlineSeconds): past it Kubernetes stops the evaluation pod and the run fails. "
             "Default: the operator's (the chart's workloads.deadlines.evaluateSeconds, 6 hours)."
         ),
+    )
+    resources: PodResources | None = Field(
+        default=None,
+        description="CPU and memory of the evaluation pod. Default: the operator's (workloads.resources.evaluation).",
     )
 
     @field_validator("metrics")
@@ -687,6 +789,9 @@ class DistillationRunSpec(ApiModel):
     cost: Cost = Field(default_factory=Cost, description="Prices for the cost figures.")
     storage: Storage | None = Field(default=None, description="Where artifacts live. Required in a cluster.")
     scheduling: Scheduling = Field(default_factory=Scheduling, description="Placement of every workload.")
+    hugging_face: HuggingFace | None = Field(
+        default=None, description="Hugging Face Hub access (a token for gated models)."
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> DistillationRunSpec:

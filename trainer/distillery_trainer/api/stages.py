@@ -68,13 +68,18 @@ EXECUTION: tuple[str, ...] = (
     "collection.backoffLimitPerIndex",
     "collection.cache",
     "collection.deadlineSeconds",
+    "collection.resources",
     "training.backend",
     "training.deadlineSeconds",
     "serving.replicas",
     "serving.keep",
     "serving.keepOnFailure",
     "evaluation.deadlineSeconds",
+    "serving.resources",
+    "serving.shmSize",
+    "evaluation.resources",
     "scheduling",
+    "huggingFace",  # a token changes what may be downloaded, never what a stage makes of it
 )
 # Spec fields that only change the verdict and the cost figures.
 VERDICT_ONLY: tuple[str, ...] = ("evaluation.minQualityRetention", "evaluation.maxErrorFraction", "cost")

@@ -1,4 +1,7 @@
-"""The teacher-answer cache: content-addressed by (model, sampling, messages), shared by every run on a volume.
+"""The teacher-answer cache: content-addressed by (endpoint, model, sampling, messages), shared by every run
+on a volume. An API teacher is known by its base URL and model name (two servers may serve different
+weights under one name); a self-hosted teacher by its model reference alone, not the in-cluster URL it
+happens to be served at, so its answers are reused by every run of the same weights.
 
 ``<cacheDir>/<key[:2]>/<key>.json`` holds the answers and usage; ``<key>.safetensors`` beside it the top-k
 arrays of a white-box answer (written first, so a JSON file always has its arrays). Files are renamed
@@ -28,10 +31,24 @@ from .teacher import Choice, Completion
 VERSION = 1
 
 
-def cache_key(model_identity: str, request: dict[str, Any], messages: list[dict[str, Any]]) -> str:
+def cache_key(
+    model_identity: str,
+    request: dict[str, Any],
+    messages: list[dict[str, Any]],
+    *,
+    endpoint: str | None = None,
+) -> str:
     """``request`` is the request's shape without messages (sampling, n, logprobs); ``model_identity``
-    names the weights (a self-hosted teacher's model ref, not its served name "teacher")."""
-    payload = {"v": VERSION, "model": model_identity, "request": request, "messages": messages}
+    names the weights (a self-hosted teacher's model ref, not its served name "teacher"); ``endpoint``
+    is an API teacher's base URL (None for a self-hosted one)."""
+    payload: dict[str, Any] = {
+        "v": VERSION,
+        "model": model_identity,
+        "request": request,
+        "messages": messages,
+    }
+    if endpoint is not None:
+        payload["endpoint"] = endpoint.rstrip("/")
     return hashlib.sha256(canonical(payload).encode()).hexdigest()
 
 

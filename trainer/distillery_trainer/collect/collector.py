@@ -51,6 +51,9 @@ class _Again(TransientError):
 class Settings:
     request: RequestSpec
     model_identity: str  # what keys the cache: the weights, not the served name
+    # An endpoint teacher's base URL keys the cache too: two servers may serve different models under one
+    # name. None for a self-hosted teacher, keyed by its weights wherever it is served.
+    endpoint: str | None = None
     top_k: int | None = None  # white-box: keep top-k arrays
     selection: Selection = "first"
     concurrency: int = 16
@@ -255,7 +258,8 @@ class Collector:
         stop = stop or asyncio.Event()
         if self.cache is not None:
             shape, model = self._request_shape, self.settings.model_identity
-            self._keys = {p.id: cache_key(model, shape, p.messages) for p in prompts}
+            endpoint = self.settings.endpoint
+            self._keys = {p.id: cache_key(model, shape, p.messages, endpoint=endpoint) for p in prompts}
             self._hits = await asyncio.to_thread(self.cache.existing, self._keys.values())
 
         async def worker() -> None:

@@ -5,7 +5,9 @@ Sources (``spec.data.prompts``), all read as rows of ``{"id"?, "messages" | "pro
 
 - ``pvcPath`` — JSONL on the run's volume, relative to the volume's root (``--prompts`` overrides it;
   for ``distillery run`` the local executor resolves it against the run file with :func:`local_prompts_path`);
-- ``configMapRef`` — the ConfigMap the operator mounts at :data:`CONFIGMAP_MOUNT`, the file named by its key;
+- ``configMapRef`` — the ConfigMap key the operator mounts into the collection pods, read in the directory
+  ``$DISTILLERY_PROMPTS_DIR`` names (:data:`CONFIGMAP_MOUNT` by default) as the file named by the key
+  (`distillery run` refuses it: there is no ConfigMap on one machine);
 - ``url`` — http(s) and file URLs by a plain download, s3/gs through fsspec;
 - ``hfDataset`` — a dataset saved with ``save_to_disk`` (a directory) or a dataset name ``datasets`` can load
   (offline from its cache when ``HF_DATASETS_OFFLINE=1``).
@@ -28,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from ..api.spec import HFDataset, PromptSource
+from ..models import VOLUME_ROOT_ENV
 
-CONFIGMAP_MOUNT = "/etc/distillery/prompts"
-VOLUME_ROOT_ENV = "DISTILLERY_VOLUME_ROOT"
+# Where the collection pods see a data.prompts.configMapRef: beside the stage config's mount, not inside
+# it (a mount point cannot be made inside a read-only ConfigMap volume).
+CONFIGMAP_MOUNT = "/etc/distillery-prompts"
+PROMPTS_DIR_ENV = "DISTILLERY_PROMPTS_DIR"
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
 
@@ -267,8 +272,12 @@ def iter_source(
         p = Path(source.pvc_path)
         yield from read_jsonl(_existing(p if p.is_absolute() else volume / p, "spec.data.prompts.pvcPath"))
     elif source.config_map_ref is not None:
-        p = Path(CONFIGMAP_MOUNT) / source.config_map_ref.key
-        yield from read_jsonl(_existing(p, "spec.data.prompts.configMapRef (mounted by the operator)"))
+        ref = source.config_map_ref
+        p = Path(os.environ.get(PROMPTS_DIR_ENV) or CONFIGMAP_MOUNT) / ref.key
+        where = (
+            f"spec.data.prompts.configMapRef (ConfigMap {ref.name}, key {ref.key}, mounted by the operator)"
+        )
+        yield from read_jsonl(_existing(p, where))
     elif source.url is not None:
         yield from read_jsonl(download(source.url, download_dir))
     else:  # pragma: no cover - the model requires exactly one source

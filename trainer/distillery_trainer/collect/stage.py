@@ -107,6 +107,7 @@ def settings_for(opts: Options) -> tuple[Settings, str]:
         Settings(
             request=request,
             model_identity=model_identity,
+            endpoint=None if spec.teacher.self_hosted else endpoint.base_url,
             top_k=top_k,
             selection=sel,
             concurrency=c.concurrency,
