@@ -53,6 +53,12 @@ def child_name(run: str, component: str) -> str:
     return f"{run}-{component}"
 
 
+def claim_name(spec: Mapping[str, Any]) -> str | None:
+    """The claim a run's spec (as the API server holds it) mounts, whoever creates it."""
+    name = (((spec.get("storage") or {}).get("pvc")) or {}).get("claimName")
+    return name if isinstance(name, str) and name else None
+
+
 def claim_to_create(spec: Mapping[str, Any]) -> str | None:
     """The claim a run's spec (as the API server holds it) asks the operator to create, if any."""
     pvc = ((spec.get("storage") or {}).get("pvc")) or {}

@@ -17,6 +17,13 @@ from datetime import datetime
 from typing import Any
 
 from distillery_trainer.api.base import ApiModel
+from distillery_trainer.api.status import (
+    REASON_CONTAINER_CONFIG_ERROR,
+    REASON_CRASH_LOOPING,
+    REASON_IMAGE_PULL_FAILED,
+    REASON_POD_UNSCHEDULABLE,
+    REASON_VOLUME_NOT_MOUNTED,
+)
 
 from .kube import FIELD_MANAGER
 from .naming import (
@@ -32,6 +39,16 @@ PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch
 COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
 # The stage containers' names (the builders'): the one whose log to read when a webhook added others.
 STAGE_CONTAINERS = (PYTORCHJOB_CONTAINER, "train", "collect", "evaluate")
+# A waiting container's reasons (the kubelet's words) that are trouble, and the reason the run reports.
+WAITING_TROUBLE = {
+    "ErrImagePull": REASON_IMAGE_PULL_FAILED,
+    "ImagePullBackOff": REASON_IMAGE_PULL_FAILED,
+    "InvalidImageName": REASON_IMAGE_PULL_FAILED,
+    "ErrImageNeverPull": REASON_IMAGE_PULL_FAILED,
+    "CrashLoopBackOff": REASON_CRASH_LOOPING,
+    "CreateContainerConfigError": REASON_CONTAINER_CONFIG_ERROR,
+    "CreateContainerError": REASON_CONTAINER_CONFIG_ERROR,
+}
 
 Key = tuple[str, str]  # (namespace, run name)
 
@@ -96,6 +113,7 @@ class Child:
     replicas: int | None = None
     status: Mapping[str, Any] = field(default_factory=dict)
     storage_class: str | None = None  # a PersistentVolumeClaim's spec.storageClassName
+    access_modes: tuple[str, ...] = ()  # a PersistentVolumeClaim's spec.accessModes
     # Which fields the operator's server-side apply owns, as :func:`shape_digest` of them (None: none).
     owned: str | None = None
 
@@ -125,6 +143,19 @@ class Terminated:
 
 
 @dataclass(frozen=True)
+class Trouble:
+    """Why a pod that has not ended does not get on, from its status alone (no Events are read): its
+    ``PodScheduled`` condition (Unschedulable), a waiting container's reason (image pull, crash loop,
+    container config), or, once scheduled, a ``PodReadyToStartContainers`` condition that stays False
+    (its volumes are not mounted: FailedMount, Multi-Attach; Kubernetes 1.29 and later). ``since`` is
+    the lastTransitionTime of the condition that says so (None when no condition does)."""
+
+    reason: str  # one of distillery_trainer.api.status.STALL_REASONS
+    message: str
+    since: datetime | None = None
+
+
+@dataclass(frozen=True)
 class Pod:
     name: str
     component: str
@@ -134,6 +165,7 @@ class Pod:
     terminated: tuple[Terminated, ...] = ()
     owners: tuple[str, ...] = ()
     container: str = ""  # the (first) container's name: whose log holds the stage's output
+    trouble: Trouble | None = None
 
     @property
     def master(self) -> bool:
@@ -274,6 +306,7 @@ def child_view(body: Mapping[str, Any]) -> Child:
         replicas=spec.get("replicas") if kind == "Deployment" else None,
         status=keep,
         storage_class=spec.get("storageClassName") if kind == "PersistentVolumeClaim" else None,
+        access_modes=tuple(spec.get("accessModes") or ()) if kind == "PersistentVolumeClaim" else (),
         owned=applied_shape(body),
     )
 
@@ -395,7 +428,58 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
             ref.get("uid", "") for ref in meta.get("ownerReferences") or () if isinstance(ref, Mapping)
         ),
         container=_stage_container(containers),
+        trouble=pod_trouble(body),
     )
+
+
+def pod_trouble(body: Mapping[str, Any]) -> Trouble | None:
+    """:class:`Trouble` of a pod that is Pending or Running, or None."""
+    status = body.get("status") or {}
+    phase = status.get("phase")
+    if phase not in (None, "Pending", "Running"):
+        return None
+    scheduled = condition(status, "PodScheduled") or {}
+    if scheduled.get("status") == "False" and scheduled.get("reason") == "Unschedulable":
+        return Trouble(
+            REASON_POD_UNSCHEDULABLE,
+            f"cannot be scheduled: {scheduled.get('message') or 'Unschedulable'}",
+            parse_time(scheduled.get("lastTransitionTime")),
+        )
+    # Since when its containers are not ready (a crash-looping container's resets with every start).
+    not_ready = next(
+        (
+            c
+            for c in (condition(status, "ContainersReady"), condition(status, "Ready"))
+            if c is not None and c.get("status") == "False"
+        ),
+        None,
+    )
+    since = parse_time(not_ready.get("lastTransitionTime")) if not_ready else None
+    for cs in (*(status.get("initContainerStatuses") or ()), *(status.get("containerStatuses") or ())):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        reason = WAITING_TROUBLE.get(waiting.get("reason") or "")
+        if reason is None:
+            continue
+        text = f"container {cs.get('name', '')}: {waiting['reason']}"
+        if reason == REASON_CRASH_LOOPING:
+            last = (cs.get("lastState") or {}).get("terminated") or {}
+            text += f" (restarted {int(cs.get('restartCount') or 0)} times"
+            if last:
+                text += f", last exit code {last.get('exitCode')} {last.get('reason') or ''}".rstrip()
+            text += ")"
+        if waiting.get("message"):
+            text += f": {str(waiting['message'])[:300]}"
+        return Trouble(reason, text, since)
+    sandbox = condition(status, "PodReadyToStartContainers") or {}
+    if phase in (None, "Pending") and scheduled.get("status") == "True" and sandbox.get("status") == "False":
+        node = (body.get("spec") or {}).get("nodeName") or "its node"
+        return Trouble(
+            REASON_VOLUME_NOT_MOUNTED,
+            f"scheduled on {node} but its volumes are not mounted yet (FailedMount or Multi-Attach; "
+            "or its network sandbox is not created): `kubectl describe pod` shows the events",
+            parse_time(sandbox.get("lastTransitionTime")),
+        )
+    return None
 
 
 def _stage_container(containers: Any) -> str:

@@ -39,7 +39,7 @@ from . import apply, errors
 from .expectations import Expectations
 from .kube import Api
 from .metrics import OperatorMetrics
-from .naming import claim_to_create
+from .naming import claim_name, claim_to_create
 from .observe import Child, Key, Observed, Pod, RunView, child_view
 from .planner import Capabilities, Plan, plan, prior_status
 from .podlogs import LiveProgress, targets
@@ -181,7 +181,8 @@ class Reconciler:
         return next(iter(store), None) if store else None
 
     def observe(self, key: Key) -> Observed:
-        """The run's children as the indices show them (and the claim it has the operator create),
+        """The run's children as the indices show them (and its claim: the planner waits for one it has
+        the operator create, and reads the access modes of any),
         corrected by this process's own recent writes the watch has not delivered yet (a just-created
         child is not created twice)."""
         children: dict[tuple[str, str], Child] = {}
@@ -189,7 +190,7 @@ class Reconciler:
             for child in self.indices.get(name, {}).get(key) or ():
                 children[(child.kind, child.name)] = child
         view = self._view(key)
-        claim = claim_to_create(view.spec) if view is not None else None
+        claim = claim_name(view.spec) if view is not None else None
         if claim is not None:
             for child in self.indices.get(CLAIM_INDEX, {}).get((key[0], claim)) or ():
                 children[(child.kind, child.name)] = child

@@ -44,6 +44,14 @@ class Settings:
     storage_class: str | None = None
     # A vLLM server loads its weights before /health answers: a startup probe this long (seconds).
     startup_seconds: int = 1800
+    # The Jobs' activeDeadlineSeconds when a run sets no collection/training/evaluation.deadlineSeconds
+    # (0: none): past it Kubernetes stops the stage's pods and the stage fails.
+    collect_deadline_seconds: int = 86400
+    train_deadline_seconds: int = 7 * 86400
+    evaluate_deadline_seconds: int = 6 * 3600
+    # How long a stage's pod may stay unschedulable, unpullable, unmounted or crash-looping before the
+    # stage fails with that reason (the run is Degraded meanwhile); 0: never fail for it, only report.
+    stall_timeout_seconds: int = 900
     # How long a finished Job may wait for its pods' termination messages before the stage goes on
     # (or, for the evaluation, fails) without them.
     results_grace_seconds: float = 30.0
@@ -90,7 +98,14 @@ class Settings:
         ):
             if (value := get(var)) is not None:
                 values[attr] = value
-        for attr, var in (("run_as_user", "RUN_AS_USER"), ("startup_seconds", "STARTUP_SECONDS")):
+        for attr, var in (
+            ("run_as_user", "RUN_AS_USER"),
+            ("startup_seconds", "STARTUP_SECONDS"),
+            ("collect_deadline_seconds", "COLLECT_DEADLINE_SECONDS"),
+            ("train_deadline_seconds", "TRAIN_DEADLINE_SECONDS"),
+            ("evaluate_deadline_seconds", "EVALUATE_DEADLINE_SECONDS"),
+            ("stall_timeout_seconds", "STALL_TIMEOUT_SECONDS"),
+        ):
             if (value := get(var)) is not None:
                 values[attr] = int(value)
         for attr, var in (

@@ -57,6 +57,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "timeoutSeconds": 60,
         "backoffLimitPerIndex": 2,
         "cache": True,
+        "deadlineSeconds": 86400,
         "resources": {"requests": {"cpu": "1"}, "limits": {"memory": "8Gi"}},
     },
     "training": {
@@ -89,6 +90,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         },
         "backend": "pytorchjob",
         "image": "ghcr.io/example/trainer:1.0",
+        "deadlineSeconds": 604800,
     },
     "serving": {
         "image": "vllm/vllm-openai:v0.9.0",
@@ -113,6 +115,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "load": {"requests": 50, "concurrency": 4, "maxTokens": 64, "compareTeacher": True},
         "bootstrapSamples": 500,
         "confidence": 0.9,
+        "deadlineSeconds": 3600,
         "resources": {"requests": {"memory": "2Gi"}},
     },
     "cost": {"gpuHourUSD": 2.0, "requestsPerMonth": 1000000},

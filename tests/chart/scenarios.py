@@ -16,6 +16,8 @@ GPU_KUEUE: dict[str, Any] = {
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "batch-high",
         "storageClassName": "fast-rwx",
+        "deadlines": {"collectSeconds": 43200, "trainSeconds": 259200, "evaluateSeconds": 7200},
+        "stallTimeoutSeconds": 1800,
         "kueue": {"queueName": "team-a-gpus"},
         "resources": {
             "collection": {"requests": {"cpu": "250m", "memory": "512Mi"}},

@@ -210,6 +210,15 @@ def test_scope_and_log_level_become_the_operator_flags(k8s_tools: Tools, tmp_pat
     assert args == [f"--namespace={NAMESPACE}", "--liveness=http://0.0.0.0:8080/healthz"]
 
 
+# The numbers are always passed: 0 means "none" to the operator, not "your default".
+DEADLINES = {
+    "DISTILLERY_COLLECT_DEADLINE_SECONDS": "86400",
+    "DISTILLERY_TRAIN_DEADLINE_SECONDS": "604800",
+    "DISTILLERY_EVALUATE_DEADLINE_SECONDS": "21600",
+    "DISTILLERY_STALL_TIMEOUT_SECONDS": "900",
+}
+
+
 def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, tmp_path: Path) -> None:
     # Defaults: only what has a value; the operator's own defaults cover the rest. The pods' resources
     # are spelled out in the chart (what a platform team tunes), the same as the operator's built-ins.
@@ -217,6 +226,7 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
     assert defaults == {
         "DISTILLERY_GPU_RESOURCE": "nvidia.com/gpu",
         "DISTILLERY_IMAGE_PULL_POLICY": "IfNotPresent",
+        **DEADLINES,
         **RESOURCE_ENV,
     }
     built_in = Settings()
@@ -227,6 +237,10 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
     for name in RESOURCE_ENV:
         env.pop(name)
     assert env == {
+        "DISTILLERY_COLLECT_DEADLINE_SECONDS": "43200",
+        "DISTILLERY_TRAIN_DEADLINE_SECONDS": "259200",
+        "DISTILLERY_EVALUATE_DEADLINE_SECONDS": "7200",
+        "DISTILLERY_STALL_TIMEOUT_SECONDS": "1800",
         "DISTILLERY_TRAINER_IMAGE": "registry.example/distillery-trainer:0.1.0",
         "DISTILLERY_VLLM_IMAGE": "registry.example/vllm-openai:v0.32.0",
         "DISTILLERY_IMAGE_PULL_POLICY": "Always",
@@ -243,6 +257,19 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         everything["HTTPS_PROXY"] == "http://proxy:3128"
         and everything["DISTILLERY_QUEUE_NAME"] == "team-a-gpus"
     )
+    timings = {
+        "workloads": {
+            "deadlines": {"collectSeconds": 3600, "trainSeconds": 1000000, "evaluateSeconds": 0},
+            "stallTimeoutSeconds": 0,
+        }
+    }
+    env = rendered(k8s_tools, tmp_path, timings).env()
+    assert Settings.from_env(env).stall_timeout_seconds == 0  # off, not the operator's 900
+    assert (env["DISTILLERY_COLLECT_DEADLINE_SECONDS"], env["DISTILLERY_TRAIN_DEADLINE_SECONDS"]) == (
+        "3600",
+        "1000000",
+    )
+    assert Settings.from_env(env).evaluate_deadline_seconds == 0
 
 
 def test_pod_resources_reach_the_operator_and_its_pods(k8s_tools: Tools, tmp_path: Path) -> None:

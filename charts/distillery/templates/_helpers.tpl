@@ -97,7 +97,8 @@ instead (below).
 
 {{/*
 values → the operator's DISTILLERY_* settings: the chart's one coupling to the operator's settings.
-Empty values set nothing, so the operator's own default applies.
+Empty values set nothing, so the operator's own default applies; the numbers are always set (0 means
+"none" to the operator, not "its default").
 */}}
 {{- define "distillery.operatorEnv" -}}
 {{- $w := .Values.workloads }}
@@ -109,6 +110,10 @@ Empty values set nothing, so the operator's own default applies.
   "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
   "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
   "DISTILLERY_STORAGE_CLASS" $w.storageClassName
+  "DISTILLERY_COLLECT_DEADLINE_SECONDS" (int64 $w.deadlines.collectSeconds | toString)
+  "DISTILLERY_TRAIN_DEADLINE_SECONDS" (int64 $w.deadlines.trainSeconds | toString)
+  "DISTILLERY_EVALUATE_DEADLINE_SECONDS" (int64 $w.deadlines.evaluateSeconds | toString)
+  "DISTILLERY_STALL_TIMEOUT_SECONDS" (int64 $w.stallTimeoutSeconds | toString)
   "DISTILLERY_SHM_SIZE" $w.shmSize
   "DISTILLERY_COLLECTION_RESOURCES" (toJson $w.resources.collection)
   "DISTILLERY_EVALUATION_RESOURCES" (toJson $w.resources.evaluation)

@@ -14,6 +14,7 @@ from .common import (
     COLLECT,
     TEACHER,
     Run,
+    active_deadline,
     base_env,
     finish,
     hf_token_env,
@@ -77,10 +78,16 @@ def collect_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
                 # A shard's pod is retried on its own; the Job fails once every shard has ended and
                 # any of them ran out of retries (reason FailedIndexes).
                 "backoffLimitPerIndex": spec.backoff_limit_per_index,
+                **active_deadline(spec.deadline_seconds, settings.collect_deadline_seconds),
                 "template": {
                     "metadata": {"labels": labels(run, COLLECT)},
                     "spec": pod_spec(
-                        run, settings, [container], restart_policy="Never", extra_volumes=extra_volumes
+                        run,
+                        settings,
+                        [container],
+                        restart_policy="Never",
+                        extra_volumes=extra_volumes,
+                        component=COLLECT,
                     ),
                 },
             },

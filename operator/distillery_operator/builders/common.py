@@ -59,6 +59,15 @@ class Run:
     namespace: str
     uid: str
     spec: DistillationRunSpec
+    # The access modes of the run's claim, when known: the spec's for a claim the operator creates, the
+    # claim's own spec.accessModes for one the run names (what the claim index saw); () when unknown.
+    claim_modes: tuple[str, ...] = ()
+
+    @property
+    def single_node_claim(self) -> bool:
+        """Whether the claim attaches to one node at a time (ReadWriteOnce without ReadWriteMany): the
+        pods that use it at once must then share a node (else the second is stuck in Multi-Attach)."""
+        return "ReadWriteOnce" in self.claim_modes and "ReadWriteMany" not in self.claim_modes
 
     def child(self, component: str) -> str:
         return child_name(self.name, component)
@@ -161,6 +170,42 @@ def scheduling(run: Run, settings: Settings) -> dict[str, Any]:
     if priority:
         out["priorityClassName"] = priority
     return out
+
+
+# The components whose pods use the run's claim at the same time: a self-hosted teacher and the
+# collection's shards; the served student and its evaluation. On a single-node claim each group's pods
+# are scheduled onto one node (required pod affinity to the group, kubernetes.io/hostname); the first pod
+# of a group goes anywhere (a pod that matches its own affinity term is placed when no other does).
+COLOCATED: dict[str, tuple[str, ...]] = {
+    TEACHER: (TEACHER, COLLECT),
+    COLLECT: (TEACHER, COLLECT),
+    SERVE: (SERVE, EVAL),
+    EVAL: (SERVE, EVAL),
+}
+HOSTNAME = "kubernetes.io/hostname"
+
+
+def colocation(run: Run, component: str) -> dict[str, Any] | None:
+    """The ``affinity`` that keeps ``component``'s pods on the node of the pods that share the claim with
+    them, when the claim is single-node (ReadWriteOnce); None otherwise."""
+    group = COLOCATED.get(component)
+    if group is None or not run.single_node_claim:
+        return None
+    term = {
+        "labelSelector": {
+            "matchLabels": {RUN_LABEL: run.name},
+            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In", "values": list(group)}],
+        },
+        "topologyKey": HOSTNAME,
+    }
+    return {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}
+
+
+def active_deadline(spec_value: int | None, default: int) -> dict[str, Any]:
+    """A Job's (or a PyTorchJob's runPolicy's) ``activeDeadlineSeconds``: the run's, else the operator's;
+    the operator's 0 means none."""
+    value = spec_value if spec_value is not None else default
+    return {"activeDeadlineSeconds": value} if value > 0 else {}
 
 
 def artifacts_root(run: Run, settings: Settings) -> str:
@@ -294,19 +339,24 @@ def pod_spec(
     shm: bool = False,
     shm_size: str | None = None,
     config: bool = True,
+    component: str | None = None,
     extra_volumes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """A pod spec with the shared security context, placement and volumes; no API token mounted."""
+    """A pod spec with the shared security context, placement and volumes; no API token mounted. With
+    ``component``, the pod affinity a single-node claim needs (:func:`colocation`)."""
     for container in containers:
         container.setdefault("imagePullPolicy", settings.image_pull_policy)
         container["securityContext"] = container_security_context()
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    affinity = colocation(run, component) if component else None
+    placement = {"affinity": affinity} if affinity else {}
     return {
         "restartPolicy": restart_policy,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": pod_security_context(settings),
         **scheduling(run, settings),
+        **placement,
         "containers": containers,
         "volumes": volumes(run, shm=(shm_size or settings.shm_size) if shm else None, config=config)
         + (extra_volumes or []),

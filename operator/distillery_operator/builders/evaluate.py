@@ -11,6 +11,7 @@ from ..settings import Settings
 from .common import (
     EVAL,
     Run,
+    active_deadline,
     base_env,
     finish,
     labels,
@@ -50,9 +51,11 @@ def eval_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
                 "completions": 1,
                 "parallelism": 1,
                 "backoffLimit": 1,
+                **active_deadline(run.spec.evaluation.deadline_seconds, settings.evaluate_deadline_seconds),
                 "template": {
                     "metadata": {"labels": labels(run, EVAL)},
-                    "spec": pod_spec(run, settings, [container], restart_policy="Never"),
+                    # On a ReadWriteOnce claim: on the node of the served student, which uses it too.
+                    "spec": pod_spec(run, settings, [container], restart_policy="Never", component=EVAL),
                 },
             },
         }

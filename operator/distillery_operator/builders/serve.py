@@ -27,6 +27,17 @@ from .common import (
 )
 
 PROBE_PERIOD = 10
+# What the Deployment's progress deadline allows beyond the startup probe's budget: scheduling and
+# pulling the image (a vLLM image is ~10 GB) happen before the probe starts counting.
+PROGRESS_MARGIN_SECONDS = 600
+
+
+def startup_budget(startup_probe: dict[str, Any]) -> int:
+    """The longest a container may take to start before its startup probe gives up, in seconds."""
+    return int(
+        startup_probe.get("initialDelaySeconds", 0)
+        + startup_probe["failureThreshold"] * startup_probe.get("periodSeconds", 10)
+    )
 
 
 def student_server(run: Run, settings: Settings) -> VllmServer:
@@ -49,6 +60,7 @@ def vllm_deployment(
     gpu_resource = run.spec.training.resources.gpu_resource or settings.gpu_resource
     serving = run.spec.serving
     probe = {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": PROBE_PERIOD}
+    startup = {**probe, "failureThreshold": max(1, settings.startup_seconds // PROBE_PERIOD)}
     container = {
         "name": "vllm",
         "image": image,
@@ -61,7 +73,7 @@ def vllm_deployment(
             serving.resources, settings.vllm_resources, gpus=gpus, gpu_resource=gpu_resource
         ),
         "volumeMounts": volume_mounts(run, settings, shm=True, config=False),
-        "startupProbe": {**probe, "failureThreshold": max(1, settings.startup_seconds // PROBE_PERIOD)},
+        "startupProbe": startup,
         "readinessProbe": {**probe, "failureThreshold": 3},
         "livenessProbe": {**probe, "failureThreshold": 6},
     }
@@ -73,6 +85,10 @@ def vllm_deployment(
             "metadata": meta,
             "spec": {
                 "replicas": replicas,
+                # Kubernetes' default (600 s) would give up while the startup probe still waits for
+                # the weights (settings.startup_seconds, 1800 s by default): the planner would fail
+                # the stage of a server that was about to become ready.
+                "progressDeadlineSeconds": startup_budget(startup) + PROGRESS_MARGIN_SECONDS,
                 "selector": {"matchLabels": selector(run, component)},
                 # GPUs are scarce: replace a replica rather than surge past the quota.
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
@@ -86,6 +102,7 @@ def vllm_deployment(
                         shm=True,
                         shm_size=serving.shm_size,
                         config=False,
+                        component=component,
                     ),
                 },
             },

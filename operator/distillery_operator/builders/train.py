@@ -18,6 +18,7 @@ from .common import (
     TORCH_PORT,
     TRAIN,
     Run,
+    active_deadline,
     base_env,
     finish,
     hf_token_env,
@@ -86,7 +87,11 @@ def pytorch_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
             "spec": {
                 "nprocPerNode": str(nproc_per_node(run)),
                 # Pods stay after the end: the master's termination message carries the progress.
-                "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 3},
+                "runPolicy": {
+                    "cleanPodPolicy": "None",
+                    "backoffLimit": 3,
+                    **active_deadline(run.spec.training.deadline_seconds, settings.train_deadline_seconds),
+                },
                 "pytorchReplicaSpecs": replica_specs,
             },
         }
@@ -129,6 +134,7 @@ def train_job(run: Run, settings: Settings, inputs: str) -> dict[str, Any]:
                 "completions": nodes,
                 "parallelism": nodes,
                 "backoffLimit": 3 * nodes,
+                **active_deadline(run.spec.training.deadline_seconds, settings.train_deadline_seconds),
                 "template": template,
             },
         }

@@ -16,6 +16,7 @@ from ..builders.collect import collect_job, teacher_deployment, teacher_service
 from ..naming import COLLECT, TEACHER
 from ..observe import parse_time
 from .model import Outcome
+from .serve import past_deadline
 from .storage import claim
 
 if TYPE_CHECKING:
@@ -28,6 +29,9 @@ def collect(w: Walk) -> Outcome:
     name = w.run.child(COLLECT)
     job = w.observed.child("Job", name)
     self_hosted = w.spec.teacher.self_hosted is not None
+    if (held := w.held("collect")) is not None:
+        teardown_teacher(w)
+        return held
     if (held := w.superseded("collect", job)) is not None:
         return held
     if job is None or job.deleting:
@@ -40,11 +44,19 @@ def collect(w: Walk) -> Outcome:
             return Outcome.RUNNING
         w.start("collect", f"0/{shards} shards done")
         if self_hosted:
-            _want_teacher(w)
             teacher = w.observed.child("Deployment", w.run.child(TEACHER))
             if teacher is None or int(teacher.status.get("readyReplicas") or 0) < 1:
                 st.message = "waiting for the self-hosted teacher (vLLM) to become ready"
+                # Like the student's: past its progress deadline, or stalled, the teacher fails the stage.
+                failed = past_deadline(w, "collect", teacher) if teacher is not None else None
+                if failed is None:
+                    failed = w.stalled("collect", w.observed.pods_of(TEACHER))
+                if failed is not None:
+                    teardown_teacher(w)
+                    return failed
+                _want_teacher(w)
                 return Outcome.RUNNING
+            _want_teacher(w)
         return w.create_or_wait("collect", job, collect_job(w.run, w.settings, w.fp["collect"]))
 
     pods = w.observed.pods_of(COLLECT, job)
@@ -73,6 +85,10 @@ def collect(w: Walk) -> Outcome:
         return w.failed("collect", job, pods, f"failed shards: {shards_failed}" if shards_failed else "")
     answered = f"; {st.done}/{st.total if st.total is not None else '?'} answered" if live else ""
     w.start("collect", f"{len(found)}/{shards} shards done{answered}")
+    troubled = [*pods, *w.observed.pods_of(TEACHER)] if self_hosted else pods
+    if (stalled := w.stalled("collect", troubled, ("Job", name))) is not None:
+        teardown_teacher(w)
+        return stalled
     if self_hosted:
         _want_teacher(w)
     eta = derive.collection_eta(found, live, shards)
@@ -83,7 +99,7 @@ def collect(w: Walk) -> Outcome:
         per_shard = (times[-1] - st.start_time).total_seconds() / len(found)
         st.eta_seconds = round(max(0.0, per_shard * (shards - len(found))), 1)
     failed = int(job.status.get("failed") or 0)
-    if failed:
+    if failed and w.degraded is None:
         w.degraded = (
             REASON_RETRYING,
             f"{failed} collection pod(s) failed; each shard is retried up to "

@@ -22,6 +22,8 @@ def evaluate(w: Walk) -> Outcome:
     st = w.st.evaluation
     name = w.run.child(EVAL)
     job = w.observed.child("Job", name)
+    if (held := w.held("evaluate")) is not None:
+        return held
     if (held := w.superseded("evaluate", job)) is not None:
         return held
     if job is None or job.deleting:
@@ -57,4 +59,4 @@ def evaluate(w: Walk) -> Outcome:
             REASON_RETRYING,
             f"Job {name} is retrying. {derive.failure_detail(pods)}".strip(),
         )
-    return Outcome.RUNNING
+    return w.stalled("evaluate", pods, ("Job", name)) or Outcome.RUNNING

@@ -24,6 +24,8 @@ def train(w: Walk) -> Outcome:
     res = w.spec.training.resources
     name = w.run.child(TRAIN)
     child = w.observed.child("PyTorchJob", name) or w.observed.child("Job", name)
+    if (held := w.held("train")) is not None:
+        return held
     if (held := w.superseded("train", child, "Service")) is not None:
         return held
     if child is None or child.deleting:
@@ -91,7 +93,8 @@ def train(w: Walk) -> Outcome:
             REASON_RETRYING,
             f"{child.kind} {name} is restarting failed pods. {derive.failure_detail(pods)}".strip(),
         )
-    return Outcome.RUNNING
+    # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it).
+    return w.stalled("train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

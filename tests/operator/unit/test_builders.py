@@ -4,6 +4,7 @@ the PyTorchJob valid for Kubeflow's CRD schema, and every pod locked down and pl
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 from collections.abc import Iterator
 from typing import Any
@@ -16,7 +17,7 @@ from distillery_operator.builders.collect import collect_job, teacher_deployment
 from distillery_operator.builders.common import Run
 from distillery_operator.builders.config import config_map
 from distillery_operator.builders.evaluate import eval_job
-from distillery_operator.builders.serve import serve_deployment, serve_service, student_server
+from distillery_operator.builders.serve import serve_deployment, serve_service, startup_budget, student_server
 from distillery_operator.builders.train import pytorch_job, rendezvous_service, train_job
 from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, MAX_RUN_NAME, QUEUE_LABEL
 from distillery_operator.settings import Settings
@@ -97,8 +98,14 @@ def custom() -> Run:
     return Run("custom", "ns-1", "uid-2", DistillationRunSpec.model_validate(doc["spec"]))
 
 
+def single_node_claim(run: Run) -> Run:
+    """The run as the planner sees it when its claim is ReadWriteOnce."""
+    return dataclasses.replace(run, claim_modes=("ReadWriteOnce",))
+
+
 RUNS = {
     "run.yaml": lambda: example("run.yaml"),
+    "whitebox-kd.yaml+rwo": lambda: single_node_claim(example("whitebox-kd.yaml")),
     "whitebox-kd.yaml": lambda: example("whitebox-kd.yaml"),
     "local-cpu.yaml": lambda: example("local-cpu.yaml"),
     "custom": custom,
@@ -414,3 +421,106 @@ def test_the_longest_run_name_fits_every_child() -> None:
         kubernetes_validate.validate(manifest, "1.37", strict=True) if manifest[
             "kind"
         ] != "PyTorchJob" else None
+
+
+# ---------------------------------------------------------------------------------------------- deadlines
+
+
+def test_every_job_runs_under_a_deadline_from_the_spec_else_the_operators() -> None:
+    run = example("run.yaml")
+    settings = Settings(
+        collect_deadline_seconds=111, train_deadline_seconds=222, evaluate_deadline_seconds=333
+    )
+    built = children(run, settings)
+    assert built["collect"]["spec"]["activeDeadlineSeconds"] == 111
+    assert built["train-job"]["spec"]["activeDeadlineSeconds"] == 222
+    assert built["pytorchjob"]["spec"]["runPolicy"]["activeDeadlineSeconds"] == 222
+    assert built["eval"]["spec"]["activeDeadlineSeconds"] == 333
+    # The defaults are bounded: no stage runs forever unless the operator says so (0).
+    defaults = children(run, Settings())
+    assert all(
+        0 < defaults[k]["spec"]["activeDeadlineSeconds"] <= 7 * 86400
+        for k in ("collect", "train-job", "eval")
+    )
+    own = example(
+        "run.yaml",
+        collection={"deadlineSeconds": 600},
+        training={"deadlineSeconds": 7200},
+        evaluation={"deadlineSeconds": 900},
+    )
+    built = children(own, settings)
+    assert built["collect"]["spec"]["activeDeadlineSeconds"] == 600
+    assert built["train-job"]["spec"]["activeDeadlineSeconds"] == 7200
+    assert built["pytorchjob"]["spec"]["runPolicy"]["activeDeadlineSeconds"] == 7200
+    assert built["eval"]["spec"]["activeDeadlineSeconds"] == 900
+    for key in ("collect", "train-job", "eval"):
+        kubernetes_validate.validate(built[key], "1.37", strict=True)
+    none = children(
+        run, Settings(collect_deadline_seconds=0, train_deadline_seconds=0, evaluate_deadline_seconds=0)
+    )
+    assert "activeDeadlineSeconds" not in none["collect"]["spec"]
+    assert "activeDeadlineSeconds" not in none["pytorchjob"]["spec"]["runPolicy"]
+
+
+@pytest.mark.parametrize("startup_seconds", [60, 1800, 7200])
+def test_a_vllm_deployment_waits_for_its_startup_probe_before_giving_up(startup_seconds: int) -> None:
+    """Kubernetes' default progressDeadlineSeconds (600 s) fired while the startup probe still allowed
+    1800 s: the planner failed the stage of a server still loading its weights."""
+    settings = Settings(startup_seconds=startup_seconds)
+    for deployment in (
+        serve_deployment(example("run.yaml"), settings, "x", replicas=1),
+        teacher_deployment(example("whitebox-kd.yaml"), settings),
+    ):
+        probe = deployment["spec"]["template"]["spec"]["containers"][0]["startupProbe"]
+        budget = probe.get("initialDelaySeconds", 0) + probe["failureThreshold"] * probe["periodSeconds"]
+        assert budget >= startup_seconds and startup_budget(probe) == budget
+        # Scheduling and the image pull come before the probe counts: a margin on top.
+        assert deployment["spec"]["progressDeadlineSeconds"] >= budget + 300
+        kubernetes_validate.validate(deployment, "1.37", strict=True)
+
+
+# ---------------------------------------------------------------------------------------------- ReadWriteOnce
+
+
+def _affinity_terms(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    affinity = pod_templates(manifest)[0]["spec"].get("affinity") or {}
+    terms: list[dict[str, Any]] = (affinity.get("podAffinity") or {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ) or []
+    return terms
+
+
+def _selects(term: dict[str, Any], labels: dict[str, str]) -> bool:
+    selector = term["labelSelector"]
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expr in selector.get("matchExpressions", ()):
+        assert expr["operator"] == "In"
+        if labels.get(expr["key"]) not in expr["values"]:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("modes", [("ReadWriteOnce",), ("ReadWriteOnce", "ReadWriteMany"), ()])
+def test_pods_that_share_a_readwriteonce_claim_share_a_node(modes: tuple[str, ...]) -> None:
+    """A ReadWriteOnce volume attaches to one node: the evaluation pod on another node than the served
+    student would wait in Multi-Attach forever. Both need the claim (the evaluation reads collect/ and
+    writes eval/, vLLM reads student/), so the evaluation follows the student (and a self-hosted teacher's
+    collection shards follow the teacher): a required pod affinity on the node's hostname."""
+    run = dataclasses.replace(example("whitebox-kd.yaml"), claim_modes=modes)
+    built = children(run)
+    groups = {"serve": ("serve", "eval"), "eval": ("serve", "eval"), "teacher": ("teacher", "collect")}
+    groups["collect"] = groups["teacher"]
+    if modes != ("ReadWriteOnce",):  # ReadWriteMany, or a claim the operator could not see
+        assert all(not _affinity_terms(built[k]) for k in groups)
+        return
+    for key, together in groups.items():
+        (term,) = _affinity_terms(built[key])
+        assert term["topologyKey"] == "kubernetes.io/hostname"
+        for other in together:  # selects the pods it must sit beside, its own included
+            assert _selects(term, pod_labels(built[other])), (key, other)
+        assert not _selects(term, pod_labels(built["pytorchjob"]))
+        other_run = dataclasses.replace(run, name="other")
+        assert not _selects(term, pod_labels(children(other_run)[key]))
+    # Training, alone on the volume at its time, is placed freely.
+    assert not _affinity_terms(built["pytorchjob"]) and not _affinity_terms(built["train-job"])

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from distillery_operator.naming import INPUTS_ANNOTATION
-from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view
+from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view, pod_view
 from distillery_operator.planner import Capabilities, Plan, plan
 from distillery_operator.settings import Settings
 from distillery_trainer.api.spec import DistillationRunSpec
@@ -53,6 +54,7 @@ class World:
         self.live: dict[str, Live] = {}  # what the reconciler read from running pods' logs
         self.now = T0
         self.caps = Capabilities()
+        self.settings = SETTINGS
 
     def view(self) -> RunView:
         return RunView.of(self.name, "ns", UID, self.generation, self.spec, self.status)
@@ -63,7 +65,7 @@ class World:
             self.view(),
             Observed(dict(self.children), tuple(self.pods), dict(self.live)),
             self.now,
-            settings=SETTINGS,
+            settings=self.settings,
             caps=self.caps,
         )
         self.status = out.status.to_dict()
@@ -737,3 +739,271 @@ def test_a_failed_stage_is_retried_after_any_edit_of_the_spec() -> None:
     out = world.plan()
     job = next(d for d in out.apply if d.kind == "Job")
     assert job.manifest["metadata"]["annotations"]["distillery.dev/generation"] == "2"
+
+
+# ---------------------------------------------------------------------------------------------- stalls
+
+
+def stuck_status(trouble: str, since: datetime) -> dict[str, Any]:
+    """A pod's status as the scheduler and the kubelet write it for each trouble (the Events that say
+    FailedMount or Multi-Attach are not read: the PodReadyToStartContainers condition is)."""
+    at = iso(since)
+    scheduled = {"type": "PodScheduled", "status": "True", "lastTransitionTime": at}
+    not_ready = {
+        "type": "ContainersReady",
+        "status": "False",
+        "reason": "ContainersNotReady",
+        "lastTransitionTime": at,
+    }
+
+    def waiting(reason: str, message: str, **more: Any) -> dict[str, Any]:
+        return {
+            "phase": "Pending" if reason != "CrashLoopBackOff" else "Running",
+            "conditions": [scheduled, not_ready],
+            "containerStatuses": [
+                {"name": "main", "state": {"waiting": {"reason": reason, "message": message}}, **more}
+            ],
+        }
+
+    return {
+        "Unschedulable": {
+            "phase": "Pending",
+            "conditions": [
+                {
+                    "type": "PodScheduled",
+                    "status": "False",
+                    "reason": "Unschedulable",
+                    "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu.",
+                    "lastTransitionTime": at,
+                }
+            ],
+        },
+        "ErrImagePull": waiting("ErrImagePull", 'failed to pull "registry.local/trainer:nope": not found'),
+        "ImagePullBackOff": waiting(
+            "ImagePullBackOff", 'Back-off pulling image "registry.local/trainer:nope"'
+        ),
+        "CrashLoopBackOff": waiting(
+            "CrashLoopBackOff",
+            "back-off 5m0s restarting failed container=main",
+            restartCount=6,
+            lastState={"terminated": {"exitCode": 137, "reason": "OOMKilled"}},
+        ),
+        "CreateContainerConfigError": waiting(
+            "CreateContainerConfigError", "couldn't find key api-key in Secret ns/openai"
+        ),
+        "FailedMount": {
+            "phase": "Pending",
+            "conditions": [
+                scheduled,
+                {"type": "PodReadyToStartContainers", "status": "False", "lastTransitionTime": at},
+            ],
+        },
+    }[trouble]
+
+
+def stuck_pod(
+    world: World, component: str, owner: Child | None, name: str, trouble: str, since: datetime
+) -> None:
+    body = {
+        "metadata": {
+            "name": name,
+            "labels": {"app.kubernetes.io/component": component},
+            "ownerReferences": [{"uid": owner.uid}] if owner is not None else [],
+        },
+        "spec": {"nodeName": "gpu-node-1", "containers": [{"name": "main"}]},
+        "status": stuck_status(trouble, since),
+    }
+    world.pods = [p for p in world.pods if p.name != name] + [pod_view(body)]
+
+
+STALLS = [
+    ("Unschedulable", "PodUnschedulable", "Insufficient nvidia.com/gpu"),
+    ("ErrImagePull", "ImagePullFailed", "registry.local/trainer:nope"),
+    ("ImagePullBackOff", "ImagePullFailed", "Back-off pulling image"),
+    ("CrashLoopBackOff", "CrashLooping", "last exit code 137 OOMKilled"),
+    ("CreateContainerConfigError", "ContainerConfigError", "couldn't find key api-key"),
+    ("FailedMount", "VolumeNotMounted", "volumes are not mounted"),
+]
+
+
+@pytest.mark.parametrize(("trouble", "reason", "cause"), STALLS)
+def test_a_stuck_stage_pod_degrades_the_run_then_fails_the_stage(
+    trouble: str, reason: str, cause: str
+) -> None:
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    stuck_pod(world, "collect", job, "r-collect-0-abcde", trouble, world.now)
+    out = world.plan()
+    if reason == "VolumeNotMounted":  # mounting takes a moment in a healthy pod too: reported after 60 s
+        assert conditions(world.status)["Degraded"] == ("False", "AsExpected")
+        assert out.requeue_after is not None and out.requeue_after <= 60
+        out = world.plan(advance=60)
+    assert world.status["phase"] == "Collecting"
+    assert conditions(world.status)["Degraded"] == ("True", reason)
+    degraded = next(c for c in world.status["conditions"] if c["type"] == "Degraded")
+    assert "r-collect-0-abcde" in degraded["message"] and cause in degraded["message"]
+    assert reasons(out) == [reason] and "stallTimeoutSeconds" in out.events[0].message
+    stalled = world.status["collection"]["stalled"]
+    assert stalled["reason"] == reason and stalled["pod"] == "r-collect-0-abcde"
+    # No watch event marks the timeout: the planner asks to be called back then.
+    assert out.requeue_after is not None and out.requeue_after <= SETTINGS.stall_timeout_seconds + 1
+    assert world.plan().events == []  # said once
+
+    out = world.plan(advance=SETTINGS.stall_timeout_seconds)
+    assert world.status["phase"] == "Failed"
+    assert conditions(world.status)["Failed"] == ("True", reason)
+    assert world.status["collection"]["state"] == "Failed"
+    assert "r-collect-0-abcde" in world.status["message"] and cause in world.status["message"]
+    assert ("Job", "r-collect") in out.delete  # its pods hold no node, GPU or quota any longer
+    assert [e.type for e in out.events] == ["Warning"] and reasons(out) == [reason]
+
+    # Failed stays failed: the Job is gone, nothing starts it again until the spec is edited.
+    world.pods = []
+    out = world.plan()
+    assert world.status["phase"] == "Failed" and ("Job", "r-collect") not in kinds(out) and out.events == []
+    world.spec = spec_of(collection={"shards": 2, "concurrency": 4})  # an execution setting
+    world.generation += 1
+    out = world.plan()
+    assert world.status["phase"] == "Collecting" and ("Job", "r-collect") in kinds(out)
+    assert world.status["collection"].get("stalled") is None
+
+
+def test_the_stall_clock_comes_from_the_pod_or_the_status_never_from_memory() -> None:
+    # A pod unschedulable for 20 minutes when this (restarted) operator first sees it: failed at once.
+    world = World()
+    world.plan()
+    stuck_pod(
+        world,
+        "collect",
+        world.child("Job", "collect"),
+        "r-collect-0-x",
+        "Unschedulable",
+        world.now - timedelta(minutes=20),
+    )
+    world.plan()
+    assert conditions(world.status)["Failed"] == ("True", "PodUnschedulable")
+
+    # A crash loop's ContainersReady condition moves with every restart: the first time it was seen,
+    # recorded in the status, is what counts (a new planner reads it back from there).
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    first = world.now
+    for _ in range(4):
+        stuck_pod(world, "collect", job, "r-collect-1-y", "CrashLoopBackOff", world.now)
+        world.plan(advance=300)
+    assert world.status["phase"] == "Failed" and conditions(world.status)["Failed"] == (
+        "True",
+        "CrashLooping",
+    )
+    assert world.status["collection"]["stalled"]["since"] == iso(first)
+
+
+def test_a_stall_past_the_timeout_is_only_reported_when_the_timeout_is_off() -> None:
+    world = World()
+    world.settings = dataclasses.replace(SETTINGS, stall_timeout_seconds=0)
+    world.plan()
+    stuck_pod(world, "collect", world.child("Job", "collect"), "r-collect-0-z", "Unschedulable", world.now)
+    world.plan(advance=86400)
+    assert world.status["phase"] == "Collecting"
+    assert conditions(world.status)["Degraded"] == ("True", "PodUnschedulable")
+
+
+@pytest.mark.parametrize("stage", ["train", "serve", "evaluate"])
+def test_every_stage_notices_its_stuck_pods(stage: str) -> None:
+    world = World()
+    if stage == "train":
+        world.plan()
+        world.collect()
+        world.plan()
+        owner: Child | None = world.child("PyTorchJob", "train")
+        component, child = "train", ("PyTorchJob", "r-train")
+    elif stage == "serve":
+        world.to_serving()
+        owner, component, child = None, "serve", ("Deployment", "r-serve")  # a ReplicaSet's pods
+    else:
+        world.to_serving()
+        world.roll_out()
+        world.plan()
+        owner, component, child = world.child("Job", "eval"), "eval", ("Job", "r-eval")
+    stuck_pod(world, component, owner, f"r-{component}-pod", "ImagePullBackOff", world.now)
+    world.plan()
+    assert conditions(world.status)["Degraded"] == ("True", "ImagePullFailed")
+    out = world.plan(advance=SETTINGS.stall_timeout_seconds)
+    assert world.status["phase"] == "Failed" and conditions(world.status)["Failed"] == (
+        "True",
+        "ImagePullFailed",
+    )
+    if stage == "serve":  # a failed run's serving is scaled to zero
+        assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 0
+    else:
+        assert child in out.delete
+
+
+def test_a_self_hosted_teacher_that_never_becomes_ready_fails_the_collection() -> None:
+    world = World(make_run("r", "ns").self_hosted().kd().storage().obj()["spec"])
+    world.plan()
+    stuck_pod(world, "teacher", None, "r-teacher-abc", "CrashLoopBackOff", world.now)
+    world.plan()
+    assert world.status["phase"] == "Collecting"
+    assert conditions(world.status)["Degraded"] == ("True", "CrashLooping")
+    world.pods = []
+    world.set_status(
+        "Deployment",
+        "teacher",
+        conditions=[
+            {
+                "type": "Progressing",
+                "status": "False",
+                "reason": "ProgressDeadlineExceeded",
+                "message": 'ReplicaSet "r-teacher-abc" has timed out progressing.',
+                "lastTransitionTime": iso(world.now),
+            }
+        ],
+    )
+    out = world.plan()
+    assert world.status["phase"] == "Failed" and world.status["collection"]["state"] == "Failed"
+    assert "ProgressDeadlineExceeded" in world.status["message"]
+    assert set(out.delete) == {("Deployment", "r-teacher"), ("Service", "r-teacher")}
+    assert ("Deployment", "r-teacher") not in kinds(out)
+    out = world.plan()  # the teacher is gone: it is not started again
+    assert world.status["phase"] == "Failed" and ("Deployment", "r-teacher") not in kinds(out)
+
+
+def test_serving_past_its_progress_deadline_stays_failed_when_scaled_to_zero() -> None:
+    """The flap: failed for ProgressDeadlineExceeded, scaled to zero, the Deployment reports Progressing
+    True again (a Deployment of zero replicas is complete), and the stage started over, forever."""
+    world = World()
+    world.to_serving()
+    deadline = {
+        "type": "Progressing",
+        "status": "False",
+        "reason": "ProgressDeadlineExceeded",
+        "message": 'ReplicaSet "r-serve-5d9" has timed out progressing.',
+        "lastTransitionTime": iso(world.now),
+    }
+    world.set_status("Deployment", "serve", conditions=[deadline])
+    out = world.plan()
+    assert world.status["phase"] == "Failed" and world.status["serving"]["state"] == "Failed"
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 0
+    world.set_status(
+        "Deployment",
+        "serve",
+        conditions=[{"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}],
+        replicas=0,
+        readyReplicas=0,
+        updatedReplicas=0,
+        observedGeneration=world.child("Deployment", "serve").generation,
+    )
+    for _ in range(3):
+        out = world.plan(advance=30)
+        assert world.status["phase"] == "Failed" and world.status["serving"]["state"] == "Failed"
+        assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 0
+        assert out.events == []
+    # A spec edit runs the stage afresh: the student is scaled up again.
+    world.spec = spec_of(cost={"gpuHourUSD": 3.0})
+    world.generation += 1
+    out = world.plan()
+    assert world.status["phase"] == "Serving" and world.status["serving"]["state"] == "Running"
+    assert next(d for d in out.apply if d.kind == "Deployment").manifest["spec"]["replicas"] == 1

@@ -357,3 +357,31 @@ def test_the_default_storage_class_comes_from_the_environment_or_the_flag() -> N
     args = build_parser().parse_args(["operator", "--storage-class", "filestore"])
     settings = Settings.from_env({"DISTILLERY_STORAGE_CLASS": "fast-rwx"})
     assert settings.with_overrides(storage_class=args.storage_class).storage_class == "filestore"
+
+
+def test_a_users_readwriteonce_claim_puts_the_evaluation_beside_the_student() -> None:
+    """The claim index holds every claim: the reconciler hands the planner the one a run names even when
+    the operator did not create it, and its access modes decide whether the evaluation pod must run on
+    the served student's node (a ReadWriteOnce volume attaches to one node: Multi-Attach otherwise)."""
+
+    def theirs(modes: list[str]) -> Child:
+        return child_view(
+            {"kind": PVC, "metadata": {"name": CLAIM, "uid": "c"}, "spec": {"accessModes": modes}}
+        )
+
+    claim = theirs(["ReadWriteOnce"])
+    assert reconciler(FakeApi(), spec_of(), [claim]).observe(("ns", "r")).child(PVC, CLAIM) == claim
+    for modes, beside in ((["ReadWriteOnce"], True), (["ReadWriteMany"], False), (None, False)):
+        world = World()
+        if modes is not None:
+            world.children[(PVC, CLAIM)] = theirs(modes)
+        world.to_serving()
+        world.roll_out()
+        out = world.plan()
+        evaluation = next(d.manifest for d in out.apply if (d.kind, d.name) == ("Job", "r-eval"))
+        affinity = evaluation["spec"]["template"]["spec"].get("affinity")
+        assert (affinity is not None) is beside, modes
+        if beside:
+            (term,) = affinity["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            serve = world.child("Deployment", "serve").name
+            assert term["topologyKey"] == "kubernetes.io/hostname" and serve == "r-serve"

@@ -398,6 +398,14 @@ class Collection(ApiModel):
     )
     timeout_seconds: float = Field(default=120.0, gt=0, description="Timeout of one teacher request.")
     backoff_limit_per_index: int = Field(default=3, ge=0, le=100, description="Pod retries per shard.")
+    deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Longest the collection Job may run, in seconds (the Job's activeDeadlineSeconds): past it Kubernetes stops the shards and the run fails. "
+            "Default: the operator's (the chart's workloads.deadlines.collectSeconds, 1 day)."
+        ),
+    )
     cache: bool = Field(
         default=True,
         description="Reuse answers cached on the volume by (teacher endpoint and model, sampling, messages).",
@@ -501,6 +509,14 @@ class Training(ApiModel):
         description="Kubeflow PyTorchJob, or a plain Indexed Job (also used when the cluster lacks PyTorchJob).",
     )
     image: ImageRef | None = Field(default=None, description="Trainer image. Default: the operator's.")
+    deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Longest the training may run, in seconds (activeDeadlineSeconds of the Job, runPolicy.activeDeadlineSeconds of the PyTorchJob): past it Kubernetes stops the training pods and the run fails. "
+            "Default: the operator's (the chart's workloads.deadlines.trainSeconds, 7 days)."
+        ),
+    )
 
 
 class Serving(ApiModel):
@@ -587,6 +603,14 @@ class Evaluation(ApiModel):
         default=1000, ge=100, le=100000, description="Bootstrap resamples for the interval."
     )
     confidence: float = Field(default=0.95, gt=0, lt=1, description="Confidence level of the interval.")
+    deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "Longest the evaluation Job may run, in seconds (the Job's activeDeadlineSeconds): past it Kubernetes stops the evaluation pod and the run fails. "
+            "Default: the operator's (the chart's workloads.deadlines.evaluateSeconds, 6 hours)."
+        ),
+    )
     resources: PodResources | None = Field(
         default=None,
         description="CPU and memory of the evaluation pod. Default: the operator's (workloads.resources.evaluation).",

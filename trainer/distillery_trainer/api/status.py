@@ -50,6 +50,22 @@ REASON_QUALITY_GATE_FAILED = "QualityGateFailed"
 REASON_SPEC_CHANGED = "SpecChanged"
 REASON_RETRYING = "Retrying"
 REASON_AS_EXPECTED = "AsExpected"
+# A stage's pod that does not get on: Degraded with one of these while it lasts, and the stage fails with
+# it once it lasted the operator's stallTimeoutSeconds (see observe.Trouble for what each one is read from).
+REASON_POD_UNSCHEDULABLE = "PodUnschedulable"  # PodScheduled False, reason Unschedulable
+REASON_IMAGE_PULL_FAILED = "ImagePullFailed"  # ErrImagePull, ImagePullBackOff, InvalidImageName
+REASON_CRASH_LOOPING = "CrashLooping"  # CrashLoopBackOff
+REASON_CONTAINER_CONFIG_ERROR = "ContainerConfigError"  # CreateContainerConfigError (a missing Secret key)
+REASON_VOLUME_NOT_MOUNTED = "VolumeNotMounted"  # scheduled, PodReadyToStartContainers False (FailedMount)
+# A vLLM Deployment (the student's, or a self-hosted teacher's) that did not become ready in time.
+REASON_PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
+STALL_REASONS = (
+    REASON_POD_UNSCHEDULABLE,
+    REASON_IMAGE_PULL_FAILED,
+    REASON_CRASH_LOOPING,
+    REASON_CONTAINER_CONFIG_ERROR,
+    REASON_VOLUME_NOT_MOUNTED,
+)
 
 ConditionStatus = Literal["True", "False", "Unknown"]
 StageState = Literal["Pending", "Running", "Succeeded", "Failed", "Skipped"]
@@ -69,6 +85,18 @@ class Condition(ApiModel):
 # ---------------------------------------------------------------------------------------------- stages
 
 
+class Stall(ApiModel):
+    """A stage that does not get on: a pod that cannot be scheduled, pulled, mounted or started, or a
+    Deployment past its progress deadline. Recorded while it lasts; kept once the stage failed for it."""
+
+    reason: str = Field(max_length=64, description="PodUnschedulable, ImagePullFailed, CrashLooping, ...")
+    message: str = Field(
+        default="", max_length=4096, description="The pod and the cause, as Kubernetes said."
+    )
+    pod: str | None = Field(default=None, max_length=253, description="The pod, when one is to blame.")
+    since: datetime | None = Field(default=None, description="Since when (the pod condition's time).")
+
+
 class StageStatus(ApiModel):
     """Progress of one stage: done of total units, and an ETA."""
 
@@ -81,6 +109,13 @@ class StageStatus(ApiModel):
     start_time: datetime | None = Field(default=None, description="When the stage started.")
     completion_time: datetime | None = Field(default=None, description="When the stage ended.")
     message: str | None = Field(default=None, max_length=32768, description="Last message of the stage.")
+    stalled: Stall | None = Field(
+        default=None,
+        description=(
+            "Why the stage does not get on, while it lasts; once the stage failed for it, it stays Failed "
+            "until the spec is edited."
+        ),
+    )
 
 
 class CollectionStatus(StageStatus):
