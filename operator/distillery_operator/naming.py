@@ -8,6 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from distillery_trainer.api.names import (  # the components and the bound on a run's name: the API's
+    COLLECT,
+    CONFIG,
+    DATA,
+    EVAL,
+    MAX_RUN_NAME,
+    SERVE,
+    TEACHER,
+    TRAIN,
+)
+
 # Labels and annotations.
 RUN_LABEL = "distillery.dev/run"
 STAGE_LABEL = "distillery.dev/stage"
@@ -19,14 +30,7 @@ INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage de
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
 
-# Components (one per kind of child) and the stage each belongs to.
-CONFIG = "config"
-DATA = "data"
-TEACHER = "teacher"
-COLLECT = "collect"
-TRAIN = "train"
-SERVE = "serve"
-EVAL = "eval"
+# Components (one per kind of child, named in the API package with the run-name rule) and their stages.
 COMPONENT_STAGE = {
     CONFIG: "config",
     DATA: "storage",
@@ -37,9 +41,6 @@ COMPONENT_STAGE = {
     EVAL: "evaluate",
 }
 
-# The longest suffix a child's name gets, plus the "-<index>" of an Indexed Job's pod hostname.
-MAX_RUN_NAME = 63 - len("-collect") - len("-99999")
-
 # A StorageClass's volumeBindingMode, and what the reconciler reports for a class that does not exist.
 IMMEDIATE = "Immediate"
 WAIT_FOR_FIRST_CONSUMER = "WaitForFirstConsumer"
@@ -49,6 +50,9 @@ CLASS_NOT_FOUND = "NotFound"
 def child_name(run: str, component: str) -> str:
     """The name of a run's child: ``<run>-<component>``."""
     return f"{run}-{component}"
+
+
+__all__ = ["COLLECT", "CONFIG", "DATA", "EVAL", "MAX_RUN_NAME", "SERVE", "TEACHER", "TRAIN"]
 
 
 def claim_to_create(spec: Mapping[str, Any]) -> str | None:

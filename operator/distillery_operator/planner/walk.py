@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from distillery_trainer.api.base import format_errors
+from distillery_trainer.api.names import run_name_problem
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import (
     BY_NAME,
@@ -42,7 +43,7 @@ from pydantic import ValidationError
 from .. import status as derive
 from ..builders.common import Run
 from ..builders.config import config_map
-from ..naming import EVAL, MAX_RUN_NAME, SERVE, TRAIN
+from ..naming import EVAL, SERVE, TRAIN
 from ..observe import Child, Observed, Pod, RunView, parse_time
 from ..settings import Settings
 from . import collect, evaluate, serve, train
@@ -74,13 +75,8 @@ def plan(
                 "it, or set storage.url",
             )
         )
-    if len(view.name) > MAX_RUN_NAME:
-        problems.append(
-            (
-                "metadata.name",
-                f"at most {MAX_RUN_NAME} characters in a cluster (children add '-collect-<shard>')",
-            )
-        )
+    if (problem := run_name_problem(view.name)) is not None:  # the CRD's rule, for runs made before it
+        problems.append(("metadata.name", problem))
     if problems:
         return _invalid(view, prior, problems, now)
     return Walk(view, spec, observed, now, settings, caps, prior).plan()

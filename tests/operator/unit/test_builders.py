@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +19,10 @@ from distillery_operator.builders.config import config_map
 from distillery_operator.builders.evaluate import eval_job
 from distillery_operator.builders.serve import serve_deployment, serve_service, student_server
 from distillery_operator.builders.train import pytorch_job, rendezvous_service, train_job
-from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, MAX_RUN_NAME, QUEUE_LABEL
+from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, QUEUE_LABEL
 from distillery_operator.settings import Settings
 from distillery_operator.validate import _to_json_schema
+from distillery_trainer.api.names import MAX_NODES, MAX_RUN_NAME, MAX_SHARDS, run_name_problem
 from distillery_trainer.api.resource import load_yaml
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stage import StageConfig
@@ -406,11 +408,51 @@ def test_builds_are_deterministic_and_the_hash_follows_the_content() -> None:
     assert changed["collect"] == first["collect"] or changed["config"] != first["config"]
 
 
-def test_the_longest_run_name_fits_every_child() -> None:
-    run = example("run.yaml")
-    long = Run("r" * MAX_RUN_NAME, run.namespace, run.uid, run.spec)
-    for manifest in children(long).values():
-        assert len(manifest["metadata"]["name"]) <= 63 - len("-99999")
-        kubernetes_validate.validate(manifest, "1.37", strict=True) if manifest[
-            "kind"
-        ] != "PyTorchJob" else None
+def pod_hostnames(manifest: dict[str, Any]) -> list[str]:
+    """The hostnames a child's pods get, as Kubernetes and Kubeflow name them: an Indexed Job's pod i is
+    ``<job>-<i>``; a PyTorchJob's pods (and the Service the training operator makes for each) are
+    ``<job>-master-0`` and ``<job>-worker-<i>``. A Deployment's pods get generated names, which the kubelet
+    cuts to 63 characters for the hostname: they cannot be too long."""
+    name, spec = manifest["metadata"]["name"], manifest.get("spec") or {}
+    if manifest["kind"] == "Job" and spec.get("completionMode") == "Indexed":
+        return [f"{name}-{spec['completions'] - 1}"]
+    if manifest["kind"] == "PyTorchJob":
+        replicas = spec["pytorchReplicaSpecs"]
+        return [f"{name}-{kind.lower()}-{r['replicas'] - 1}" for kind, r in replicas.items()]
+    return []
+
+
+RFC_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def widest(name: str) -> Run:
+    """A run of that name with the most shards and training nodes the spec allows and a self-hosted
+    teacher: every kind of child, each with its most pods."""
+    doc = (
+        make_run(name, "team-a")
+        .self_hosted()
+        .storage()
+        .spec({"collection": {"shards": MAX_SHARDS}, "training": {"resources": {"nodes": MAX_NODES}}})
+        .obj()
+    )
+    return Run(name, "team-a", "uid-1", DistillationRunSpec.model_validate(doc["spec"]))
+
+
+def test_a_run_name_at_the_bound_fits_every_child_name_and_pod_hostname() -> None:
+    """Every name a run's children and their pods get is an RFC 1035 label of at most 63 characters
+    (Services must be; the others are DNS-1123 labels, which RFC 1035 labels are too), for a name at the
+    bound the API package sets (the CRD, `distillery validate` and the planner all use it)."""
+    at_bound = "run-" + "x" * (MAX_RUN_NAME - 4)
+    assert run_name_problem(at_bound) is None
+    names: list[str] = []
+    for key, manifest in children(widest(at_bound)).items():
+        names += [manifest["metadata"]["name"], *pod_hostnames(manifest)]
+        if manifest["kind"] != "PyTorchJob":
+            kubernetes_validate.validate(manifest, "1.37", strict=True)
+    assert any(n.endswith(f"-train-worker-{MAX_NODES - 2}") for n in names)
+    assert any(n.endswith(f"-collect-{MAX_SHARDS - 1}") for n in names)
+    bad = [n for n in names if len(n) > 63 or not RFC_1035_LABEL.match(n)]
+    assert bad == []
+    # The bound is tight: one character more and the longest name no longer fits.
+    longer = [n for m in children(widest(at_bound + "x")).values() for n in pod_hostnames(m)]
+    assert max(len(n) for n in longer) == 64

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel, RuleViolations
+from .names import MAX_NODES, MAX_SHARDS
 from .validation import MULTI_NODE_RWO
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -306,7 +307,9 @@ class Data(ApiModel):
 
 
 class Collection(ApiModel):
-    shards: int = Field(default=1, ge=1, le=10000, description="Pods of the Indexed collection Job.")
+    shards: int = Field(
+        default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job."
+    )
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
     concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
     requests_per_minute: int | None = Field(
@@ -364,7 +367,9 @@ class DPO(ApiModel):
 
 
 class Resources(ApiModel):
-    nodes: int = Field(default=1, ge=1, le=1024, description="Training nodes (PyTorchJob Master + Workers).")
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_NODES, description="Training nodes (PyTorchJob Master + Workers)."
+    )
     gpus_per_node: int = Field(
         default=1, ge=0, le=64, description="GPUs per node; torchrun processes per node."
     )
