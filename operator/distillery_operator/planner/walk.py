@@ -72,7 +72,7 @@ def plan(
                 "spec.storage",
                 "required in a cluster: set storage.pvc.claimName (an existing claim; ReadWriteMany for "
                 "multi-node training), add storage.pvc.create: {size: 200Gi} to have the operator create "
-                "it, or set storage.url",
+                "it (object storage is not supported yet)",
             )
         )
     if (problem := run_name_problem(view.name)) is not None:  # the CRD's rule, for runs made before it

@@ -56,7 +56,7 @@ def custom() -> Run:
         make_run("custom", "ns-1")
         .spec(
             {
-                "storage": {"url": "s3://bucket/prefix"},
+                "storage": {"pvc": {"claimName": "shared", "subPath": "team-a/distillery"}},
                 "collection": {"shards": 16, "parallelism": 4, "backoffLimitPerIndex": 5},
                 "training": {
                     "backend": "job",
@@ -325,12 +325,10 @@ def test_the_stage_config_is_the_spec_plus_where_things_are_and_never_a_secret()
         yaml.safe_load(config_map(self_hosted, SETTINGS)["data"]["stage.yaml"])
     ).teacher
     assert (teacher.base_url, teacher.model) == ("http://qwen-kd-teacher.team-a.svc:8000/v1", "teacher")
-    url = custom()
-    config = StageConfig.model_validate(yaml.safe_load(config_map(url, SETTINGS)["data"]["stage.yaml"]))
-    assert (
-        config.artifacts == "s3://bucket/prefix/runs/ns-1/custom"
-        and config.cache_dir == "s3://bucket/prefix/cache"
-    )
+    sub_path = custom()
+    config = StageConfig.model_validate(yaml.safe_load(config_map(sub_path, SETTINGS)["data"]["stage.yaml"]))
+    # The claim's subPath is mounted at the data mount: the paths within it are the same.
+    assert config.artifacts == "/data/runs/ns-1/custom" and config.cache_dir == "/data/cache"
 
 
 def test_collection_is_an_indexed_job_with_bounded_parallelism() -> None:
@@ -339,8 +337,8 @@ def test_collection_is_an_indexed_job_with_bounded_parallelism() -> None:
     assert spec["backoffLimitPerIndex"] == 5 and spec["template"]["spec"]["restartPolicy"] == "Never"
     container = spec["template"]["spec"]["containers"][0]
     assert container["command"] == ["distillery-trainer", "collect", "--config", "/etc/distillery/stage.yaml"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/etc/distillery" in mounts and "/data" not in mounts  # s3 storage: no volume
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "/etc/distillery" in mounts and mounts["/data"]["subPath"] == "team-a/distillery"
     example_mounts = {
         m["mountPath"]
         for m in collect_job(example("run.yaml"), SETTINGS, "x")["spec"]["template"]["spec"]["containers"][0][
@@ -354,7 +352,7 @@ def test_serving_is_vllm_with_the_shared_argument_builder() -> None:
     run = custom()
     deployment = serve_deployment(run, SETTINGS, "x", replicas=3)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    server = VllmServer.for_student(run.spec.serving, "s3://bucket/prefix/runs/ns-1/custom/student", "custom")
+    server = VllmServer.for_student(run.spec.serving, "/data/runs/ns-1/custom/student", "custom")
     assert container["command"] + container["args"] == server.command() + server.args()
     assert student_server(run, SETTINGS) == server
     assert "--enable-prefix-caching" in container["args"] and "--tensor-parallel-size" in container["args"]

@@ -557,6 +557,13 @@ def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
     assert reasons(out) == ["InvalidSpec"] and world.plan().events == []
 
 
+def test_the_storage_required_message_suggests_only_what_works() -> None:
+    world = World({k: v for k, v in spec_of().items() if k != "storage"})
+    world.plan()
+    assert "storage.pvc.claimName" in world.status["message"]
+    assert "storage.url" not in world.status["message"]  # object storage is refused by the API for now
+
+
 def test_a_name_at_the_bound_is_planned() -> None:
     world = World(spec_of(), "r" * MAX_RUN_NAME)
     world.plan()
