@@ -227,7 +227,11 @@ CASES = [
         S({"storage": {"pvc": {"claimName": "d", "subPath": "/etc"}}}),
         "spec.storage.pvc.subPath",
     ),
-    Case("subpath-only-parent", S({"storage": {"pvc": {"claimName": "d", "subPath": ".."}}}), "spec.storage.pvc.subPath"),
+    Case(
+        "subpath-only-parent",
+        S({"storage": {"pvc": {"claimName": "d", "subPath": ".."}}}),
+        "spec.storage.pvc.subPath",
+    ),
     Case("queue-name-invalid", S({"scheduling": {"queueName": "Team_A"}}), "spec.scheduling.queueName"),
     Case("queue-name-too-long", S({"scheduling": {"queueName": "q" * 64}}), "spec.scheduling.queueName"),
     Case(

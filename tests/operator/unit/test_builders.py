@@ -443,7 +443,7 @@ def test_a_run_name_at_the_bound_fits_every_child_name_and_pod_hostname() -> Non
     at_bound = "run-" + "x" * (MAX_RUN_NAME - 4)
     assert run_name_problem(at_bound) is None
     names: list[str] = []
-    for key, manifest in children(widest(at_bound)).items():
+    for manifest in children(widest(at_bound)).values():
         names += [manifest["metadata"]["name"], *pod_hostnames(manifest)]
         if manifest["kind"] != "PyTorchJob":
             kubernetes_validate.validate(manifest, "1.37", strict=True)

@@ -541,7 +541,11 @@ def test_a_self_hosted_teacher_comes_first_and_goes_after_collection() -> None:
         (spec_of(), "r" * 60, "metadata.name: "),
         # One rule with the CRD and `distillery validate` (tests/api/test_run_names.py): an RFC 1035 label
         # (Services are named after the run), short enough for <run>-train-worker-<i>.
-        (spec_of(), "8b-distill", "metadata.name: '8b-distill' is not a valid run name (it does not start with a lowercase"),
+        (
+            spec_of(),
+            "8b-distill",
+            "metadata.name: '8b-distill' is not a valid run name (it does not start with a lowercase",
+        ),
         (spec_of(), "r" * 46, "metadata.name: 'rrrr"),
         (spec_of(), "Contracts", "metadata.name: 'Contracts'"),
         (spec_of(), "contracts.8b", "metadata.name: 'contracts.8b'"),

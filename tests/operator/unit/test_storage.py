@@ -98,7 +98,8 @@ def test_only_delete_with_run_makes_the_run_own_its_claim() -> None:
 def test_no_claim_is_built_for_a_claim_of_ones_own() -> None:
     own = make_run("r", "ns").storage(CLAIM).obj()["spec"]
     assert (
-        persistent_volume_claim(Run("r", "ns", "u", DistillationRunSpec.model_validate(own)), Settings()) is None
+        persistent_volume_claim(Run("r", "ns", "u", DistillationRunSpec.model_validate(own)), Settings())
+        is None
     )
     assert claim_to_create(own) is None
     assert claim_to_create(make_run().spec(create()).obj()["spec"]) == CLAIM

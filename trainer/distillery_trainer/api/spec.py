@@ -321,9 +321,7 @@ class Data(ApiModel):
 
 
 class Collection(ApiModel):
-    shards: int = Field(
-        default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job."
-    )
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job.")
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
     concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
     requests_per_minute: int | None = Field(
