@@ -51,14 +51,17 @@ _HOW = (
 )
 
 # The same rule as CEL at the root of the CRD's schema (the API server lets a root rule read
-# self.metadata.name); `distillery validate` reports them at metadata.name.
+# self.metadata.name); `distillery validate` reports them at metadata.name. Judged on create: the API
+# server drops a create's status (the status subresource), so `has(self.status)` only exempts a run that
+# exists, whose name cannot change -- one created under an older CRD can still get its status (the
+# operator's InvalidSpec) written.
 RUN_NAME_RULES = [
     {
-        "rule": f"self.metadata.name.matches('{RUN_NAME_PATTERN}')",
+        "rule": f"has(self.status) || self.metadata.name.matches('{RUN_NAME_PATTERN}')",
         "message": "metadata.name: " + _HOW.split(" and have at most")[0],
     },
     {
-        "rule": f"size(self.metadata.name) <= {MAX_RUN_NAME}",
+        "rule": f"has(self.status) || size(self.metadata.name) <= {MAX_RUN_NAME}",
         "message": f"metadata.name: at most {MAX_RUN_NAME} characters (the run's longest child name, "
         f"{LONGEST}, must fit 63)",
     },
