@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 from distillery_trainer.api import base
+from distillery_trainer.api.names import RUN_NAME_RULES
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.status import DistillationRunStatus
 
@@ -109,6 +110,8 @@ def openapi_schema() -> dict[str, Any]:
             "spec": model_schema(DistillationRunSpec),
             "status": status,
         },
+        # A root rule may read self.metadata.name: the run's name, one rule with the model and the operator.
+        "x-kubernetes-validations": copy.deepcopy(RUN_NAME_RULES),
     }
 
 

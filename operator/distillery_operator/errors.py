@@ -1,6 +1,11 @@
 """The one place where API failures become intent: retry later (``kopf.TemporaryError``) or give up
 (``kopf.PermanentError``). Everything that talks to the API server goes through :func:`translate`;
-:func:`reason` names what went wrong for the operator's error metric."""
+:func:`reason` names what went wrong for the operator's error metric.
+
+A 422 (``Invalid``) is the API server refusing what was sent, for a reason in it (a field of the spec the
+child was built from): :class:`Rejected`, which the reconciler turns into a failed run with the API
+server's message when the refused request was a child's (retrying would stall the run on the same
+answer); a later spec edit, or any change of a child, reconciles the run again."""
 
 from __future__ import annotations
 
@@ -57,6 +62,17 @@ def _retry_after(exc: ApiError) -> float | None:
         return None
 
 
+class Rejected(kopf.PermanentError):
+    """The API server refused the request as invalid (422): ``what`` was sent, ``detail`` is its answer,
+    which names the field. ``reported`` once the run's status and an Event say so."""
+
+    def __init__(self, what: str, detail: str) -> None:
+        super().__init__(f"{what}: 422 {detail}: rejected by the API server")
+        self.what = what
+        self.detail = detail
+        self.reported = False
+
+
 def translate(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.PermanentError:
     """``what`` names the request ("create Job team-a/x-collect"); the result says what to do, and keeps
     ``exc`` as its cause (what :func:`reason` reads)."""
@@ -84,6 +100,8 @@ def _intent(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.Permane
             )
         if status == 404:
             return kopf.TemporaryError(f"{detail} (not found; retrying)", delay=NOT_FOUND_DELAY)
+        if status == 422:
+            return Rejected(what, _message(exc))
         return kopf.PermanentError(f"{detail}: rejected by the API server")
     if isinstance(exc, (aiohttp.ClientError, asyncio.TimeoutError, OSError)):
         return kopf.TemporaryError(

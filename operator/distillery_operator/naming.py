@@ -8,6 +8,17 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from distillery_trainer.api.names import (  # the components and the bound on a run's name: the API's
+    COLLECT,
+    CONFIG,
+    DATA,
+    EVAL,
+    MAX_RUN_NAME,
+    SERVE,
+    TEACHER,
+    TRAIN,
+)
+
 # Labels and annotations.
 RUN_LABEL = "distillery.dev/run"
 STAGE_LABEL = "distillery.dev/stage"
@@ -21,14 +32,7 @@ GENERATION_ANNOTATION = "distillery.dev/generation"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
 
-# Components (one per kind of child) and the stage each belongs to.
-CONFIG = "config"
-DATA = "data"
-TEACHER = "teacher"
-COLLECT = "collect"
-TRAIN = "train"
-SERVE = "serve"
-EVAL = "eval"
+# Components (one per kind of child, named in the API package with the run-name rule) and their stages.
 COMPONENT_STAGE = {
     CONFIG: "config",
     DATA: "storage",
@@ -38,9 +42,6 @@ COMPONENT_STAGE = {
     SERVE: "serve",
     EVAL: "evaluate",
 }
-
-# The longest suffix a child's name gets, plus the "-<index>" of an Indexed Job's pod hostname.
-MAX_RUN_NAME = 63 - len("-collect") - len("-99999")
 
 # A StorageClass's volumeBindingMode, and what the reconciler reports for a class that does not exist.
 IMMEDIATE = "Immediate"
@@ -57,6 +58,9 @@ def claim_name(spec: Mapping[str, Any]) -> str | None:
     """The claim a run's spec (as the API server holds it) mounts, whoever creates it."""
     name = (((spec.get("storage") or {}).get("pvc")) or {}).get("claimName")
     return name if isinstance(name, str) and name else None
+
+
+__all__ = ["COLLECT", "CONFIG", "DATA", "EVAL", "MAX_RUN_NAME", "SERVE", "TEACHER", "TRAIN"]
 
 
 def claim_to_create(spec: Mapping[str, Any]) -> str | None:

@@ -41,7 +41,7 @@ from .kube import Api
 from .metrics import OperatorMetrics
 from .naming import claim_name, claim_to_create
 from .observe import Child, Key, Observed, Pod, RunView, child_view
-from .planner import Capabilities, Plan, plan, prior_status
+from .planner import Capabilities, Plan, plan, prior_status, rejected
 from .podlogs import LiveProgress, targets
 from .settings import Settings
 from .workqueue import Outcome, WorkQueue, backoff
@@ -145,7 +145,8 @@ class Reconciler:
             return Outcome(ok=False, after=delay)
         except kopf.PermanentError as exc:
             failed("permanent", exc)
-            self._warn(key, f"{exc} (not retried until the run or a child changes)", str(exc))
+            if not (isinstance(exc, errors.Rejected) and exc.reported):  # else the status and an Event say so
+                self._warn(key, f"{exc} (not retried until the run or a child changes)", str(exc))
             return Outcome(ok=False)
         except asyncio.CancelledError:
             raise
@@ -242,20 +243,32 @@ class Reconciler:
             raise translate(exc, f"discover {api_version}/{plural}") from exc
 
     async def execute(self, view: RunView, result: Plan) -> None:
-        """Apply a plan: deletions only after the status that explains them is written."""
+        """Apply a plan: deletions only after the status that explains them is written. A child the API
+        server rejects (422) fails the run with its message (:func:`.planner.rejected`) and is not retried
+        until the run or a child changes."""
         key = (view.namespace, view.name)
         observed = self.observe(key)
-        if result.delete:
+        try:
+            if result.delete:
+                await self._write_status(view, result)
+                for kind, name in result.delete:
+                    gone = observed.child(kind, name)
+                    await apply.remove(self.api, kind, view.namespace, name)
+                    logger.info("%s/%s: deleted %s %s", view.namespace, view.name, kind, name)
+                    self.expectations.deleted(key, (kind, name), gone.uid if gone is not None else "")
+                await self._ensure_all(view, result, observed)
+            else:
+                await self._ensure_all(view, result, observed)
+                await self._write_status(view, result)
+        except errors.Rejected as exc:
+            if written := self._written.get(view.uid):
+                view = dataclasses.replace(view, status_json=written)
+            result = rejected(view, result, exc.what, exc.detail, self.clock())
             await self._write_status(view, result)
-            for kind, name in result.delete:
-                gone = observed.child(kind, name)
-                await apply.remove(self.api, kind, view.namespace, name)
-                logger.info("%s/%s: deleted %s %s", view.namespace, view.name, kind, name)
-                self.expectations.deleted(key, (kind, name), gone.uid if gone is not None else "")
-            await self._ensure_all(view, result, observed)
-        else:
-            await self._ensure_all(view, result, observed)
-            await self._write_status(view, result)
+            for event in result.events:
+                self._event(view, event.type, event.reason, event.message)
+            exc.reported = True
+            raise
         for event in result.events:
             self._event(view, event.type, event.reason, event.message)
 
@@ -269,9 +282,10 @@ class Reconciler:
             if isinstance(outcome, dict):
                 self.expectations.written(key, (desired.kind, desired.name), child_view(outcome))
                 logger.info("%s/%s: applied %s %s", view.namespace, view.name, desired.kind, desired.name)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+        # What a retry may cure first; a rejection (422) is the run's to report once nothing else failed.
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        for outcome in sorted(failures, key=lambda o: isinstance(o, errors.Rejected)):
+            raise outcome
 
     async def _write_status(self, view: RunView, result: Plan) -> None:
         new = result.status.to_dict()

@@ -102,6 +102,8 @@ def _walk_rules(schema: dict[str, Any], value: Any, path: list[str | int]) -> It
             continue
         if not bool(ok):
             extra = [p for p in rule.get("fieldPath", "").split(".") if p]
+            if not path and not extra and "self.metadata.name" in rule["rule"]:
+                extra = ["metadata", "name"]  # a root rule on the run's name
             yield join_path([*path, *extra]), rule["message"]
     if isinstance(value, dict):
         for name, sub in (schema.get("properties") or {}).items():

@@ -209,16 +209,11 @@ def active_deadline(spec_value: int | None, default: int) -> dict[str, Any]:
 
 
 def artifacts_root(run: Run, settings: Settings) -> str:
-    storage = run.spec.storage
-    if storage is not None and storage.url:
-        return f"{storage.url.rstrip('/')}/runs/{run.namespace}/{run.name}"
+    """Where the run's artifacts live: on the claim (``storage.url``, object storage, is refused by the API)."""
     return f"{settings.data_mount}/runs/{run.namespace}/{run.name}"
 
 
 def cache_root(run: Run, settings: Settings) -> str:
-    storage = run.spec.storage
-    if storage is not None and storage.url:
-        return f"{storage.url.rstrip('/')}/cache"
     return f"{settings.data_mount}/cache"
 
 

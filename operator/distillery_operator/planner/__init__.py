@@ -31,6 +31,6 @@ are (names, status fields, phases, reasons, inputs, the gate) is :mod:`distiller
 """
 
 from .model import Capabilities, Desired, Event, Outcome, Plan, prior_status
-from .walk import plan
+from .walk import plan, rejected
 
-__all__ = ["Capabilities", "Desired", "Event", "Outcome", "Plan", "plan", "prior_status"]
+__all__ = ["Capabilities", "Desired", "Event", "Outcome", "Plan", "plan", "prior_status", "rejected"]

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from distillery_trainer.api.base import format_errors
+from distillery_trainer.api.names import run_name_problem
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import (
     BY_NAME,
@@ -27,6 +28,7 @@ from distillery_trainer.api.status import (
     PHASE_FAILED,
     PHASE_PENDING,
     PHASE_SUCCEEDED,
+    REASON_CHILD_REJECTED,
     REASON_INVALID_SPEC,
     REASON_RETRYING,
     REASON_SERVING,
@@ -45,7 +47,7 @@ from pydantic import ValidationError
 from .. import status as derive
 from ..builders.common import Run
 from ..builders.config import config_map
-from ..naming import EVAL, GENERATION_ANNOTATION, MAX_RUN_NAME, SERVE, TRAIN
+from ..naming import EVAL, GENERATION_ANNOTATION, SERVE, TRAIN
 from ..observe import Child, Observed, Pod, RunView, parse_time
 from ..settings import Settings
 from . import collect, evaluate, serve, train
@@ -83,16 +85,11 @@ def plan(
                 "spec.storage",
                 "required in a cluster: set storage.pvc.claimName (an existing claim; ReadWriteMany for "
                 "multi-node training), add storage.pvc.create: {size: 200Gi} to have the operator create "
-                "it, or set storage.url",
+                "it (object storage is not supported yet)",
             )
         )
-    if len(view.name) > MAX_RUN_NAME:
-        problems.append(
-            (
-                "metadata.name",
-                f"at most {MAX_RUN_NAME} characters in a cluster (children add '-collect-<shard>')",
-            )
-        )
+    if (problem := run_name_problem(view.name)) is not None:  # the CRD's rule, for runs made before it
+        problems.append(("metadata.name", problem))
     if problems:
         return _invalid(view, prior, problems, now)
     return Walk(view, spec, observed, now, settings, caps, prior).plan()
@@ -101,23 +98,50 @@ def plan(
 def _invalid(
     view: RunView, prior: DistillationRunStatus, errors: list[tuple[str, str]], now: datetime
 ) -> Plan:
-    st = prior.model_copy(deep=True)
-    st.observed_generation = view.generation
-    st.phase = "Failed"
     message = "invalid spec: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
+    return _failed(view, prior, prior, REASON_INVALID_SPEC, message, now, [])
+
+
+def rejected(view: RunView, planned: Plan, what: str, detail: str, now: datetime) -> Plan:
+    """The API server refused one of the children ``planned`` (422, ``detail`` names the field): the run
+    fails with its words instead of retrying the same request. Level-triggered: the next pass (a spec
+    edit, a child's change) plans from scratch and goes on once the child is accepted. The walk's status
+    is kept otherwise, and its events but the phase's (the run did not reach it)."""
+    prior = prior_status(view.status)
+    progressing = planned.status.condition("Progressing")
+    skip = {REASON_RETRYING, progressing.reason if progressing is not None else ""}
+    events = [e for e in planned.events if e.reason not in skip]
+    message = f"{what} was rejected by the API server: {detail}"
+    return _failed(view, prior, planned.status, REASON_CHILD_REJECTED, message, now, events)
+
+
+def _failed(
+    view: RunView,
+    prior: DistillationRunStatus,
+    base: DistillationRunStatus,
+    reason: str,
+    message: str,
+    now: datetime,
+    events: list[Event],
+) -> Plan:
+    """``base`` as a run that failed for ``reason`` before its stages could go on; one Event per message."""
+    st = base.model_copy(deep=True)
+    st.observed_generation = view.generation
+    st.phase = PHASE_FAILED
     st.message = message
     st.completion_time = prior.completion_time if prior.phase == PHASE_FAILED else now
     st.conditions = derive.conditions(
         prior.conditions,
         phase=PHASE_FAILED,
-        reason=REASON_INVALID_SPEC,
+        reason=reason,
         message=message,
         degraded=None,
-        ready=(False, REASON_INVALID_SPEC, message),
+        ready=(False, reason, message),
         generation=view.generation,
         now=now,
     )
-    events = [] if prior.message == message else [Event("Warning", REASON_INVALID_SPEC, message)]
+    if prior.message != message:
+        events = [*events, Event("Warning", reason, message)]
     return Plan(status=st, events=events)
 
 

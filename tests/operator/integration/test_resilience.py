@@ -153,6 +153,58 @@ async def test_api_errors_during_apply_are_retried_and_leave_no_duplicates(
     assert beyond_rbac(cluster.api.audit) == {}
 
 
+def _tolerations(job: dict[str, Any]) -> list[dict[str, Any]]:
+    return ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get("tolerations") or []
+
+
+def _invalid_toleration(job: dict[str, Any]) -> bool:
+    return any("tolerationSeconds" in t and t.get("effect") != "NoExecute" for t in _tolerations(job))
+
+
+async def test_a_child_the_api_server_rejects_fails_the_run_until_the_spec_is_fixed(
+    cluster: Cluster, start_operator: StartOperator
+) -> None:
+    run = example_run()
+    bad = {"key": "team", "operator": "Exists", "effect": "NoSchedule", "tolerationSeconds": 60}
+    run["spec"]["scheduling"] = {"tolerations": [bad]}
+    # The emulator plays the API server's validation of a pod template (Kubernetes' validateTolerations):
+    # a toleration with tolerationSeconds must have effect NoExecute. The model does not check this one,
+    # so the Job's create is answered 422 with the API server's message, which names the field.
+    said = (
+        f'Job.batch "{NAME}-collect" is invalid: spec.template.spec.tolerations[0].effect: Invalid value: '
+        "\"NoSchedule\": effect must be 'NoExecute' when `tolerationSeconds` is set"
+    )
+    fault = cluster.api.inject("create", "batch/jobs", 422, times=100, message=said, when=_invalid_toleration)
+    await cluster.apply_run(run)
+    await start_operator()
+
+    # Not a stall: the run fails, with the API server's words in its status and an Event.
+    status = await cluster.wait_phase(NS, NAME, "Failed")
+    assert said in status["message"] and f"create Job {NS}/{NAME}-collect" in status["message"]
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "ChildRejected") and said in failed["message"]
+    rejected = await cluster.wait_for(
+        lambda: [e for e in cluster.events(NS, NAME) if e["reason"] == "ChildRejected"], "the Event"
+    )
+    assert rejected[0]["type"] == "Warning" and said in rejected[0]["message"]
+    # Not retried on a timer: once the reconcile its own status write causes is done, nothing is sent.
+    await asyncio.sleep(1.0)
+    attempts = fault.hits
+    await asyncio.sleep(1.5)
+    assert fault.hits == attempts <= 3
+    reasons = Counter(e["reason"] for e in cluster.events(NS, NAME))
+    assert reasons["ChildRejected"] == 1 and reasons["Retrying"] == 0, reasons
+
+    # The spec is fixed: level-triggered, the run goes on from where it is.
+    await cluster.patch_spec(NS, NAME, {"scheduling": {"tolerations": [{**bad, "tolerationSeconds": None}]}})
+    await cluster.wait_phase(NS, NAME, "Collecting")
+    job = cluster.get("Job", NS, f"{NAME}-collect")
+    assert job is not None and not _invalid_toleration(job)
+    status = cluster.status(NS, NAME)
+    assert "Failed" not in {c["type"] for c in status["conditions"]}
+    assert beyond_rbac(cluster.api.audit) == {}
+
+
 async def test_twenty_runs_in_two_namespaces(cluster: Cluster, start_operator: StartOperator) -> None:
     await start_operator()
     runs = [

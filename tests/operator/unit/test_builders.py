@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,9 +20,10 @@ from distillery_operator.builders.config import config_map
 from distillery_operator.builders.evaluate import eval_job
 from distillery_operator.builders.serve import serve_deployment, serve_service, startup_budget, student_server
 from distillery_operator.builders.train import pytorch_job, rendezvous_service, train_job
-from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, MAX_RUN_NAME, QUEUE_LABEL
+from distillery_operator.naming import HASH_ANNOTATION, INPUTS_ANNOTATION, QUEUE_LABEL
 from distillery_operator.settings import Settings
 from distillery_operator.validate import _to_json_schema
+from distillery_trainer.api.names import MAX_NODES, MAX_RUN_NAME, MAX_SHARDS, run_name_problem
 from distillery_trainer.api.resource import load_yaml
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stage import StageConfig
@@ -55,7 +57,7 @@ def custom() -> Run:
         make_run("custom", "ns-1")
         .spec(
             {
-                "storage": {"url": "s3://bucket/prefix"},
+                "storage": {"pvc": {"claimName": "shared", "subPath": "team-a/distillery"}},
                 "collection": {"shards": 16, "parallelism": 4, "backoffLimitPerIndex": 5},
                 "training": {
                     "backend": "job",
@@ -330,12 +332,10 @@ def test_the_stage_config_is_the_spec_plus_where_things_are_and_never_a_secret()
         yaml.safe_load(config_map(self_hosted, SETTINGS)["data"]["stage.yaml"])
     ).teacher
     assert (teacher.base_url, teacher.model) == ("http://qwen-kd-teacher.team-a.svc:8000/v1", "teacher")
-    url = custom()
-    config = StageConfig.model_validate(yaml.safe_load(config_map(url, SETTINGS)["data"]["stage.yaml"]))
-    assert (
-        config.artifacts == "s3://bucket/prefix/runs/ns-1/custom"
-        and config.cache_dir == "s3://bucket/prefix/cache"
-    )
+    sub_path = custom()
+    config = StageConfig.model_validate(yaml.safe_load(config_map(sub_path, SETTINGS)["data"]["stage.yaml"]))
+    # The claim's subPath is mounted at the data mount: the paths within it are the same.
+    assert config.artifacts == "/data/runs/ns-1/custom" and config.cache_dir == "/data/cache"
 
 
 def test_collection_is_an_indexed_job_with_bounded_parallelism() -> None:
@@ -344,8 +344,8 @@ def test_collection_is_an_indexed_job_with_bounded_parallelism() -> None:
     assert spec["backoffLimitPerIndex"] == 5 and spec["template"]["spec"]["restartPolicy"] == "Never"
     container = spec["template"]["spec"]["containers"][0]
     assert container["command"] == ["distillery-trainer", "collect", "--config", "/etc/distillery/stage.yaml"]
-    mounts = {m["mountPath"] for m in container["volumeMounts"]}
-    assert "/etc/distillery" in mounts and "/data" not in mounts  # s3 storage: no volume
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert "/etc/distillery" in mounts and mounts["/data"]["subPath"] == "team-a/distillery"
     example_mounts = {
         m["mountPath"]
         for m in collect_job(example("run.yaml"), SETTINGS, "x")["spec"]["template"]["spec"]["containers"][0][
@@ -359,7 +359,7 @@ def test_serving_is_vllm_with_the_shared_argument_builder() -> None:
     run = custom()
     deployment = serve_deployment(run, SETTINGS, "x", replicas=3)
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    server = VllmServer.for_student(run.spec.serving, "s3://bucket/prefix/runs/ns-1/custom/student", "custom")
+    server = VllmServer.for_student(run.spec.serving, "/data/runs/ns-1/custom/student", "custom")
     assert container["command"] + container["args"] == server.command() + server.args()
     assert student_server(run, SETTINGS) == server
     assert "--enable-prefix-caching" in container["args"] and "--tensor-parallel-size" in container["args"]
@@ -413,14 +413,54 @@ def test_builds_are_deterministic_and_the_hash_follows_the_content() -> None:
     assert changed["collect"] == first["collect"] or changed["config"] != first["config"]
 
 
-def test_the_longest_run_name_fits_every_child() -> None:
-    run = example("run.yaml")
-    long = Run("r" * MAX_RUN_NAME, run.namespace, run.uid, run.spec)
-    for manifest in children(long).values():
-        assert len(manifest["metadata"]["name"]) <= 63 - len("-99999")
-        kubernetes_validate.validate(manifest, "1.37", strict=True) if manifest[
-            "kind"
-        ] != "PyTorchJob" else None
+def pod_hostnames(manifest: dict[str, Any]) -> list[str]:
+    """The hostnames a child's pods get, as Kubernetes and Kubeflow name them: an Indexed Job's pod i is
+    ``<job>-<i>``; a PyTorchJob's pods (and the Service the training operator makes for each) are
+    ``<job>-master-0`` and ``<job>-worker-<i>``. A Deployment's pods get generated names, which the kubelet
+    cuts to 63 characters for the hostname: they cannot be too long."""
+    name, spec = manifest["metadata"]["name"], manifest.get("spec") or {}
+    if manifest["kind"] == "Job" and spec.get("completionMode") == "Indexed":
+        return [f"{name}-{spec['completions'] - 1}"]
+    if manifest["kind"] == "PyTorchJob":
+        replicas = spec["pytorchReplicaSpecs"]
+        return [f"{name}-{kind.lower()}-{r['replicas'] - 1}" for kind, r in replicas.items()]
+    return []
+
+
+RFC_1035_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+def widest(name: str) -> Run:
+    """A run of that name with the most shards and training nodes the spec allows and a self-hosted
+    teacher: every kind of child, each with its most pods."""
+    doc = (
+        make_run(name, "team-a")
+        .self_hosted()
+        .storage()
+        .spec({"collection": {"shards": MAX_SHARDS}, "training": {"resources": {"nodes": MAX_NODES}}})
+        .obj()
+    )
+    return Run(name, "team-a", "uid-1", DistillationRunSpec.model_validate(doc["spec"]))
+
+
+def test_a_run_name_at_the_bound_fits_every_child_name_and_pod_hostname() -> None:
+    """Every name a run's children and their pods get is an RFC 1035 label of at most 63 characters
+    (Services must be; the others are DNS-1123 labels, which RFC 1035 labels are too), for a name at the
+    bound the API package sets (the CRD, `distillery validate` and the planner all use it)."""
+    at_bound = "run-" + "x" * (MAX_RUN_NAME - 4)
+    assert run_name_problem(at_bound) is None
+    names: list[str] = []
+    for manifest in children(widest(at_bound)).values():
+        names += [manifest["metadata"]["name"], *pod_hostnames(manifest)]
+        if manifest["kind"] != "PyTorchJob":
+            kubernetes_validate.validate(manifest, "1.37", strict=True)
+    assert any(n.endswith(f"-train-worker-{MAX_NODES - 2}") for n in names)
+    assert any(n.endswith(f"-collect-{MAX_SHARDS - 1}") for n in names)
+    bad = [n for n in names if len(n) > 63 or not RFC_1035_LABEL.match(n)]
+    assert bad == []
+    # The bound is tight: one character more and the longest name no longer fits.
+    longer = [n for m in children(widest(at_bound + "x")).values() for n in pod_hostnames(m)]
+    assert max(len(n) for n in longer) == 64
 
 
 # ---------------------------------------------------------------------------------------------- deadlines

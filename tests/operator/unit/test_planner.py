@@ -12,6 +12,7 @@ from distillery_operator.naming import INPUTS_ANNOTATION
 from distillery_operator.observe import Child, Live, Observed, Pod, RunView, Terminated, child_view, pod_view
 from distillery_operator.planner import Capabilities, Plan, plan
 from distillery_operator.settings import Settings
+from distillery_trainer.api.names import MAX_RUN_NAME
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import fingerprints
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
@@ -566,7 +567,17 @@ def test_a_self_hosted_teacher_comes_first_and_goes_after_collection() -> None:
     [
         ({**spec_of(), "colection": {}}, "r", "spec.colection: unknown field"),
         ({k: v for k, v in spec_of().items() if k != "storage"}, "r", "spec.storage: required in a cluster"),
-        (spec_of(), "r" * 60, "metadata.name: at most"),
+        (spec_of(), "r" * 60, "metadata.name: "),
+        # One rule with the CRD and `distillery validate` (tests/api/test_run_names.py): an RFC 1035 label
+        # (Services are named after the run), short enough for <run>-train-worker-<i>.
+        (
+            spec_of(),
+            "8b-distill",
+            "metadata.name: '8b-distill' is not a valid run name (it does not start with a lowercase",
+        ),
+        (spec_of(), "r" * 46, "metadata.name: 'rrrr"),
+        (spec_of(), "Contracts", "metadata.name: 'Contracts'"),
+        (spec_of(), "contracts.8b", "metadata.name: 'contracts.8b'"),
     ],
 )
 def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
@@ -577,6 +588,19 @@ def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
     assert out.apply == [] and world.status["phase"] == "Failed"
     assert conditions(world.status)["Failed"] == ("True", "InvalidSpec") and path in world.status["message"]
     assert reasons(out) == ["InvalidSpec"] and world.plan().events == []
+
+
+def test_the_storage_required_message_suggests_only_what_works() -> None:
+    world = World({k: v for k, v in spec_of().items() if k != "storage"})
+    world.plan()
+    assert "storage.pvc.claimName" in world.status["message"]
+    assert "storage.url" not in world.status["message"]  # object storage is refused by the API for now
+
+
+def test_a_name_at_the_bound_is_planned() -> None:
+    world = World(spec_of(), "r" * MAX_RUN_NAME)
+    world.plan()
+    assert world.status["phase"] == "Collecting", world.status.get("message")
 
 
 # ---------------------------------------------------------------------------------------------- live progress

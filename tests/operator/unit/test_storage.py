@@ -95,15 +95,13 @@ def test_only_delete_with_run_makes_the_run_own_its_claim() -> None:
     assert [o["uid"] for o in owned["metadata"]["ownerReferences"]] == ["uid-1"]
 
 
-def test_no_claim_is_built_for_a_claim_of_ones_own_or_an_object_store() -> None:
+def test_no_claim_is_built_for_a_claim_of_ones_own() -> None:
     own = make_run("r", "ns").storage(CLAIM).obj()["spec"]
-    url = make_run("r", "ns").spec({"storage": {"url": "s3://b/p"}}).obj()["spec"]
-    for spec in (own, url):
-        assert (
-            persistent_volume_claim(Run("r", "ns", "u", DistillationRunSpec.model_validate(spec)), Settings())
-            is None
-        )
-        assert claim_to_create(spec) is None
+    assert (
+        persistent_volume_claim(Run("r", "ns", "u", DistillationRunSpec.model_validate(own)), Settings())
+        is None
+    )
+    assert claim_to_create(own) is None
     assert claim_to_create(make_run().spec(create()).obj()["spec"]) == CLAIM
 
 

@@ -235,7 +235,8 @@ async def test_write_status_patches_only_changes() -> None:
         (api_error(409), kopf.TemporaryError, errors.CONFLICT_DELAY, "conflict"),
         (api_error(403, "forbidden"), kopf.TemporaryError, errors.FORBIDDEN_DELAY, "RBAC"),
         (api_error(404), kopf.TemporaryError, errors.NOT_FOUND_DELAY, "not found"),
-        (api_error(422, "spec.x: Invalid value"), kopf.PermanentError, None, "rejected by the API server"),
+        (api_error(422, "spec.x: Invalid value"), errors.Rejected, None, "spec.x: Invalid value"),
+        (api_error(400, "bad"), kopf.PermanentError, None, "rejected by the API server"),
         (aiohttp.ClientConnectionError("refused"), kopf.TemporaryError, errors.DEFAULT_DELAY, "unreachable"),
         (TimeoutError(), kopf.TemporaryError, errors.DEFAULT_DELAY, "unreachable"),
         (ValueError("bad"), kopf.PermanentError, None, "ValueError: bad"),
@@ -332,6 +333,34 @@ async def test_a_flaky_api_is_retried_with_backoff_and_one_warning() -> None:
     assert sum(1 for c in h.api.calls if c[:2] == ("create", "Job")) == 1
     warnings = [e for e in h.events if e[0] == "Warning"]
     assert len(warnings) == 1 and "500" in warnings[0][2] and warnings[0][1] == "Retrying"
+    await h.reconciler.close()
+
+
+REJECTION = (
+    'Job.batch "r-collect" is invalid: spec.template.spec.tolerations[0].effect: Invalid value: '
+    "\"NoSchedule\": effect must be 'NoExecute' when `tolerationSeconds` is set"
+)
+
+
+async def test_a_child_the_api_server_rejects_fails_the_run_with_its_message_until_the_spec_changes() -> None:
+    h = Harness()
+    h.api.fail[("create", "Job")] = [api_error(422, REJECTION)]
+    h.reconciler.request(("ns", "r"))
+    await h.settle()
+    status = h.api.objects[("DistillationRun", "r")]["status"]
+    assert status["phase"] == "Failed" and REJECTION in status["message"]
+    failed = {c["type"]: c for c in status["conditions"]}["Failed"]
+    assert (failed["status"], failed["reason"]) == ("True", "ChildRejected")
+    assert [e[:2] for e in h.events] == [("Warning", "ChildRejected")] and REJECTION in h.events[0][2]
+    # Not retried on a timer: nothing changes until the run (or a child) does.
+    assert not h.reconciler.queue.scheduled(("ns", "r")) and h.reconciler.queue.failures(("ns", "r")) == 0
+    # The spec is fixed (the API server accepts the Job now): the next reconcile goes on.
+    h.reconciler.indices[RUN_INDEX][("ns", "r")] = [RunView.of("r", "ns", "run-uid", 2, spec_of(), status)]
+    h.reconciler.request(("ns", "r"))
+    await h.settle()
+    status = h.api.objects[("DistillationRun", "r")]["status"]
+    assert status["phase"] == "Collecting" and "Failed" not in {c["type"] for c in status["conditions"]}
+    assert ("Job", "r-collect") in h.api.objects
     await h.reconciler.close()
 
 

@@ -74,6 +74,19 @@ class Fault:
     times: int
     namespace: str | None = None
     hits: int = 0
+    # The API server's words (a 422 names the field it refused), and which request bodies it refuses
+    # (None: any): a test that plays the API server's validation says what it checks.
+    message: str | None = None
+    when: Callable[[dict[str, Any]], bool] | None = None
+
+
+def _body(request: Request) -> dict[str, Any]:
+    """A request's body as an object (JSON, or the YAML of an apply), ``{}`` when it has none."""
+    data = request.data
+    if isinstance(data, (str, bytes)):
+        with contextlib.suppress(yaml.YAMLError):
+            data = yaml.safe_load(data)
+    return data if isinstance(data, dict) else {}
 
 
 def rbac_rules(entries: list[AuditEntry]) -> dict[str, set[str]]:
@@ -372,10 +385,27 @@ class ApiServer(kmock.KubernetesEmulator):
     # ------------------------------------------------------------------------------------------ the tests' API
 
     def inject(
-        self, verb: str, resource: str, status: int, times: int = 1, namespace: str | None = None
+        self,
+        verb: str,
+        resource: str,
+        status: int,
+        times: int = 1,
+        namespace: str | None = None,
+        *,
+        message: str | None = None,
+        when: Callable[[dict[str, Any]], bool] | None = None,
     ) -> Fault:
-        """Answer the next ``times`` requests ``verb resource`` (RBAC terms) with HTTP ``status``."""
-        fault = Fault(verb=verb, resource=resource, status=status, times=times, namespace=namespace)
+        """Answer the next ``times`` requests ``verb resource`` (RBAC terms) with HTTP ``status`` (and
+        ``message``), only those whose body ``when`` picks if given."""
+        fault = Fault(
+            verb=verb,
+            resource=resource,
+            status=status,
+            times=times,
+            namespace=namespace,
+            message=message,
+            when=when,
+        )
         self.faults.append(fault)
         return fault
 
@@ -480,7 +510,7 @@ class ApiServer(kmock.KubernetesEmulator):
     async def _serve(self, request: Request) -> Any:
         entry = self._audit(request)
         if entry is not None:
-            self._inject(entry)
+            self._inject(entry, request)
         if entry is not None and entry.resource == "pods/log" and request.action == action.FETCH:
             return self._serve_log(request)
         if request.resource is None or request.action not in (action.CREATE, action.UPDATE, action.DELETE):
@@ -520,7 +550,7 @@ class ApiServer(kmock.KubernetesEmulator):
             # test injected a fault) as one.
             created = self._audit(created_request) if entry is not None else None
             if created is not None:
-                self._inject(created)
+                self._inject(created, created_request)
             _CURRENT.set(created_request)  # kmock's matching finds the request being served here
             return created_request
         new = Apply.merge(current, body, manager, force=request.params.get("force") == "true")
@@ -581,23 +611,25 @@ class ApiServer(kmock.KubernetesEmulator):
             self.selectors[res] = request.params.get("labelSelector")
         return entry
 
-    def _inject(self, entry: AuditEntry) -> None:
+    def _inject(self, entry: AuditEntry, request: Request) -> None:
         """Answer with the error a test injected for this request, if any is left."""
-        fault = self._fault(entry)
+        fault = self._fault(entry, request)
         if fault is not None:
             raise kmock.KubernetesError(
                 status=fault.status,
-                reason="InjectedFault",
-                message=f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
+                reason="Invalid" if fault.status == 422 else "InjectedFault",
+                message=fault.message
+                or f"injected by the test: {entry.verb} {entry.resource} -> {fault.status}",
             )
 
-    def _fault(self, entry: AuditEntry) -> Fault | None:
+    def _fault(self, entry: AuditEntry, request: Request) -> Fault | None:
         for fault in self.faults:
             if (
                 fault.hits < fault.times
                 and fault.verb == entry.verb
                 and fault.resource == entry.resource
                 and fault.namespace in (None, entry.namespace)
+                and (fault.when is None or fault.when(_body(request)))
             ):
                 fault.hits += 1
                 return fault

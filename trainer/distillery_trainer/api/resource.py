@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 
 from .base import API_GROUP, API_VERSION, KIND, ApiModel, format_errors
+from .names import run_name_problem
 from .spec import DistillationRunSpec
 from .status import DistillationRunStatus
 
@@ -23,12 +24,20 @@ class ObjectMeta(ApiModel):
 
     model_config = {"extra": "allow"}
 
-    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    name: str = Field(description="The run's name: see :mod:`.names` for the rule.")
     namespace: str | None = Field(default=None, max_length=63)
     labels: dict[str, str] | None = None
     annotations: dict[str, str] | None = None
     generation: int | None = None
     uid: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        problem = run_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
 
 
 class DistillationRun(ApiModel):

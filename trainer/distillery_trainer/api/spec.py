@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel, RuleViolations
+from .names import MAX_NODES, MAX_SHARDS
 from .validation import MULTI_NODE_RWO
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -22,6 +23,20 @@ from .validation import MULTI_NODE_RWO
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
+# What the API server checks on the children, checked on the run (``[.]`` rather than ``\.``: these go
+# into CEL string literals too, where ``\.`` is not an escape).
+_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+QUALIFIED_NAME = rf"^({_SUBDOMAIN}/)?{_LABEL_NAME}$"  # a label key, a toleration key
+LABEL_VALUE = rf"^({_LABEL_NAME})?$"
+EXTENDED_RESOURCE = rf"^{_SUBDOMAIN}/{_LABEL_NAME}$"  # a device plugin's resource: nvidia.com/gpu
+# A path within a volume: relative, no ".." segment (a segment may start with dots: "..data" is a name).
+_SEGMENT = r"(\.|\.\.[^/]+|\.[^./][^/]*|[^./][^/]*)"
+SUB_PATH = rf"^{_SEGMENT}(/+{_SEGMENT})*/*$"
+OBJECT_STORE_UNSUPPORTED = (
+    "object storage is not supported yet: use storage.pvc (an existing claim, or storage.pvc.create to have "
+    "the operator create one)"
+)
 
 INLINE_SECRET_FIELDS = ("apiKey", "api_key", "token", "password", "secret", "key")
 SECRET_HINT = (
@@ -384,7 +399,7 @@ class PodResources(ApiModel):
 
 
 class Collection(ApiModel):
-    shards: int = Field(default=1, ge=1, le=10000, description="Pods of the Indexed collection Job.")
+    shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job.")
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
     concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
     requests_per_minute: int | None = Field(
@@ -455,7 +470,9 @@ class DPO(ApiModel):
 
 
 class Resources(ApiModel):
-    nodes: int = Field(default=1, ge=1, le=1024, description="Training nodes (PyTorchJob Master + Workers).")
+    nodes: int = Field(
+        default=1, ge=1, le=MAX_NODES, description="Training nodes (PyTorchJob Master + Workers)."
+    )
     gpus_per_node: int = Field(
         default=1, ge=0, le=64, description="GPUs per node; torchrun processes per node."
     )
@@ -463,7 +480,11 @@ class Resources(ApiModel):
         default=None,
         min_length=1,
         max_length=253,
-        description="Extended resource name of a GPU. Default: the operator's (nvidia.com/gpu unless the chart says).",
+        pattern=EXTENDED_RESOURCE,
+        description=(
+            "Extended resource name of a GPU, <domain>/<name> (nvidia.com/gpu, amd.com/gpu). "
+            "Default: the operator's (nvidia.com/gpu unless the chart says)."
+        ),
     )
     cpu: Quantity | None = Field(default=None, description="CPU request per pod.")
     memory: Quantity | None = Field(default=None, description="Memory request per pod.")
@@ -700,7 +721,12 @@ class Pvc(ApiModel):
             "one, mounted as is, or the one the operator creates when `create` is set."
         )
     )
-    sub_path: str | None = Field(default=None, max_length=4096, description="Directory within the volume.")
+    sub_path: str | None = Field(
+        default=None,
+        max_length=4096,
+        pattern=SUB_PATH,
+        description="Directory within the volume: a relative path without '..' segments.",
+    )
     create: PvcCreate | None = Field(
         default=None,
         description=(
@@ -716,40 +742,84 @@ class Pvc(ApiModel):
         return ["ReadWriteMany"] if nodes > 1 else ["ReadWriteOnce"]
 
 
+STORAGE_PVC_REQUIRED = (
+    "set storage.pvc.claimName (an existing claim), with storage.pvc.create: {size: 200Gi} to have the "
+    "operator create it"
+)
+
+
 class Storage(ApiModel):
     model_config = {
-        "json_schema_extra": _rules(cel(_exactly_one(["pvc", "url"]), "set exactly one of pvc or url"))
+        "json_schema_extra": _rules(
+            cel("!has(self.url)", OBJECT_STORE_UNSUPPORTED, ".url"),
+            cel("has(self.url) || has(self.pvc)", STORAGE_PVC_REQUIRED, ".pvc"),
+        )
     }
 
     pvc: Pvc | None = Field(default=None, description="A PVC holding runs/<namespace>/<name>/.")
     url: str | None = Field(
-        default=None, max_length=4096, pattern=r"^(s3|gs|az|file)://", description="An fsspec URL prefix."
+        default=None,
+        max_length=4096,
+        description=(
+            "Reserved for object storage (s3://, gs://), which is not supported yet: a run that sets it is "
+            "refused. Use pvc."
+        ),
     )
 
     @model_validator(mode="after")
-    def _one(self) -> Storage:
-        if (self.pvc is None) == (self.url is None):
-            raise RuleViolations([("", "set exactly one of pvc or url")])
+    def _pvc(self) -> Storage:
+        if self.url is not None:
+            raise RuleViolations([("url", OBJECT_STORE_UNSUPPORTED)])
+        if self.pvc is None:
+            raise RuleViolations([("pvc", STORAGE_PVC_REQUIRED)])
         return self
 
 
 class Toleration(ApiModel):
-    key: str | None = Field(default=None, max_length=317)
+    key: str | None = Field(default=None, max_length=317, pattern=QUALIFIED_NAME)
     operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = Field(default=None, max_length=63)
+    value: str | None = Field(default=None, max_length=63, pattern=LABEL_VALUE)
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+
+NODE_SELECTOR_KEY = (
+    "a node selector key is a label key: an optional DNS subdomain prefix and '/', then a name of at most 63 "
+    "characters (letters, digits, '-', '_', '.'), starting and ending with a letter or digit"
+)
+_QUALIFIED = re.compile(QUALIFIED_NAME)
 
 
 class Scheduling(ApiModel):
     """Placement passed to every workload pod (merged over the operator's defaults)."""
 
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node selector.")
-    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations.")
-    priority_class_name: str | None = Field(default=None, max_length=253, description="PriorityClass.")
-    queue_name: str | None = Field(
-        default=None, max_length=63, description="Kueue LocalQueue (label kueue.x-k8s.io/queue-name)."
+    node_selector: dict[str, Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]] = Field(
+        default_factory=dict,
+        max_length=64,
+        description="Node selector: label keys ([prefix/]name) and label values.",
+        json_schema_extra=_rules(
+            cel(f"self.all(k, k.matches('{QUALIFIED_NAME}'))", NODE_SELECTOR_KEY),
+        ),
     )
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=64, description="Tolerations.")
+    priority_class_name: Name | None = Field(default=None, description="PriorityClass (a DNS subdomain).")
+    queue_name: str | None = Field(
+        default=None,
+        max_length=63,
+        pattern=DNS_SUBDOMAIN,
+        description=(
+            "Kueue LocalQueue (label kueue.x-k8s.io/queue-name): a LocalQueue's name (a DNS subdomain) that "
+            "fits a label value (at most 63 characters)."
+        ),
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        bad = [k for k in v if _QUALIFIED.match(k) is None or len(k.rpartition("/")[0]) > 253]
+        if bad:
+            raise ValueError(f"{', '.join(map(repr, bad))}: {NODE_SELECTOR_KEY}")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- the spec
