@@ -323,6 +323,15 @@ class Collection(ApiModel):
     cache: bool = Field(
         default=True, description="Reuse answers cached on the volume by (model, sampling, messages)."
     )
+    max_failed_fraction: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description=(
+            "A larger share of prompts recorded in the failures files (no retry could fix them, or retries "
+            "ran out) fails the collection instead of training on what is left."
+        ),
+    )
 
 
 class KD(ApiModel):
