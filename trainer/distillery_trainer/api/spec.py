@@ -464,10 +464,27 @@ class Judge(ApiModel):
 class Load(ApiModel):
     requests: int = Field(default=200, ge=1, le=1_000_000, description="Requests of the latency benchmark.")
     concurrency: int = Field(default=8, ge=1, le=4096, description="Requests in flight.")
+    warmup_requests: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Requests sent to each endpoint (student and teacher alike) just before its measured load, "
+            "not counted. Default: min(2 x concurrency, requests)."
+        ),
+    )
     max_tokens: int | None = Field(
         default=None, ge=1, description="Answer length. Default: teacher.sampling.maxTokens."
     )
     compare_teacher: bool = Field(default=True, description="Measure the teacher's latency the same way.")
+
+    def warmup(self) -> int:
+        """The warm-up requests each endpoint gets before its measured load."""
+        return (
+            self.warmup_requests
+            if self.warmup_requests is not None
+            else min(2 * self.concurrency, self.requests)
+        )
 
 
 class Evaluation(ApiModel):

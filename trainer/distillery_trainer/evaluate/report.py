@@ -200,6 +200,16 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
     lines.append(_latency_row("student", lat.get("student")))
     if lat.get("teacher"):
         lines.append(_latency_row("teacher", lat["teacher"]))
+    if lat.get("requests") is not None:
+        max_tokens = (lat.get("sampling") or {}).get("max_tokens")
+        lines += [
+            "",
+            f"Measured the same way for each endpoint: {lat['requests']} streamed requests at concurrency "
+            f"{lat['concurrency']}, after {lat.get('warmupRequests', 0)} warm-up requests that are not counted; "
+            f"the held-out prompts in turn, the same sampling"
+            + (f" (at most {max_tokens} output tokens)" if max_tokens else "")
+            + ". Latency is end to end, from sending a request to the end of its stream.",
+        ]
     if lat.get("teacherNote"):
         lines += ["", f"Teacher: {lat['teacherNote']}"]
     lines.append("")

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from .. import outputs
 from ..api.base import API_GROUP, API_VERSION
-from ..api.spec import DistillationRunSpec, Evaluation
+from ..api.spec import DistillationRunSpec, Evaluation, Load
 from ..api.stage import StageConfig
 from ..api.stages import verdict
 from ..api.status import Results
@@ -125,6 +125,27 @@ def _read_cost_inputs(layout: RunLayout, notes: list[str]) -> tuple[list[Collect
     return summaries, gpu_hours
 
 
+async def measured_load(
+    client: ChatClient,
+    prompts: list[list[dict[str, Any]]],
+    load: Load,
+    sampling: dict[str, Any],
+    who: str,
+    log: Log,
+) -> LoadResult:
+    """One endpoint's latency, measured as every endpoint's is: ``load.warmup()`` requests first (at the
+    same concurrency, prompts and sampling; not counted: a server's first requests pay for compilation,
+    CUDA graphs and caches), then ``load.requests`` streamed requests at ``load.concurrency``."""
+    warm = load.warmup()
+    if warm:
+        log(f"{who} latency: {warm} warm-up requests (not counted)")
+        await run_load(client, prompts, requests=warm, concurrency=load.concurrency, sampling=sampling)
+    log(f"{who} latency: {load.requests} streamed requests at concurrency {load.concurrency}")
+    return await run_load(
+        client, prompts, requests=load.requests, concurrency=load.concurrency, sampling=sampling
+    )
+
+
 async def _teacher_load(
     config: StageConfig, prompts: list[list[dict[str, Any]]], sampling: dict[str, Any], log: Log
 ) -> tuple[LoadResult | None, str | None]:
@@ -143,11 +164,7 @@ async def _teacher_load(
         why = await client.reachable()
         if why is not None:
             return None, f"not measured: the teacher endpoint {endpoint.base_url} is unreachable ({why})"
-        log(f"teacher latency: {load.requests} streamed requests at concurrency {load.concurrency}")
-        result = await run_load(
-            client, prompts, requests=load.requests, concurrency=load.concurrency, sampling=sampling
-        )
-        return result, None
+        return await measured_load(client, prompts, load, sampling, "teacher", log), None
 
 
 async def _measure(config: StageConfig, log: Log) -> Outcome:
@@ -204,10 +221,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
                 scores = score_items(items, answers, ev.metrics)
                 if ev.judge is not None:
                     await _judge(config, scores, limit, log)
-                log(f"student latency: {ev.load.requests} streamed requests at concurrency {limit}")
-                student_load = await run_load(
-                    student, prompts, requests=ev.load.requests, concurrency=limit, sampling=load_sampling
-                )
+                student_load = await measured_load(student, prompts, ev.load, load_sampling, "student", log)
         if problem is not None:
             pass
         elif ev.load.compare_teacher:
@@ -282,6 +296,10 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
             "teacher": teacher_load.summary() if teacher_load else None,
             "teacherNote": teacher_note,
             "sampling": load_sampling,
+            # How it was measured, the same for both endpoints.
+            "warmupRequests": ev.load.warmup(),
+            "requests": ev.load.requests,
+            "concurrency": ev.load.concurrency,
         },
         "cost": {**cost.to_dict(), "gpuHours": gpu_hours, "collectionShards": len(summaries)},
         "data": {
