@@ -109,6 +109,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "minQualityRetention": 0.9,
         "maxErrorFraction": 0.05,
         "maxSamples": 200,
+        "baseline": True,
         "load": {
             "requests": 50,
             "concurrency": 4,
@@ -305,6 +306,9 @@ def test_every_spec_leaf_restarts_the_same_stages_in_both_modes(base: str, tmp_p
         ("serving.maxModelLen", 4096, ["serve", "evaluate"]),
         ("evaluation.load.requests", 80, ["evaluate"]),
         ("evaluation.load.warmupRequests", 8, ["evaluate"]),
+        # The baseline answers are the untrained student's: training writes them whenever the switch is on,
+        # and turning it off or on re-scores, never re-trains.
+        ("evaluation.baseline", False, ["evaluate"]),
         ("evaluation.metrics", ["rouge_l"], ["evaluate"]),
         ("collection.concurrency", 64, []),
         ("collection.requestsPerMinute", 60, []),

@@ -300,3 +300,41 @@ def test_without_a_warm_up_the_slow_start_is_in_the_figures(tmp_path: Path) -> N
         evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
         assert teacher.count("requests") == 20
     assert read_results(tmp_path)["results"]["teacherLatencyMs"]["p95"] >= 1000 * SLOW
+
+
+def test_the_untrained_students_answers_are_scored_by_the_same_scorer(tmp_path: Path) -> None:
+    """Show the lift: train/baseline-answers.jsonl (the student before training) is scored exactly as the
+    student is, into results.baselineScore and baselineRetention, the report and the status."""
+    rows = []
+    for k in range(10):
+        messages = [{"role": "user", "content": f"what is clause {k}"}]
+        rows.append({"id": f"p{k}", "messages": messages, "response": default_answer(messages, 0)})
+    write_collected(tmp_path, rows)
+    spec = {"evaluation": {"metrics": ["exact_match"], "load": {"requests": 4, "compareTeacher": False}}}
+    with FakeOpenAI(FakeOpenAIConfig(model="student")) as student:  # answers as the teacher did: 1.0
+        cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
+        out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+        doc = read_results(tmp_path)
+        assert "baselineScore" not in doc["results"] and out.results.baseline_score is None
+        assert "train/baseline-answers.jsonl is absent" in doc["quality"]["baseline"]["note"]
+        assert any(n.startswith("no baseline score") for n in doc["notes"])
+
+        # The untrained student got 3 of 10 right (as the teacher answered them), the rest wrong.
+        baseline = [
+            {"id": r["id"], "answer": r["response"] if k < 3 else "no idea", "maxNewTokens": 1024}
+            for k, r in enumerate(rows)
+        ]
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "train" / "baseline-answers.jsonl").write_text(
+            "".join(json.dumps(b) + "\n" for b in baseline)
+        )
+        out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    res = read_results(tmp_path)["results"]
+    assert res["studentScore"] == 1.0 and res["baselineScore"] == pytest.approx(0.3)
+    assert res["baselineRetention"] == pytest.approx(0.3)  # agreement: the teacher scores 1.0
+    assert out.results.baseline_score == pytest.approx(0.3)  # the status shape (termination message)
+    term = Results.model_validate_json((tmp_path / "term").read_text())
+    assert term.baseline_score == pytest.approx(0.3) and term.baseline_retention == pytest.approx(0.3)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "the untrained student scored 0.300 (retention 0.300) on 10 of these prompts" in report
+    assert "training took it to 1.000" in report and "untrained student |" in report

@@ -510,6 +510,13 @@ class Evaluation(ApiModel):
     max_samples: int | None = Field(
         default=None, ge=1, description="Evaluate at most this many held-out prompts."
     )
+    baseline: bool = Field(
+        default=True,
+        description=(
+            "Score the untrained student on the same held-out prompts (results.baselineScore): training "
+            "has it answer them before its first step."
+        ),
+    )
     load: Load = Field(default_factory=Load, description="Latency benchmark.")
     bootstrap_samples: int = Field(
         default=1000, ge=100, le=100000, description="Bootstrap resamples for the interval."
