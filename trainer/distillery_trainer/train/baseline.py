@@ -120,7 +120,9 @@ def write_baseline(run: TrainingRun, model: Any, chat: ChatFormat, sharded: bool
     )
     config = getattr(model, "config", None)
     max_len = int(getattr(config, "max_position_embeddings", 0) or run.training.max_seq_length)
-    devices = [env.device] if env.device.type == "cuda" else []
+    devices: list[int] = []
+    if env.device.type == "cuda":
+        devices = [env.device.index if env.device.index is not None else torch.cuda.current_device()]
     with torch.random.fork_rng(devices=devices):  # the training's random stream is left as it was
         torch.manual_seed((sampling.get("seed") or run.training.seed) + env.rank)
         texts = generate(
