@@ -65,6 +65,23 @@ def summaries(pods: Iterable[Pod]) -> list[CollectionSummary]:
     return [by_shard[k] for k in sorted(by_shard)]
 
 
+def reported_summaries(pods: Iterable[Pod]) -> list[CollectionSummary]:
+    """One summary per shard from every collection pod that ended: a shard that exited 0 reports its
+    own; one that only failed (a shard past ``collection.maxFailedFraction`` exits 3 and still writes its
+    summary as its termination message) reports its latest attempt's."""
+    by_shard: dict[int, tuple[bool, float, CollectionSummary]] = {}
+    for pod in pods:
+        for term in pod.terminated:
+            summary = lenient(CollectionSummary, term.json())
+            if summary is None:
+                continue
+            key = (term.exit_code == 0, term.finished_at.timestamp() if term.finished_at else 0.0)
+            old = by_shard.get(summary.shard)
+            if old is None or key >= old[:2]:
+                by_shard[summary.shard] = (*key, summary)
+    return [by_shard[k][2] for k in sorted(by_shard)]
+
+
 def finish_times(pods: Iterable[Pod]) -> list[datetime]:
     return sorted(t.finished_at for p in pods if (t := p.succeeded) is not None and t.finished_at)
 

@@ -19,6 +19,7 @@ from distillery_trainer.api.stages import (
     SCHEME,
     STAGES,
     VERDICT_ONLY,
+    collection_failures,
     fingerprints,
     inputs_changed,
     later,
@@ -59,6 +60,7 @@ FULL_ENDPOINT: dict[str, Any] = {
         "cache": True,
         "deadlineSeconds": 86400,
         "resources": {"requests": {"cpu": "1"}, "limits": {"memory": "8Gi"}},
+        "maxFailedFraction": 0.05,
     },
     "training": {
         "method": "kd",
@@ -112,7 +114,14 @@ FULL_ENDPOINT: dict[str, Any] = {
         "minQualityRetention": 0.9,
         "maxErrorFraction": 0.05,
         "maxSamples": 200,
-        "load": {"requests": 50, "concurrency": 4, "maxTokens": 64, "compareTeacher": True},
+        "baseline": True,
+        "load": {
+            "requests": 50,
+            "concurrency": 4,
+            "warmupRequests": 4,
+            "maxTokens": 64,
+            "compareTeacher": True,
+        },
         "bootstrapSamples": 500,
         "confidence": 0.9,
         "deadlineSeconds": 3600,
@@ -304,9 +313,14 @@ def test_every_spec_leaf_restarts_the_same_stages_in_both_modes(base: str, tmp_p
         ("student.lora.rank", 32, ["train", "serve", "evaluate"]),
         ("serving.maxModelLen", 4096, ["serve", "evaluate"]),
         ("evaluation.load.requests", 80, ["evaluate"]),
+        ("evaluation.load.warmupRequests", 8, ["evaluate"]),
+        # The baseline answers are the untrained student's: training writes them whenever the switch is on,
+        # and turning it off or on re-scores, never re-trains.
+        ("evaluation.baseline", False, ["evaluate"]),
         ("evaluation.metrics", ["rouge_l"], ["evaluate"]),
         ("collection.concurrency", 64, []),
         ("collection.requestsPerMinute", 60, []),
+        ("collection.maxFailedFraction", 0.5, []),
         ("training.backend", "job", []),
         ("serving.replicas", 3, []),
         ("serving.keep", False, []),
@@ -327,6 +341,23 @@ def test_what_an_edit_restarts(leaf: str, value: Any, restarts: list[str], tmp_p
     DistillationRunSpec.model_validate(new)
     assert operator_restarts(spec, new) == restarts
     assert local_restarts(tmp_path, spec, new) == [s for s in restarts if s != "serve"]
+
+
+def test_a_collection_past_max_failed_fraction_is_not_done_until_the_bar_allows_it(tmp_path: Path) -> None:
+    spec = DistillationRunSpec.model_validate(full_spec({}))  # maxFailedFraction 0.05, 3 shards
+    layout = RunLayout(tmp_path)
+    finished_outputs(layout, spec)
+    assert executor.collect_done(layout, spec)
+    bad = CollectionSummary(shard=1, shards=3, total=10, done=8, failed=2, failure_kinds={"refused": 2})
+    atomic_write_json(layout.summary_file(1), bad.to_dict())  # 2 of 30 prompts: 6.7 %
+    assert not executor.collect_done(layout, spec)  # `distillery run` collects again (and fails again)
+    message = collection_failures(executor.collection_summaries(layout, 3), spec.collection)
+    assert (
+        message is not None and "2 of 30 prompts failed (6.7%) > collection.maxFailedFraction 0.05" in message
+    )
+    assert "most common failure: refused (2 prompts)" in message
+    raised = DistillationRunSpec.model_validate(full_spec({"collection": {"maxFailedFraction": 0.1}}))
+    assert executor.collect_done(layout, raised)  # raising the bar reuses the collection: nothing restarts
 
 
 def test_seqkd_samples_are_a_collection_input_only_when_the_method_samples_several() -> None:

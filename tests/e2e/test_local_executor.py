@@ -154,6 +154,43 @@ def test_broken_teacher_url_fails_naming_the_stage(tmp_path: Path) -> None:
     assert failed["reason"] == "CollectionFailed"
 
 
+def test_too_many_failed_prompts_fail_the_collection_instead_of_training(tmp_path: Path) -> None:
+    """Past collection.maxFailedFraction the collection fails, naming the field, the share and the most
+    common reason; nothing is trained on what is left."""
+    from tests.support.servers.fake_openai import TOO_LONG_MARKER, FakeOpenAI
+
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [
+        {"id": f"p{i}", "prompt": f"q {i}" + (f" {TOO_LONG_MARKER}" if i % 5 == 0 else "")} for i in range(40)
+    ]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))  # 8 of 40 answered 400: 20 %
+    with FakeOpenAI() as teacher:
+        doc = (
+            make_run("lossy")
+            .spec(
+                {
+                    "teacher": {"endpoint": {"baseURL": teacher.base_url, "apiKeySecretRef": None}},
+                    "data": {"prompts": {"pvcPath": str(prompts)}},
+                    "collection": {"shards": 2, "maxFailedFraction": 0.1},
+                }
+            )
+            .obj()
+        )
+        del doc["spec"]["teacher"]["endpoint"]["apiKeySecretRef"]
+        spec = tmp_path / "lossy.yaml"
+        spec.write_text(yaml.safe_dump(doc))
+        proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out
+    assert "stage collect failed: 8 of 40 prompts failed (20.0%) > collection.maxFailedFraction 0.1" in out
+    assert "most common failure: context_length (8 prompts)" in out
+    status = _status(tmp_path / "runs" / "lossy")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "CollectionFailed"
+    assert status["collection"]["failed"] == 8 and status["training"]["state"] == "Pending"
+    assert not (tmp_path / "runs" / "lossy" / "train").exists()
+
+
 def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
     """`kill PID` (a supervisor, a closed session) stops as Ctrl-C does: the stage processes (in their own
     process groups) are stopped, the status says interrupted, and nothing is left running."""

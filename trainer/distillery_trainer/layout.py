@@ -8,6 +8,7 @@
     collect/summary-00000.json      counts, tokens, cost, throughput of the shard
     train/checkpoints/step-000200/  resumable checkpoints
     train/progress.json             step, loss, tokens/s, ETA
+    train/baseline-answers.jsonl    the untrained student's answers to the held-out prompts
     student/                        the trained student, Hugging Face format
     eval/results.json               the verdict; eval/report.md the report
 
@@ -55,6 +56,11 @@ class RunLayout:
     @property
     def progress_file(self) -> Path:
         return self.train_dir / "progress.json"
+
+    @property
+    def baseline_file(self) -> Path:
+        """The untrained student's answers to the held-out prompts (``evaluation.baseline``)."""
+        return self.train_dir / "baseline-answers.jsonl"
 
     @property
     def student_dir(self) -> Path:

@@ -33,7 +33,7 @@ from distillery_trainer.api import DistillationRun, DistillationRunStatus, load_
 from distillery_trainer.api import status as S
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stage import RunRef, ServedModel, StageConfig
-from distillery_trainer.api.stages import BY_NAME, fingerprints, inputs_changed, verdict
+from distillery_trainer.api.stages import BY_NAME, collection_failures, fingerprints, inputs_changed, verdict
 from distillery_trainer.api.status import Results
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
@@ -153,12 +153,15 @@ def read_results(layout: RunLayout) -> Results | None:
 
 
 def collect_done(layout: RunLayout, spec: DistillationRunSpec) -> bool:
+    """Every shard ended for these inputs, and the collection passes ``collection.maxFailedFraction``
+    (one that does not is collected again: the shards ask the prompts whose retries ran out again)."""
     shards = spec.collection.shards
     summaries = collection_summaries(layout, shards)
     return (
         outputs.matches(layout, "collect", spec)
         and len(summaries) == shards
         and all(s.done + s.failed >= s.total for s in summaries)
+        and collection_failures(summaries, spec.collection) is None
     )
 
 
@@ -309,6 +312,13 @@ def run_collect(lr: LocalRun) -> None:
             for p in procs:
                 p.stop()
             raise
+        # The totals over every shard, by the rule each shard applied to its own share (and the planner's).
+        too_many = collection_failures(
+            collection_summaries(lr.layout, spec.collection.shards), spec.collection
+        )
+        if too_many is not None:
+            observe(lr)
+            raise StageFailed("collect", too_many, lr.logs / "collect-00000.log")
         for shard, p in enumerate(procs):
             if p.popen.returncode != 0:
                 raise StageFailed(

@@ -131,6 +131,11 @@ class Ui:
             retention = f"{r.quality_retention:.3f}{interval}" if r.quality_retention is not None else "n/a"
             table.add_row("quality retention" + (f" ({r.metric})" if r.metric else ""), retention, "")
             table.add_row("score", _num(r.student_score), _num(r.teacher_score))
+            if r.baseline_score is not None:  # what distillation bought
+                before = f"{r.baseline_score:.3f}" + (
+                    f" (retention {r.baseline_retention:.3f})" if r.baseline_retention is not None else ""
+                )
+                table.add_row("score before training", before, "")
             for q in ("p50", "p95", "p99"):
                 table.add_row(f"latency {q} (ms)", _ms(r.latency_ms, q), _ms(r.teacher_latency_ms, q))
             if r.throughput_tokens_per_sec is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from distillery_trainer.api.stages import collection_failures
 from distillery_trainer.api.status import REASON_RETRYING
 
 from .. import status as derive
@@ -70,6 +71,10 @@ def collect(w: Walk) -> Outcome:
         if len(found) < shards and w.waiting_for_reports(completed):
             st.message = f"Job {name} complete; reading the shards' summaries ({len(found)}/{shards})"
             return Outcome.RUNNING
+        too_many = collection_failures(found, w.spec.collection)
+        if too_many is not None:  # the shards' own check, held to the totals: no training on what is left
+            teardown_teacher(w)
+            return w.fail("collect", f"Job {name} complete, but {too_many}", completed)
         w.succeed("collect", completed)
         missing = f" ({shards - len(found)} shard summaries missing)" if len(found) < shards else ""
         st.message = (
@@ -81,6 +86,12 @@ def collect(w: Walk) -> Outcome:
     derive.apply_collection(st, found, shards, live)
     if job.is_true("Failed"):
         teardown_teacher(w)
+        too_many = collection_failures(derive.reported_summaries(pods), w.spec.collection)
+        if too_many is not None:
+            cond = job.condition("Failed") or {}
+            return w.fail(
+                "collect", f"Job {name} failed: {too_many}", parse_time(cond.get("lastTransitionTime"))
+            )
         shards_failed = job.status.get("failedIndexes")
         return w.failed("collect", job, pods, f"failed shards: {shards_failed}" if shards_failed else "")
     answered = f"; {st.done}/{st.total if st.total is not None else '?'} answered" if live else ""

@@ -311,6 +311,69 @@ def test_training_gpu_hours_fall_back_to_duration_times_gpus() -> None:
     assert world.status["training"]["gpuHours"] == 0.5 * 1 * 4
 
 
+def _failing(shard: int, shards: int, failed: int) -> dict[str, Any]:
+    """A shard's summary with ``failed`` of its 1500 prompts in the failures file."""
+    s = CollectionSummary.model_validate(summaries(shards)[shard])
+    s.done, s.failed = 1500 - failed, failed
+    s.failure_kinds, s.failure_examples = {"bad_request": failed}, {"bad_request": "HTTP 400: unsupported"}
+    return s.to_dict()
+
+
+def test_a_complete_collection_with_too_many_failed_prompts_fails_the_run() -> None:
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    # 20 + 60 of 3000 prompts failed (2.7 %): each shard's totals are the planner's to sum (shard 0 alone
+    # is within the default 0.02, and an older trainer's shards never checked their own share).
+    world.pod("collect", job, _failing(0, 2, 20), index=0)
+    world.pod("collect", job, _failing(1, 2, 60), index=1)
+    world.set_status(
+        "Job", "collect", completionTime=iso(world.now), conditions=[{"type": "Complete", "status": "True"}]
+    )
+    out = world.plan()
+    st = world.status
+    assert st["phase"] == "Failed" and conditions(st)["Failed"] == ("True", "CollectionFailed")
+    assert "80 of 3000 prompts failed (2.7%) > collection.maxFailedFraction 0.02" in st["message"]
+    assert "most common failure: bad_request (80 prompts): HTTP 400: unsupported" in st["message"]
+    assert st["collection"]["state"] == "Failed" and st["collection"]["failed"] == 80
+    assert [(e.type, e.reason) for e in out.events] == [("Warning", "CollectionFailed")]
+    assert ("PyTorchJob", "r-train") not in kinds(out)  # no training on what is left
+    assert world.plan().events == []
+
+
+def test_shards_that_exit_past_the_fraction_fail_the_run_with_the_fraction() -> None:
+    world = World(spec_of(collection={"shards": 2, "maxFailedFraction": 0.01}))
+    world.plan()
+    job = world.child("Job", "collect")
+    world.pod("collect", job, summaries(2)[0], index=0)
+    world.pod("collect", job, _failing(1, 2, 300), exit_code=3, index=1)  # its summary, as its message
+    world.set_status(
+        "Job",
+        "collect",
+        failed=1,
+        failedIndexes="1",
+        conditions=[{"type": "Failed", "status": "True", "reason": "FailedIndexes"}],
+    )
+    world.plan()
+    st = world.status
+    assert st["phase"] == "Failed" and conditions(st)["Failed"] == ("True", "CollectionFailed")
+    assert st["message"].startswith("collect failed: Job r-collect failed: 302 of 3000 prompts failed")
+    assert "collection.maxFailedFraction 0.01" in st["message"] and '{"' not in st["message"]
+
+
+def test_a_complete_collection_within_the_fraction_goes_on() -> None:
+    world = World(spec_of(collection={"shards": 2, "maxFailedFraction": 0.05}))
+    world.plan()
+    job = world.child("Job", "collect")
+    world.pod("collect", job, _failing(0, 2, 20), index=0)
+    world.pod("collect", job, _failing(1, 2, 60), index=1)
+    world.set_status(
+        "Job", "collect", completionTime=iso(world.now), conditions=[{"type": "Complete", "status": "True"}]
+    )
+    out = world.plan()
+    assert world.status["phase"] == "Training" and ("PyTorchJob", "r-train") in kinds(out)
+
+
 def test_a_failed_shard_fails_the_run_and_a_retrying_one_degrades_it() -> None:
     world = World()
     world.plan()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from distillery_operator.cli import build_parser
@@ -188,3 +189,29 @@ def test_the_operator_command_line() -> None:
     assert parser.parse_args(["operator", "-A"]).all_namespaces is True
     with pytest.raises(SystemExit):
         parser.parse_args(["operator", "-A", "-n", "a"])
+
+
+def test_the_local_final_table_shows_the_score_before_training(tmp_path: Path) -> None:
+    import io
+
+    from distillery_operator.local.ui import Ui
+    from distillery_trainer.api.status import DistillationRunStatus, Results
+    from rich.console import Console
+
+    buf = io.StringIO()
+    ui = Ui(Console(file=buf, width=120, force_terminal=False))
+    results = Results(
+        quality_retention=0.97,
+        student_score=0.94,
+        teacher_score=0.97,
+        baseline_score=0.0,
+        baseline_retention=0.0,
+    )
+    ui.summary("r", DistillationRunStatus(phase="Succeeded", results=results), tmp_path / "status.json")
+    row = next(line for line in buf.getvalue().splitlines() if "score before training" in line)
+    assert "0.000 (retention 0.000)" in row
+    buf.truncate(0)
+    ui.summary(
+        "r", DistillationRunStatus(phase="Succeeded", results=Results(student_score=0.9)), tmp_path / "s.json"
+    )
+    assert "before training" not in buf.getvalue()  # not measured: no row

@@ -142,9 +142,10 @@ def test_a_400_lands_in_the_failures_file_and_retryable_failures_are_retried(tmp
             tmp_path,
             server.base_url,
             write_prompts(tmp_path / "p.jsonl", texts, ids=True),
-            spec={"collection": {"maxRetries": 1}},
+            spec={"collection": {"maxRetries": 1, "maxFailedFraction": 0.1}},
         )
-        assert run_collect(cfg).returncode == 0  # an outage: every prompt gives up after 2 attempts
+        outage = run_collect(cfg)  # an outage: every prompt gives up after 2 attempts, the shard fails
+        assert outage.returncode == 3 and "collection.maxFailedFraction" in outage.stderr
         failures = read_lines(tmp_path / "run" / "collect" / "failures-00000.jsonl")
         assert len(failures) == 20 and all(f["retryable"] and f["status"] == 500 for f in failures)
         assert "gave up after 2 attempts" in failures[0]["reason"]
@@ -163,13 +164,43 @@ def test_a_400_lands_in_the_failures_file_and_retryable_failures_are_retried(tmp
     assert (s["done"], s["failed"], s["total"]) == (19, 1, 20)
 
 
+def test_a_shard_fails_past_max_failed_fraction_and_passes_under_it(tmp_path: Path) -> None:
+    texts = _texts(40)
+    for i in (2, 11, 25):  # 3 of 40 prompts the teacher answers 400 (7.5 %)
+        texts[i] += " " + TOO_LONG_MARKER
+    prompts = write_prompts(tmp_path / "p.jsonl", texts, ids=True)
+    with FakeOpenAI() as server:
+        strict = stage_config(tmp_path, server.base_url, prompts, name="strict")  # the default, 0.02
+        out = run_collect(strict)
+        assert out.returncode == 3, out.stderr
+        message = next(line for line in out.stderr.splitlines() if "maxFailedFraction" in line)
+        assert "3 of 40 prompts failed (7.5%) > collection.maxFailedFraction 0.02" in message
+        assert "most common failure: context_length (3 prompts): HTTP 400" in message
+        s = summary(tmp_path / "strict" / "collect")  # the summary is written all the same
+        assert (s["done"], s["failed"], s["total"]) == (37, 3, 40)
+        assert (
+            s["failureKinds"] == {"context_length": 3}
+            and "maximum context length" in (s["failureExamples"]["context_length"])
+        )
+        lenient = stage_config(
+            tmp_path,
+            server.base_url,
+            prompts,
+            name="lenient",
+            spec={"collection": {"maxFailedFraction": 0.1}},
+        )
+        out = run_collect(lenient)
+        assert out.returncode == 0, out.stderr
+        assert summary(tmp_path / "lenient" / "collect")["failed"] == 3
+
+
 def test_the_api_key_never_appears_in_logs_or_outputs(tmp_path: Path) -> None:
     key = "sk-distillery-test-7f3a9c1e55d0b2"
     texts = [*_texts(30), f"too long {TOO_LONG_MARKER}"]
     config = FakeOpenAIConfig(api_key=key, faults=Faults(rate_429=0.1, rate_500=0.05), seed=3)
     with FakeOpenAI(config) as server:
         prompts = write_prompts(tmp_path / "p.jsonl", texts)
-        spec = {"teacher": {"logprobs": {"topK": 3}}}
+        spec = {"teacher": {"logprobs": {"topK": 3}}, "collection": {"maxFailedFraction": 0.1}}
         cfg = stage_config(tmp_path, server.base_url, prompts, spec=spec, cache=tmp_path / "cache")
         ok = run_collect(cfg, env={"DISTILLERY_TEACHER_API_KEY": key})
         assert ok.returncode == 0, ok.stderr

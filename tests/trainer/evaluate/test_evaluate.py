@@ -21,6 +21,7 @@ from tests.support.servers.fake_openai import (
     FakeOpenAIConfig,
     Faults,
     default_answer,
+    sequence_latency,
 )
 from tests.trainer.evaluate.test_eval_stats import exact_bootstrap, quantile
 
@@ -243,3 +244,97 @@ def test_a_student_that_fails_most_requests_fails_the_gate(tmp_path: Path) -> No
         cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
         evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
     assert read_results(tmp_path)["results"]["gatePassed"] is True
+
+
+SLOW, FAST = 0.6, 0.005  # seconds before the first token: a cold server's first requests, then warm ones
+
+
+def test_both_endpoints_get_the_same_warm_up_and_it_is_not_counted(tmp_path: Path) -> None:
+    """The teacher used to be measured cold and the student warm (it had just answered every held-out
+    prompt): in the demo the teacher's first batch was its whole p95. Both now get the same warm-up
+    first, outside the figures."""
+    rows = []
+    for k in range(6):
+        messages = [{"role": "user", "content": f"what is clause {k}"}]
+        rows.append({"id": f"p{k}", "messages": messages, "response": default_answer(messages, 0)})
+    write_collected(tmp_path, rows)
+    warm, requests = 4, 20  # the default warm-up: min(2 x concurrency, requests)
+    # Each server's first requests of the latency load are slow; the student's come after its 6 answers.
+    student_delays = [FAST] * len(rows) + [SLOW] * warm + [FAST] * 100
+    teacher_delays = [SLOW] * warm + [FAST] * 100
+    spec = {"evaluation": {"load": {"requests": requests, "concurrency": 2}}}
+    with (
+        FakeOpenAI(FakeOpenAIConfig(latency=sequence_latency(student_delays), model="student")) as student,
+        FakeOpenAI(FakeOpenAIConfig(latency=sequence_latency(teacher_delays), model="teacher")) as teacher,
+    ):
+        cfg = stage_config(
+            tmp_path, student=(student.base_url, "student"), teacher=(teacher.base_url, "teacher"), spec=spec
+        )
+        evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+        assert teacher.count("requests") == warm + requests  # warmed up, then measured
+        assert student.count("requests") == len(rows) + warm + requests
+    doc = read_results(tmp_path)
+    lat = doc["latency"]
+    assert (lat["warmupRequests"], lat["requests"], lat["concurrency"]) == (warm, requests, 2)
+    for who in ("student", "teacher"):
+        load = lat[who]
+        assert load["requests"] == requests and load["succeeded"] == requests  # the warm-up is not counted
+        assert load["latencyMs"]["max"] < 1000 * SLOW / 2, (who, load["latencyMs"])  # nor in the figures
+    assert doc["results"]["teacherLatencyMs"]["p95"] < 1000 * SLOW / 2
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "20 streamed requests at concurrency 2, after 4 warm-up requests that are not counted" in report
+
+
+def test_without_a_warm_up_the_slow_start_is_in_the_figures(tmp_path: Path) -> None:
+    """The test above can fail: with warmupRequests 0 the teacher's slow first requests are its p95."""
+    messages = [{"role": "user", "content": "what is clause 1"}]
+    write_collected(tmp_path, [{"id": "p1", "messages": messages, "response": default_answer(messages, 0)}])
+    spec = {"evaluation": {"load": {"requests": 20, "concurrency": 2, "warmupRequests": 0}}}
+    with (
+        FakeOpenAI(FakeOpenAIConfig(model="student")) as student,
+        FakeOpenAI(FakeOpenAIConfig(latency=sequence_latency([SLOW] * 4 + [FAST] * 100))) as teacher,
+    ):
+        cfg = stage_config(
+            tmp_path, student=(student.base_url, "student"), teacher=(teacher.base_url, "teacher"), spec=spec
+        )
+        evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+        assert teacher.count("requests") == 20
+    assert read_results(tmp_path)["results"]["teacherLatencyMs"]["p95"] >= 1000 * SLOW
+
+
+def test_the_untrained_students_answers_are_scored_by_the_same_scorer(tmp_path: Path) -> None:
+    """Show the lift: train/baseline-answers.jsonl (the student before training) is scored exactly as the
+    student is, into results.baselineScore and baselineRetention, the report and the status."""
+    rows = []
+    for k in range(10):
+        messages = [{"role": "user", "content": f"what is clause {k}"}]
+        rows.append({"id": f"p{k}", "messages": messages, "response": default_answer(messages, 0)})
+    write_collected(tmp_path, rows)
+    spec = {"evaluation": {"metrics": ["exact_match"], "load": {"requests": 4, "compareTeacher": False}}}
+    with FakeOpenAI(FakeOpenAIConfig(model="student")) as student:  # answers as the teacher did: 1.0
+        cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
+        out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+        doc = read_results(tmp_path)
+        assert "baselineScore" not in doc["results"] and out.results.baseline_score is None
+        assert "train/baseline-answers.jsonl is absent" in doc["quality"]["baseline"]["note"]
+        assert any(n.startswith("no baseline score") for n in doc["notes"])
+
+        # The untrained student got 3 of 10 right (as the teacher answered them), the rest wrong.
+        baseline = [
+            {"id": r["id"], "answer": r["response"] if k < 3 else "no idea", "maxNewTokens": 1024}
+            for k, r in enumerate(rows)
+        ]
+        (tmp_path / "train").mkdir(exist_ok=True)
+        (tmp_path / "train" / "baseline-answers.jsonl").write_text(
+            "".join(json.dumps(b) + "\n" for b in baseline)
+        )
+        out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    res = read_results(tmp_path)["results"]
+    assert res["studentScore"] == 1.0 and res["baselineScore"] == pytest.approx(0.3)
+    assert res["baselineRetention"] == pytest.approx(0.3)  # agreement: the teacher scores 1.0
+    assert out.results.baseline_score == pytest.approx(0.3)  # the status shape (termination message)
+    term = Results.model_validate_json((tmp_path / "term").read_text())
+    assert term.baseline_score == pytest.approx(0.3) and term.baseline_retention == pytest.approx(0.3)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "the untrained student scored 0.300 (retention 0.300) on 10 of these prompts" in report
+    assert "training took it to 1.000" in report and "untrained student |" in report

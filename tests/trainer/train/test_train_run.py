@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from distillery_trainer.layout import RunLayout
 from distillery_trainer.models import materialize
 
@@ -407,3 +408,58 @@ def test_training_refuses_a_collection_made_for_other_inputs(
     assert out.returncode == 1
     assert "the collect stage must run again first" in out.stderr and "Traceback" not in out.stderr
     assert not (root / "student").exists() and outputs.recorded(RunLayout(root), "train") is None
+
+
+# ---------------------------------------------------------------------------------------------- baseline
+
+
+def test_the_untrained_students_answers_to_the_held_out_prompts_are_written_first(
+    tmp_path: Path, teacher_dir: Path, student_dir: Path, collected: Path
+) -> None:
+    """evaluation.baseline: before its first step, training has the student as loaded (the base weights)
+    answer every held-out prompt, sampled as the evaluation samples the served student (greedy here), for
+    the evaluate stage to score; a resumed run finds them and generates nothing; off, nothing is written."""
+    from distillery_trainer.evaluate.data import load_eval_items
+    from distillery_trainer.train.baseline import generate
+    from distillery_trainer.train.examples import ChatFormat
+
+    root = new_run(tmp_path, collected)
+    teacher = {"sampling": {"temperature": 0.0, "maxTokens": 6}}
+    # A student that already knows the task (the teacher's weights), trained hard enough to answer otherwise.
+    training = {**TRAINING, "method": "sft", "maxSteps": 3, "learningRate": 0.05}
+    config = tiny.stage_config(root, teacher_dir, training, teacher=teacher)
+    check_ok(tiny.run_train(config))
+    layout = RunLayout(root)
+    lines = [json.loads(line) for line in layout.baseline_file.read_text().splitlines()]
+    items = load_eval_items(layout).items
+    assert len(items) == 16 and [b["id"] for b in lines] == [it.id for it in items]
+    assert all(b["maxNewTokens"] == 6 for b in lines)
+    tok, model = tiny.load(teacher_dir)  # the student before training, greedy: the same answers
+    expected = generate(
+        model, ChatFormat(tok), [it.messages for it in items], max_new_tokens=6, max_len=256, batch_size=16
+    )
+    assert [b["answer"] for b in lines] == expected and all(expected)
+    trained_tok, trained = tiny.load(root / "student")
+    after = generate(
+        trained,
+        ChatFormat(trained_tok),
+        [it.messages for it in items],
+        max_new_tokens=6,
+        max_len=256,
+        batch_size=16,
+    )
+    assert after != expected  # the answers are the base weights', not the trained student's
+
+    written = layout.baseline_file.stat().st_mtime_ns
+    shutil.rmtree(root / "student")  # train again (resume from the last checkpoint)
+    check_ok(tiny.run_train(config))
+    assert layout.baseline_file.stat().st_mtime_ns == written  # found, not generated again
+
+    off = new_run(tmp_path, collected, name="off")
+    training = {**TRAINING, "method": "sft", "maxSteps": 1}
+    spec_off = tiny.stage_config(off, student_dir, training, teacher=teacher)
+    doc = yaml.safe_load(spec_off.read_text())
+    doc["spec"]["evaluation"] = {"baseline": False}
+    spec_off.write_text(yaml.safe_dump(doc))
+    check_ok(tiny.run_train(spec_off))
+    assert not RunLayout(off).baseline_file.exists()

@@ -429,6 +429,15 @@ class Collection(ApiModel):
         default=None,
         description="CPU and memory of each collection pod. Default: the operator's (workloads.resources.collection).",
     )
+    max_failed_fraction: float = Field(
+        default=0.02,
+        ge=0,
+        le=1,
+        description=(
+            "A larger share of prompts recorded in the failures files (no retry could fix them, or retries "
+            "ran out) fails the collection instead of training on what is left."
+        ),
+    )
 
 
 class KD(ApiModel):
@@ -590,10 +599,27 @@ class Judge(ApiModel):
 class Load(ApiModel):
     requests: int = Field(default=200, ge=1, le=1_000_000, description="Requests of the latency benchmark.")
     concurrency: int = Field(default=8, ge=1, le=4096, description="Requests in flight.")
+    warmup_requests: int | None = Field(
+        default=None,
+        ge=0,
+        le=1_000_000,
+        description=(
+            "Requests sent to each endpoint (student and teacher alike) just before its measured load, "
+            "not counted. Default: min(2 x concurrency, requests)."
+        ),
+    )
     max_tokens: int | None = Field(
         default=None, ge=1, description="Answer length. Default: teacher.sampling.maxTokens."
     )
     compare_teacher: bool = Field(default=True, description="Measure the teacher's latency the same way.")
+
+    def warmup(self) -> int:
+        """The warm-up requests each endpoint gets before its measured load."""
+        return (
+            self.warmup_requests
+            if self.warmup_requests is not None
+            else min(2 * self.concurrency, self.requests)
+        )
 
 
 class Evaluation(ApiModel):
@@ -618,6 +644,13 @@ class Evaluation(ApiModel):
     )
     max_samples: int | None = Field(
         default=None, ge=1, description="Evaluate at most this many held-out prompts."
+    )
+    baseline: bool = Field(
+        default=True,
+        description=(
+            "Score the untrained student on the same held-out prompts (results.baselineScore): training "
+            "has it answer them before its first step."
+        ),
     )
     load: Load = Field(default_factory=Load, description="Latency benchmark.")
     bootstrap_samples: int = Field(

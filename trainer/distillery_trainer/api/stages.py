@@ -14,18 +14,21 @@ earliest stage whose digest changed and every stage after it. What an edit of ea
 - **verdict-only** (:data:`VERDICT_ONLY`): the gate and the cost figures are recomputed from the results
   already measured (:func:`verdict`), nothing runs again.
 
-:func:`verdict` is the gate: the evaluate stage, the planner and the local executor all ask it.
+:func:`verdict` is the gate: the evaluate stage, the planner and the local executor all ask it;
+:func:`collection_failures` is the collection's own bar, asked by each shard, the planner and the local
+executor.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .spec import DistillationRunSpec, Evaluation
+from .spec import Collection, DistillationRunSpec, Evaluation
 from .status import (
     PHASE_COLLECTING,
     PHASE_EVALUATING,
@@ -51,6 +54,7 @@ from .status import (
     StageStatus,
     TrainingStatus,
 )
+from .summaries import CollectionSummary
 
 # Fingerprints carry this prefix. One recorded without it (by an operator or a stage older than this
 # module) is *adopted*: it says nothing about the inputs, so the outputs are kept as they are instead of
@@ -69,6 +73,10 @@ EXECUTION: tuple[str, ...] = (
     "collection.cache",
     "collection.deadlineSeconds",
     "collection.resources",
+    # Whether the collection's outputs are accepted, not what they are: the shards' answers are the same
+    # whatever the bar, so editing it restarts nothing; the shards, `distillery run` and the planner hold
+    # the collection against it when it ends (:func:`collection_failures`).
+    "collection.maxFailedFraction",
     "training.backend",
     "training.deadlineSeconds",
     "serving.replicas",
@@ -277,3 +285,29 @@ def verdict(results: Results, evaluation: Evaluation) -> Verdict:
         return Verdict(True, PHASE_SUCCEEDED, REASON_QUALITY_GATE_PASSED, message, conclusive)
     message = f"quality retention {retention:.3f} < evaluation.minQualityRetention {threshold:g}{span}{p95}"
     return Verdict(False, PHASE_FAILED, REASON_QUALITY_GATE_FAILED, message, conclusive)
+
+
+# ---------------------------------------------------------------------------------------------- collection
+
+
+def collection_failures(summaries: Sequence[CollectionSummary], collection: Collection) -> str | None:
+    """The collection's bar: None when at most ``collection.maxFailedFraction`` of the prompts the
+    ``summaries`` cover ended in the failures files, else why the collection fails (the share, the bar
+    and the most common failure reason). One shard asks it of its own summary when it ends; the planner
+    and `distillery run` of every shard's, so the totals are held to the same rule."""
+    total = sum(s.total for s in summaries)
+    failed = sum(s.failed for s in summaries)
+    if total == 0 or failed / total <= collection.max_failed_fraction:
+        return None
+    kinds: Counter[str] = Counter()
+    for s in summaries:
+        kinds.update(s.failure_kinds)
+    message = (
+        f"{failed} of {total} prompts failed ({failed / total:.1%}) > collection.maxFailedFraction "
+        f"{collection.max_failed_fraction:g}"
+    )
+    if kinds:
+        kind, count = kinds.most_common(1)[0]
+        example = next((s.failure_examples[kind] for s in summaries if kind in s.failure_examples), None)
+        message += f"; most common failure: {kind} ({count} prompts)" + (f": {example}" if example else "")
+    return message + ": fix the cause (collect/failures-*.jsonl has every prompt's reason), or raise the bar"

@@ -185,6 +185,15 @@ class Results(ApiModel):
     )
     student_score: float | None = Field(default=None, description="Student's score on the held-out split.")
     teacher_score: float | None = Field(default=None, description="Teacher's score on the held-out split.")
+    baseline_score: float | None = Field(
+        default=None,
+        description="The untrained student's score on the same prompts, by the same scorer (evaluation.baseline).",
+    )
+    baseline_retention: float | None = Field(
+        default=None,
+        ge=0,
+        description="The untrained student's score / the teacher's: what training started from.",
+    )
     metric: str | None = Field(default=None, max_length=64, description="What the scores measure.")
     samples: int | None = Field(default=None, ge=0, description="Held-out prompts evaluated.")
     gate_passed: bool | None = Field(default=None, description="Retention >= evaluation.minQualityRetention.")

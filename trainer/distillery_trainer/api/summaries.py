@@ -29,6 +29,12 @@ class CollectionSummary(ApiModel):
     cost_usd: float = Field(default=0.0, ge=0, description="Input and output tokens at the spec's pricing.")
     wall_seconds: float = Field(default=0.0, ge=0, description="Wall time of this shard's run.")
     prompts_per_second: float = Field(default=0.0, ge=0, description="done / wall time.")
+    failure_kinds: dict[str, int] = Field(
+        default_factory=dict, description="Failed prompts by kind (bad_request, context_length, ...)."
+    )
+    failure_examples: dict[str, str] = Field(
+        default_factory=dict, description="One recorded reason per failure kind (at most 160 characters)."
+    )
 
 
 class TrainingProgress(ApiModel):

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .. import outputs
 from ..api.stage import StageConfig
+from ..api.stages import collection_failures
 from ..api.summaries import CollectionSummary
 from ..cost import tokens_usd
 from ..data.topk import file_metadata
@@ -38,6 +41,7 @@ log = logging.getLogger("distillery.collect")
 
 EXIT_OK = 0
 EXIT_FATAL = 2
+EXIT_TOO_MANY_FAILED = 3  # more than collection.maxFailedFraction of the shard's prompts failed
 
 
 @dataclass
@@ -142,6 +146,23 @@ def make_summary(
         wall_seconds=round(wall, 3),
         prompts_per_second=round(done / wall, 3) if wall > 0 else 0.0,
     )
+
+
+def failure_breakdown(path: Path, limit: int = 8) -> tuple[dict[str, int], dict[str, str]]:
+    """The failures file's prompts by kind (the ``limit`` most common) and one reason of each kind."""
+    kinds: Counter[str] = Counter()
+    examples: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            kind = str(entry.get("kind") or "unknown")
+            kinds[kind] += 1
+            examples.setdefault(kind, str(entry.get("reason") or "")[:160])
+    top = dict(kinds.most_common(limit))
+    return top, {k: examples[k] for k in top}
 
 
 def _previous_summary(path: Path, rec: Recovered) -> CollectionSummary | None:
@@ -268,6 +289,8 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     if complete and settings.top_k:
         await asyncio.to_thread(store.finalize_arrays)
     summary = make_summary(opts, len(mine), rec, prev, counters, time.monotonic() - started)
+    if summary.failed:
+        summary.failure_kinds, summary.failure_examples = failure_breakdown(layout.failures_file(opts.shard))
     atomic_write_json(layout.summary_file(opts.shard), summary.to_dict())
     write_termination_message(summary.to_dict())
     log.info("%s", progress.line())
@@ -290,6 +313,10 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     if caught:
         log.warning("stopped by signal %d; answers so far are on disk, a rerun resumes", caught[0])
         return summary, 128 + caught[0]
+    too_many = collection_failures([summary], spec.collection)
+    if too_many is not None:
+        log.error("shard %d/%d failed: %s", opts.shard, opts.shards, too_many)
+        return summary, EXIT_TOO_MANY_FAILED
     log.info(
         "shard %d/%d complete: %d answered, %d failed, %d from the cache, %d requests, $%.4f, in %.1fs",
         opts.shard,

@@ -153,6 +153,17 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
         f"{_fmt(res.get('errors'))} |"
     )
     lines += ["", f"Retention = {quality['formula']}.", ""]
+    base = quality.get("baseline") or {}
+    if base.get("score") is not None:
+        lines += [
+            f"Before training, the untrained student scored {_fmt(base['score'])} (retention "
+            f"{_fmt(base.get('retention'))}) on {base.get('scored')} of these prompts, by the same scorer: "
+            f"training took it to {_fmt(res.get('studentScore'))} against the teacher's "
+            f"{_fmt(res.get('teacherScore'))}.",
+            "",
+        ]
+    elif base.get("note"):
+        lines += [f"No baseline (the untrained student): {base['note']}.", ""]
     if quality.get("metrics"):
         lines += [
             "| reference metric | student vs teacher | student vs reference | teacher vs reference |",
@@ -200,6 +211,16 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
     lines.append(_latency_row("student", lat.get("student")))
     if lat.get("teacher"):
         lines.append(_latency_row("teacher", lat["teacher"]))
+    if lat.get("requests") is not None:
+        max_tokens = (lat.get("sampling") or {}).get("max_tokens")
+        lines += [
+            "",
+            f"Measured the same way for each endpoint: {lat['requests']} streamed requests at concurrency "
+            f"{lat['concurrency']}, after {lat.get('warmupRequests', 0)} warm-up requests that are not counted; "
+            f"the held-out prompts in turn, the same sampling"
+            + (f" (at most {max_tokens} output tokens)" if max_tokens else "")
+            + ". Latency is end to end, from sending a request to the end of its stream.",
+        ]
     if lat.get("teacherNote"):
         lines += ["", f"Teacher: {lat['teacherNote']}"]
     lines.append("")
@@ -229,9 +250,12 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
         atomic_write(out_dir / "loss.png", plot_loss(points))
         lines += ["## Training", "", "![training loss](loss.png)", ""]
     if examples:
-        lines += ["## Examples", "", "| prompt | teacher | student |", "|---|---|---|"]
+        with_base = any(ex.get("baseline") is not None for ex in examples)
+        head = "| prompt | teacher | student |" + (" untrained student |" if with_base else "")
+        lines += ["## Examples", "", head, "|---|---|---|" + ("---|" if with_base else "")]
         for ex in examples:
-            lines.append(f"| {_clip(ex['prompt'], 160)} | {_clip(ex['teacher'])} | {_clip(ex['student'])} |")
+            row = f"| {_clip(ex['prompt'], 160)} | {_clip(ex['teacher'])} | {_clip(ex['student'])} |"
+            lines.append(row + (f" {_clip(ex.get('baseline'))} |" if with_base else ""))
         lines.append("")
     if doc.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in doc["notes"]] + [""]

@@ -5,6 +5,9 @@ runs the latency harness against the student (and the teacher, when asked and re
 from ``collect/summary-*.json`` and ``train/progress.json``, then writes, in this order:
 ``eval/items.jsonl`` (every prompt's answers and scores), the report (``eval/report.md`` + PNGs),
 ``eval/results.json`` (the commit point) and the termination message (the status ``Results``, ≤ 4 KiB).
+With ``evaluation.baseline``, the untrained student's answers that training left in
+``train/baseline-answers.jsonl`` are scored the same way (``baselineScore``, ``baselineRetention``).
+Latency: each endpoint gets ``evaluation.load.warmupRequests`` first (not counted), then the same load.
 
 Nothing that goes wrong with a request ends the evaluation: failures are counted by kind and left out
 of every score, and their share (``errorFraction``) is held against ``evaluation.maxErrorFraction`` by
@@ -28,7 +31,7 @@ from typing import Any, TypeVar
 
 from .. import outputs
 from ..api.base import API_GROUP, API_VERSION
-from ..api.spec import DistillationRunSpec, Evaluation
+from ..api.spec import DistillationRunSpec, Evaluation, Load
 from ..api.stage import StageConfig
 from ..api.stages import verdict
 from ..api.status import Results
@@ -37,10 +40,19 @@ from ..cost import run_cost
 from ..layout import RunLayout, atomic_write, atomic_write_json
 from ..termination import write_termination_message
 from .client import ChatClient, Completion
-from .data import EvalData, load_eval_items
+from .data import EvalData, EvalItem, load_eval_items
 from .judge import judge_pair
 from .latency import LoadResult, run_load
-from .quality import by_category, choose_mode, judge_summary, metric_means, retention, score_items
+from .quality import (
+    Mode,
+    Retention,
+    by_category,
+    choose_mode,
+    judge_summary,
+    metric_means,
+    retention,
+    score_items,
+)
 from .report import write_report
 
 MAX_RETRIES = 3  # per quality/judge request; the latency harness never retries
@@ -125,6 +137,27 @@ def _read_cost_inputs(layout: RunLayout, notes: list[str]) -> tuple[list[Collect
     return summaries, gpu_hours
 
 
+async def measured_load(
+    client: ChatClient,
+    prompts: list[list[dict[str, Any]]],
+    load: Load,
+    sampling: dict[str, Any],
+    who: str,
+    log: Log,
+) -> LoadResult:
+    """One endpoint's latency, measured as every endpoint's is: ``load.warmup()`` requests first (at the
+    same concurrency, prompts and sampling; not counted: a server's first requests pay for compilation,
+    CUDA graphs and caches), then ``load.requests`` streamed requests at ``load.concurrency``."""
+    warm = load.warmup()
+    if warm:
+        log(f"{who} latency: {warm} warm-up requests (not counted)")
+        await run_load(client, prompts, requests=warm, concurrency=load.concurrency, sampling=sampling)
+    log(f"{who} latency: {load.requests} streamed requests at concurrency {load.concurrency}")
+    return await run_load(
+        client, prompts, requests=load.requests, concurrency=load.concurrency, sampling=sampling
+    )
+
+
 async def _teacher_load(
     config: StageConfig, prompts: list[list[dict[str, Any]]], sampling: dict[str, Any], log: Log
 ) -> tuple[LoadResult | None, str | None]:
@@ -143,11 +176,7 @@ async def _teacher_load(
         why = await client.reachable()
         if why is not None:
             return None, f"not measured: the teacher endpoint {endpoint.base_url} is unreachable ({why})"
-        log(f"teacher latency: {load.requests} streamed requests at concurrency {load.concurrency}")
-        result = await run_load(
-            client, prompts, requests=load.requests, concurrency=load.concurrency, sampling=sampling
-        )
-        return result, None
+        return await measured_load(client, prompts, load, sampling, "teacher", log), None
 
 
 async def _measure(config: StageConfig, log: Log) -> Outcome:
@@ -204,10 +233,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
                 scores = score_items(items, answers, ev.metrics)
                 if ev.judge is not None:
                     await _judge(config, scores, limit, log)
-                log(f"student latency: {ev.load.requests} streamed requests at concurrency {limit}")
-                student_load = await run_load(
-                    student, prompts, requests=ev.load.requests, concurrency=limit, sampling=load_sampling
-                )
+                student_load = await measured_load(student, prompts, ev.load, load_sampling, "student", log)
         if problem is not None:
             pass
         elif ev.load.compare_teacher:
@@ -217,6 +243,10 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
 
     mode = choose_mode(scores, ev.judge is not None)
     r = retention(scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence)
+    baseline: Retention | None = None
+    baseline_doc: dict[str, Any] | None = None
+    if ev.baseline and problem is None:
+        baseline, baseline_doc = await _baseline(config, layout, items, mode, sampling, notes, log)
     if problem is not None:
         r.problem = problem
     student_errors = Counter(a.error for a in answers if a.error is not None)
@@ -234,6 +264,8 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         retention_interval=r.interval,
         student_score=r.student_score,
         teacher_score=r.teacher_score,
+        baseline_score=baseline.student_score if baseline else None,
+        baseline_retention=baseline.retention if baseline else None,
         metric=r.metric,
         samples=r.samples,
         latency_ms=student_load.to_latency() if student_load else None,
@@ -273,6 +305,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
             "problem": r.problem,
             "metrics": metric_means(scores, ev.metrics),
             "judge": judge,
+            "baseline": baseline_doc,
             "categories": by_category(
                 scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence
             ),
@@ -282,6 +315,10 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
             "teacher": teacher_load.summary() if teacher_load else None,
             "teacherNote": teacher_note,
             "sampling": load_sampling,
+            # How it was measured, the same for both endpoints.
+            "warmupRequests": ev.load.warmup(),
+            "requests": ev.load.requests,
+            "concurrency": ev.load.concurrency,
         },
         "cost": {**cost.to_dict(), "gpuHours": gpu_hours, "collectionShards": len(summaries)},
         "data": {
@@ -292,16 +329,83 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
         },
         "notes": notes,
     }
+    baseline_answers = (
+        {i.id: a.text for i, a in zip(*read_baseline(layout, items)[:2], strict=True)}
+        if baseline is not None
+        else {}
+    )
     examples = [
         {
             "prompt": s.item.messages[-1].get("content", ""),
             "teacher": s.item.teacher,
             "student": s.answer.text,
+            "baseline": baseline_answers.get(s.item.id),
         }
         for s in scores[:5]
     ]
     ok = problem is None and r.retention is not None
     return Outcome(doc, results, 0 if ok else 1, [s.to_row() for s in scores], examples)
+
+
+def read_baseline(
+    layout: RunLayout, items: Sequence[EvalItem]
+) -> tuple[list[EvalItem], list[Completion], int | None]:
+    """The held-out prompts the untrained student answered (``train/baseline-answers.jsonl``), its
+    answers, and the new tokens it was allowed."""
+    answers: dict[str, str] = {}
+    limit = None
+    for line in layout.baseline_file.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+            answers[str(row["id"])] = str(row["answer"])
+            limit = int(row.get("maxNewTokens") or 0) or limit
+        except (ValueError, KeyError, TypeError):
+            continue
+    covered = [it for it in items if it.id in answers]
+    return covered, [Completion(text=answers[it.id]) for it in covered], limit
+
+
+async def _baseline(
+    config: StageConfig,
+    layout: RunLayout,
+    items: Sequence[EvalItem],
+    mode: Mode,
+    sampling: dict[str, Any],
+    notes: list[str],
+    log: Log,
+) -> tuple[Retention | None, dict[str, Any]]:
+    """The untrained student's answers, scored exactly as the student's are (the same metric, mode and
+    judge): what distillation started from."""
+    ev = config.spec.evaluation
+    if not layout.baseline_file.exists():
+        why = (
+            f"{layout.baseline_file.relative_to(layout.root)} is absent: training writes it before its first "
+            "step when evaluation.baseline is on (not under FSDP with several ranks); train again to have it"
+        )
+        notes.append(f"no baseline score: {why}")
+        return None, {"note": why}
+    covered, answers, limit = read_baseline(layout, items)
+    doc: dict[str, Any] = {"prompts": len(covered), "maxNewTokens": limit}
+    if not covered:
+        doc["note"] = "the baseline answers cover none of these held-out prompts"
+        notes.append(f"no baseline score: {doc['note']}")
+        return None, doc
+    if len(covered) < len(items):
+        notes.append(
+            f"the baseline answers cover {len(covered)} of {len(items)} held-out prompts: scored on those"
+        )
+    if limit is not None and limit < sampling["max_tokens"]:
+        notes.append(
+            f"the untrained student answered with at most {limit} new tokens (evaluation.load.maxTokens), "
+            f"the student with {sampling['max_tokens']}"
+        )
+    log(f"scoring the untrained student's answers to {len(covered)} held-out prompts")
+    scores = score_items(covered, answers, ev.metrics)
+    if ev.judge is not None:
+        await _judge(config, scores, ev.load.concurrency, log)
+    r = retention(scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence)
+    doc.update(scored=r.samples, score=r.student_score, teacherScore=r.teacher_score, retention=r.retention)
+    return r, doc
 
 
 async def _judge(config: StageConfig, scores: list[Any], limit: int, log: Log) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..data.shards import Answer, read_answers
+from .baseline import generate
 from .examples import ChatFormat
 from .modeling import autocast_dtype, load_causal_lm, save_hf, source_dtype
 
@@ -37,37 +38,6 @@ def pick_prompts(answers: list[Answer], pairs: int, seed: int) -> list[Answer]:
     rng = random.Random(seed)
     rng.shuffle(unique)
     return unique[:pairs]
-
-
-@torch.no_grad()
-def generate(
-    model: Any, chat: ChatFormat, answers: list[Answer], *, max_new_tokens: int, max_len: int, batch_size: int
-) -> list[str]:
-    """The model's greedy answers (left-padded batches), decoded without special tokens."""
-    tok = chat.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    device = next(model.parameters()).device
-    out: list[str] = []
-    model.eval()
-    for i in range(0, len(answers), batch_size):
-        prompts = [chat.prompt(a.messages)[-(max_len - 1) :] for a in answers[i : i + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, p in enumerate(prompts):
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        new = max(1, min(max_new_tokens, max_len - width))
-        gen = model.generate(
-            input_ids=ids.to(device),
-            attention_mask=mask.to(device),
-            max_new_tokens=new,
-            do_sample=False,
-            eos_token_id=sorted(chat.end_ids) or None,
-            pad_token_id=pad,
-        )
-        out += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in gen.tolist()]
-    return out
 
 
 def _last_loss(trainer: Any) -> float:
@@ -94,7 +64,7 @@ def run_dpo(run: TrainingRun, tokenizer: Any, chat: ChatFormat, student_config: 
     generated = generate(
         model,
         chat,
-        mine,
+        [a.messages for a in mine],
         max_new_tokens=run.spec.teacher.sampling.max_tokens,
         max_len=t.max_seq_length,
         batch_size=t.batch_size,

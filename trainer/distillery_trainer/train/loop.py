@@ -31,6 +31,7 @@ from ..data.topk import TopKReader, shard_files
 from ..layout import RunLayout, atomic_write_json
 from ..models import materialize
 from . import checkpoint
+from .baseline import write_baseline
 from .batching import Plan, collate, make_plan
 from .distributed import DistEnv
 from .examples import ChatFormat, Example, build_examples
@@ -173,6 +174,7 @@ class TrainingRun:
         # so a model that does not fit one GPU never has to.
         sharded = env.distributed and t.strategy == "fsdp"
         student = load_causal_lm(student_path, torch.device("cpu") if sharded else env.device)
+        write_baseline(self, student, chat, sharded)  # the untrained student's answers, before step 1
         if t.gradient_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             student.config.use_cache = False
