@@ -28,6 +28,7 @@ from distillery_trainer.api.status import (
     PHASE_PENDING,
     PHASE_SUCCEEDED,
     REASON_INVALID_SPEC,
+    REASON_POLICY_VIOLATION,
     REASON_RETRYING,
     REASON_SERVING,
     REASON_SPEC_CHANGED,
@@ -44,6 +45,7 @@ from ..builders.common import Run
 from ..builders.config import config_map
 from ..naming import EVAL, MAX_RUN_NAME, SERVE, TRAIN
 from ..observe import Child, Observed, Pod, RunView, parse_time
+from ..policy import violations
 from ..settings import Settings
 from . import collect, evaluate, serve, train
 from .model import Capabilities, Desired, Event, Outcome, Plan, prior_status
@@ -83,29 +85,41 @@ def plan(
         )
     if problems:
         return _invalid(view, prior, problems, now)
+    # The platform's policy, before any child exists: a tenant's run never starts an image, a placement
+    # or a vLLM flag the chart does not allow.
+    if refused := violations(spec, settings):
+        return _invalid(
+            view, prior, refused, now, reason=REASON_POLICY_VIOLATION, what="outside the platform's policy"
+        )
     return Walk(view, spec, observed, now, settings, caps, prior).plan()
 
 
 def _invalid(
-    view: RunView, prior: DistillationRunStatus, errors: list[tuple[str, str]], now: datetime
+    view: RunView,
+    prior: DistillationRunStatus,
+    errors: list[tuple[str, str]],
+    now: datetime,
+    *,
+    reason: str = REASON_INVALID_SPEC,
+    what: str = "invalid spec",
 ) -> Plan:
     st = prior.model_copy(deep=True)
     st.observed_generation = view.generation
     st.phase = "Failed"
-    message = "invalid spec: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
+    message = f"{what}: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
     st.message = message
     st.completion_time = prior.completion_time if prior.phase == PHASE_FAILED else now
     st.conditions = derive.conditions(
         prior.conditions,
         phase=PHASE_FAILED,
-        reason=REASON_INVALID_SPEC,
+        reason=reason,
         message=message,
         degraded=None,
-        ready=(False, REASON_INVALID_SPEC, message),
+        ready=(False, reason, message),
         generation=view.generation,
         now=now,
     )
-    events = [] if prior.message == message else [Event("Warning", REASON_INVALID_SPEC, message)]
+    events = [] if prior.message == message else [Event("Warning", reason, message)]
     return Plan(status=st, events=events)
 
 

@@ -37,6 +37,7 @@ COND_FAILED = "Failed"  # terminal: the run failed
 # Reasons (CamelCase, as Kubernetes conventions ask).
 REASON_WAITING_FOR_STORAGE = "WaitingForStorage"  # the claim the operator created is not bound yet
 REASON_INVALID_SPEC = "InvalidSpec"
+REASON_POLICY_VIOLATION = "PolicyViolation"  # valid, but outside the platform's policy (the chart's policy.*)
 REASON_COLLECTING = "Collecting"
 REASON_TRAINING = "Training"
 REASON_SERVING = "Serving"
