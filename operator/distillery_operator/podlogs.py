@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 import aiohttp
 from distillery_trainer.api.base import ApiModel
 from distillery_trainer.progress_line import latest
+from distillery_trainer.redact import scrub
 
 from .kube import Api, ApiError
 from .naming import COLLECT, TRAIN, child_name
@@ -202,4 +203,4 @@ class LiveProgress:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             logger.debug("%s/%s: reading the log of pod %s: %r", namespace, key[1], target.pod, exc)
             return None
-        return latest(text, target.stage)
+        return latest(scrub(text), target.stage)

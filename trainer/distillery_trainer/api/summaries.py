@@ -29,6 +29,11 @@ class CollectionSummary(ApiModel):
     cost_usd: float = Field(default=0.0, ge=0, description="Input and output tokens at the spec's pricing.")
     wall_seconds: float = Field(default=0.0, ge=0, description="Wall time of this shard's run.")
     prompts_per_second: float = Field(default=0.0, ge=0, description="done / wall time.")
+    stopped: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why the shard stopped before its last prompt (an error no retry fixes, e.g. a refused API key).",
+    )
 
 
 class TrainingProgress(ApiModel):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import outputs
+from .. import outputs, redact
 from ..api.stage import StageConfig
 from ..api.summaries import CollectionSummary
 from ..cost import tokens_usd
@@ -55,9 +55,9 @@ class Options:
 
 
 def redactor(secret: str) -> Any:
-    if not secret or secret == "EMPTY" or len(secret) < 4:
-        return lambda text: text
-    return lambda text: text.replace(secret, "[redacted]")
+    """What masks the key (and anything shaped like one) in a failure's reason before it is written."""
+    redact.register([secret])
+    return redact.scrub
 
 
 def load_prompts(opts: Options, layout: RunLayout) -> list[Prompt]:
@@ -267,6 +267,8 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     if complete and settings.top_k:
         await asyncio.to_thread(store.finalize_arrays)
     summary = make_summary(opts, len(mine), rec, prev, counters, time.monotonic() - started)
+    if collector.fatal is not None:  # the human reason travels with the counts, to the run's status
+        summary.stopped = redact(collector.fatal)[:1024]
     atomic_write_json(layout.summary_file(opts.shard), summary.to_dict())
     write_termination_message(summary.to_dict())
     log.info("%s", progress.line())
