@@ -13,15 +13,22 @@ from pathlib import Path
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import summary, validate_file
+    from .validate import policy_settings, summary, validate_file
 
     status = 0
+    policy = None
+    if args.policy:
+        try:
+            policy = policy_settings(args.policy)
+        except (OSError, ValueError) as exc:
+            print(f"{args.policy}: {exc}", file=sys.stderr)
+            return 1
     for path in args.files:
         if not Path(path).is_file():
             print(f"{path}: no such file", file=sys.stderr)
             status = 1
             continue
-        for report in validate_file(path):
+        for report in validate_file(path, policy):
             if report.ok and report.run is not None:
                 print(f"{path}: {summary(report.run)}")
             else:
@@ -32,6 +39,12 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 )
                 for p, m in report.errors:
                     print(f"  {p or '<root>'}: {m}", file=sys.stderr)
+    if policy is None:
+        print(
+            "the platform's policy (the chart's policy.*: images, scheduling, vLLM flags) is checked only in "
+            "the cluster; pass --policy values.yaml to check it here",
+            file=sys.stderr,
+        )
     return status
 
 
@@ -162,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         "exit code 1 when any file is invalid.",
     )
     p.add_argument("files", nargs="+", metavar="FILE.yaml")
+    p.add_argument(
+        "--policy",
+        metavar="VALUES.yaml",
+        help="also check the runs against the platform's policy in these chart values (policy.*, "
+        "workloads.*), as the operator installed with them would",
+    )
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser(

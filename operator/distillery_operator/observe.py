@@ -24,6 +24,7 @@ from distillery_trainer.api.status import (
     REASON_POD_UNSCHEDULABLE,
     REASON_VOLUME_NOT_MOUNTED,
 )
+from distillery_trainer.redact import scrub
 
 from .kube import FIELD_MANAGER
 from .naming import (
@@ -413,7 +414,9 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
                     container=cs.get("name", ""),
                     exit_code=int(state.get("exitCode", -1)),
                     reason=state.get("reason") or "",
-                    message=state.get("message") or "",
+                    # A stage scrubs its keys itself; what still looks like one is masked here, before
+                    # any of it can reach the status or an Event (the operator never knows the keys).
+                    message=scrub(state.get("message") or ""),
                     finished_at=parse_time(state.get("finishedAt")),
                 )
             )

@@ -7,6 +7,8 @@ of the training master (the PyTorchJob's Master, the Indexed Job's pod 0) and of
 collection pod, keeping the latest line of each as a :class:`~.observe.Live` observation that the
 (pure) planner merges into the status.
 
+- Only with ``settings.live_progress`` (the chart's ``operator.liveProgress``, which also decides whether
+  the operator is granted ``get pods/log``): without it no log is read.
 - At most one round of reads per run every ``settings.progress_interval_seconds`` (30 s), so the status
   changes at most that often, however many events arrive; :meth:`LiveProgress.poll` also says when to
   reconcile the run again, so progress moves without any event.
@@ -30,6 +32,7 @@ from datetime import UTC, datetime
 import aiohttp
 from distillery_trainer.api.base import ApiModel
 from distillery_trainer.progress_line import latest
+from distillery_trainer.redact import scrub
 
 from .kube import Api, ApiError
 from .naming import COLLECT, TRAIN, child_name
@@ -96,7 +99,8 @@ class LiveProgress:
         now: Callable[[], datetime] = utcnow,
     ) -> None:
         self.api = api
-        self.interval = settings.progress_interval_seconds
+        # The chart's operator.liveProgress: false grants no pods/log, so no read is even tried.
+        self.interval = settings.progress_interval_seconds if settings.live_progress else 0.0
         self.on_change = on_change
         self.clock = clock
         self.now = now
@@ -199,4 +203,4 @@ class LiveProgress:
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             logger.debug("%s/%s: reading the log of pod %s: %r", namespace, key[1], target.pod, exc)
             return None
-        return latest(text, target.stage)
+        return latest(scrub(text), target.stage)

@@ -22,6 +22,26 @@ CONFIG_MOUNT = "/etc/distillery"
 
 ENV_PREFIX = "DISTILLERY_"
 
+# The vLLM flags a run may pass by default: tuning of batching, caching and logging, none of which loads
+# code, reads files or opens the server further (never --trust-remote-code). The chart's
+# policy.vllmArgsAllowlist replaces this list (its default is the same list).
+DEFAULT_VLLM_ARGS: tuple[str, ...] = (
+    "--max-num-seqs",
+    "--max-num-batched-tokens",
+    "--enable-prefix-caching",
+    "--no-enable-prefix-caching",
+    "--enable-chunked-prefill",
+    "--no-enable-chunked-prefill",
+    "--enforce-eager",
+    "--block-size",
+    "--swap-space",
+    "--kv-cache-dtype",
+    "--seed",
+    "--disable-log-requests",
+    "--disable-log-stats",
+    "--disable-uvicorn-access-log",
+)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -32,7 +52,9 @@ class Settings:
     config_mount: str = CONFIG_MOUNT
     # Every pod runs as this non-root user (the trainer image's user; the vLLM image runs as root by
     # default but needs nothing of root: it only has to be able to write $HOME, an emptyDir here).
-    run_as_user: int = 10001
+    # None: no runAsUser/runAsGroup/fsGroup at all, the platform assigns them (OpenShift's restricted SCC);
+    # DISTILLERY_RUN_AS_USER=none.
+    run_as_user: int | None = 10001
     # The extended resource a GPU is requested as, when a run's training.resources.gpuResource is unset.
     gpu_resource: str = "nvidia.com/gpu"
     node_selector: Mapping[str, str] = field(default_factory=dict)
@@ -76,6 +98,22 @@ class Settings:
     # The size limit of the memory-backed /dev/shm of vLLM and training pods (it counts as their memory).
     shm_size: str = "8Gi"
 
+    # Whether the operator may read its stage pods' logs at all (the chart's operator.liveProgress, which
+    # also decides whether it is granted get on pods/log). False: no log is ever read, progress arrives
+    # only as the pods end.
+    live_progress: bool = True
+
+    # The platform's policy (the chart's policy.*; see policy.py): what a run's spec may override.
+    # Image prefixes a run's training.image / serving.image may start with; empty: only the defaults above.
+    allowed_image_prefixes: tuple[str, ...] = ()
+    # Whether scheduling.nodeSelector, scheduling.tolerations and (any non-system) priorityClassName of a
+    # run's spec are honoured. Control-plane placement and tolerating every taint never are.
+    allow_scheduling_overrides: bool = False
+    # PriorityClasses a run may name whatever allow_scheduling_overrides says.
+    allowed_priority_classes: tuple[str, ...] = ()
+    # vLLM flags a run's serving.extraArgs / teacher.selfHosted.extraArgs may use.
+    vllm_args_allowlist: tuple[str, ...] = DEFAULT_VLLM_ARGS
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = os.environ if env is None else env
@@ -98,8 +136,9 @@ class Settings:
         ):
             if (value := get(var)) is not None:
                 values[attr] = value
+        if (value := get("RUN_AS_USER")) is not None:
+            values["run_as_user"] = None if value.strip().lower() == "none" else int(value)
         for attr, var in (
-            ("run_as_user", "RUN_AS_USER"),
             ("startup_seconds", "STARTUP_SECONDS"),
             ("collect_deadline_seconds", "COLLECT_DEADLINE_SECONDS"),
             ("train_deadline_seconds", "TRAIN_DEADLINE_SECONDS"),
@@ -115,6 +154,19 @@ class Settings:
         ):
             if (value := get(var)) is not None:
                 values[attr] = float(value)
+        for attr, var in (
+            ("live_progress", "LIVE_PROGRESS"),
+            ("allow_scheduling_overrides", "ALLOW_SCHEDULING_OVERRIDES"),
+        ):
+            if (value := get(var)) is not None:
+                values[attr] = parse_bool(value, ENV_PREFIX + var)
+        for attr, var in (
+            ("allowed_image_prefixes", "ALLOWED_IMAGE_PREFIXES"),
+            ("allowed_priority_classes", "ALLOWED_PRIORITY_CLASSES"),
+            ("vllm_args_allowlist", "VLLM_ARGS_ALLOWLIST"),
+        ):
+            if (value := env.get(ENV_PREFIX + var)) is not None:  # "[]" (or empty): nothing allowed
+                values[attr] = parse_list(value, ENV_PREFIX + var)
         if (value := get("NODE_SELECTOR")) is not None:
             values["node_selector"] = parse_node_selector(value)
         if (value := get("TOLERATIONS")) is not None:
@@ -130,6 +182,26 @@ class Settings:
 
     def with_overrides(self, **overrides: Any) -> Settings:
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def parse_bool(text: str, name: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name}: expected true or false, got {text!r}")
+
+
+def parse_list(text: str, name: str) -> tuple[str, ...]:
+    """A JSON list of strings (what the chart writes), or comma-separated words; empty: none."""
+    text = text.strip()
+    if text.startswith("["):
+        data = json.loads(text)
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise ValueError(f"{name}: expected a JSON list of strings")
+        return tuple(data)
+    return tuple(p.strip() for p in text.split(",") if p.strip())
 
 
 def parse_node_selector(text: str) -> dict[str, str]:

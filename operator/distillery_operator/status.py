@@ -32,6 +32,7 @@ from distillery_trainer.api.status import (
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import tokens_usd
 from distillery_trainer.progress_line import is_progress_line
+from distillery_trainer.redact import scrub
 from pydantic import ValidationError
 
 from .observe import Live, Pod, Terminated
@@ -133,10 +134,24 @@ def failure_detail(pods: Sequence[Pod]) -> str:
     if not failed:
         return ""
     name, term = failed[-1]
-    # Without a message the kubelet takes the log's tail (FallbackToLogsOnError): skip progress lines.
-    lines = [ln for ln in term.message.strip().splitlines() if not is_progress_line(ln)]
-    text = lines[-1][:300] if lines else ""
+    text = _why(term)
     return f"pod {name} exited {term.exit_code} ({term.reason or 'Error'}){': ' + text if text else ''}"
+
+
+# The fields of a stage's report (its termination message) that say why it stopped, in order.
+WHY_FIELDS = ("stopped", "message", "error", "reason")
+
+
+def _why(term: Terminated) -> str:
+    """Why a container ended, in words: the reason its report gives (a shard stopped on a refused key
+    says so, not its counts as JSON), else the last line of the log's tail the kubelet took
+    (FallbackToLogsOnError), progress lines skipped. Anything shaped like a key is masked."""
+    report = term.json()
+    if report is not None:
+        why = next((v for k in WHY_FIELDS if isinstance(v := report.get(k), str) and v.strip()), "")
+        return scrub(why.strip())[:300]
+    lines = [ln for ln in term.message.strip().splitlines() if not is_progress_line(ln)]
+    return scrub(lines[-1])[:300] if lines else ""
 
 
 # ---------------------------------------------------------------------------------------------- collection

@@ -6,7 +6,9 @@ Three layers, all with field paths:
    unknown fields under strict field validation), via ``jsonschema``;
 2. the CRD's CEL rules (``x-kubernetes-validations``; transition rules on ``oldSelf`` are skipped: a file
    is a create), via ``cel-python``;
-3. the pydantic model (what the operator and the stages check, cross-field rules included).
+3. the pydantic model (what the operator and the stages check, cross-field rules included);
+4. with chart values (``--policy values.yaml``), the platform's policy (:mod:`.policy`), which the
+   operator checks otherwise only in the cluster.
 
 The model's messages are the ones shown (they name the fix); a schema or CEL error on a path the model
 accepted is shown too, marked with where it came from, since it means the CRD and the model disagree.
@@ -21,10 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from distillery_trainer.api.base import API_GROUP, API_VERSION, KIND, join_path
 from distillery_trainer.api.resource import DistillationRun, SpecError, load_documents, parse_run
 
 from .crd import openapi_schema
+from .policy import settings_from_values, violations
+from .settings import Settings
 
 Error = tuple[str, str]
 
@@ -132,7 +137,7 @@ class Report:
         return not self.errors
 
 
-def validate_document(doc: Any, source: str = "") -> Report:
+def validate_document(doc: Any, source: str = "", policy: Settings | None = None) -> Report:
     report = Report(source)
     if not isinstance(doc, dict):
         report.errors.append(("", "expected a Kubernetes object (a YAML mapping)"))
@@ -158,11 +163,21 @@ def validate_document(doc: Any, source: str = "") -> Report:
     for err in [*model_errs, *crd_errs, *cel_errs]:
         if err not in report.errors:
             report.errors.append(err)
+    if policy is not None and report.run is not None:
+        report.errors += [(p, f"{m} (policy)") for p, m in violations(report.run.spec, policy)]
     return report
 
 
-def validate_file(path: str | Path) -> list[Report]:
-    reports = [validate_document(doc, f"{path}#{i}") for i, doc in load_documents(path)]
+def policy_settings(values_file: str | Path) -> Settings:
+    """The operator's settings a chart installed with this values file gives it (its policy)."""
+    values = yaml.safe_load(Path(values_file).read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError("expected the chart's values (a YAML mapping with policy: ...)")
+    return settings_from_values(values)
+
+
+def validate_file(path: str | Path, policy: Settings | None = None) -> list[Report]:
+    reports = [validate_document(doc, f"{path}#{i}", policy) for i, doc in load_documents(path)]
     if not reports:
         reports.append(Report(str(path), errors=[("", "no YAML documents in the file")]))
     return reports

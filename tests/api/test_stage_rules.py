@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 from distillery_operator.local import executor
 from distillery_operator.observe import Child
+from distillery_operator.policy import flag_names
+from distillery_operator.settings import Settings
 from distillery_trainer import outputs
 from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import (
@@ -31,7 +34,7 @@ from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.layout import RunLayout, atomic_write_json
 from pydantic import ValidationError
 
-from tests.operator.unit.test_planner import World
+from tests.operator.unit.test_planner import SETTINGS, World
 from tests.support.builders import DELETE, make_run
 from tests.support.reports import progress, results
 
@@ -217,9 +220,28 @@ def mutated(spec: dict[str, Any], path: tuple[Any, ...]) -> dict[str, Any] | Non
 # ---------------------------------------------------------------------------------------------- the two modes
 
 
+def allowing(*specs: dict[str, Any]) -> Settings:
+    """A platform policy that allows what these specs set: the walk asks what an edit restarts, and
+    whether the platform allows an image, a placement or a vLLM flag is another question
+    (tests/operator/unit/test_policy.py)."""
+    parsed = [DistillationRunSpec.model_validate(s) for s in specs]
+    args = [
+        a
+        for p in parsed
+        for a in [*p.serving.extra_args, *(p.teacher.self_hosted.extra_args if p.teacher.self_hosted else [])]
+    ]
+    return replace(
+        SETTINGS,
+        allowed_image_prefixes=("",),
+        allow_scheduling_overrides=True,
+        allowed_priority_classes=tuple(p.scheduling.priority_class_name or "" for p in parsed),
+        vllm_args_allowlist=tuple(name for a in args for name in flag_names(a)),
+    )
+
+
 def operator_restarts(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """The stages the planner restarts when a finished run's spec is edited from ``old`` to ``new``."""
-    world = World(spec=old)
+    world = World(spec=old, settings=allowing(old, new))
     for _ in range(3):  # the claim the operator creates is bound, a self-hosted teacher becomes ready
         world.plan()
         claim = world.children.get(("PersistentVolumeClaim", "distill-data"))
@@ -411,7 +433,7 @@ def test_the_verdict_is_one_rule_for_every_caller() -> None:
 def test_failed_requests_fail_the_gate_in_the_cluster_too() -> None:
     """The planner re-judges from the results the evaluate pod reported, with the same rule."""
     spec = full_spec({})
-    world = World(spec=spec)
+    world = World(spec=spec, settings=allowing(spec))
     world.plan()
     world.collect(3)
     world.plan()

@@ -25,7 +25,14 @@ GPU_KUEUE: dict[str, Any] = {
             "vllm": {"requests": {"cpu": "8", "memory": "64Gi"}},
         },
         "shmSize": "16Gi",
-    }
+        "runAsUser": 2000,
+    },
+    "policy": {
+        "allowedImagePrefixes": ["registry.example/"],
+        "allowSchedulingOverrides": True,
+        "allowedPriorityClasses": ["batch-high"],
+        "vllmArgsAllowlist": ["--enforce-eager", "--max-num-seqs"],
+    },
 }
 EVERYTHING: dict[str, Any] = {
     **NAMESPACED,

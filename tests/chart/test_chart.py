@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,8 @@ import pytest
 import yaml
 from distillery_operator.builders.common import Run
 from distillery_operator.builders.serve import serve_deployment
-from distillery_operator.settings import Settings
+from distillery_operator.policy import settings_from_values
+from distillery_operator.settings import DEFAULT_VLLM_ARGS, Settings
 from distillery_trainer.api.spec import DistillationRunSpec
 
 from tests.conftest import REPO
@@ -228,6 +230,8 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         "DISTILLERY_IMAGE_PULL_POLICY": "IfNotPresent",
         **DEADLINES,
         **RESOURCE_ENV,
+        "DISTILLERY_RUN_AS_USER": "10001",
+        **DEFAULT_POLICY_ENV,
     }
     built_in = Settings()
     from_chart = Settings.from_env(defaults)
@@ -241,6 +245,11 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         "DISTILLERY_TRAIN_DEADLINE_SECONDS": "259200",
         "DISTILLERY_EVALUATE_DEADLINE_SECONDS": "7200",
         "DISTILLERY_STALL_TIMEOUT_SECONDS": "1800",
+        "DISTILLERY_ALLOWED_IMAGE_PREFIXES": '["registry.example/"]',
+        "DISTILLERY_ALLOW_SCHEDULING_OVERRIDES": "true",
+        "DISTILLERY_ALLOWED_PRIORITY_CLASSES": '["batch-high"]',
+        "DISTILLERY_VLLM_ARGS_ALLOWLIST": '["--enforce-eager","--max-num-seqs"]',
+        "DISTILLERY_RUN_AS_USER": "2000",
         "DISTILLERY_TRAINER_IMAGE": "registry.example/distillery-trainer:0.1.0",
         "DISTILLERY_VLLM_IMAGE": "registry.example/vllm-openai:v0.32.0",
         "DISTILLERY_IMAGE_PULL_POLICY": "Always",
@@ -295,6 +304,75 @@ def test_pod_resources_reach_the_operator_and_its_pods(k8s_tools: Tools, tmp_pat
     assert next(v for v in pod["volumes"] if v["name"] == "shm")["emptyDir"]["sizeLimit"] == "32Gi"
 
 
+DEFAULT_POLICY_ENV = {
+    "DISTILLERY_ALLOWED_IMAGE_PREFIXES": "[]",
+    "DISTILLERY_ALLOW_SCHEDULING_OVERRIDES": "false",
+    "DISTILLERY_ALLOWED_PRIORITY_CLASSES": "[]",
+    "DISTILLERY_VLLM_ARGS_ALLOWLIST": json.dumps(list(DEFAULT_VLLM_ARGS), separators=(",", ":")),
+}
+
+
+def test_the_policy_values_become_the_operators_policy(k8s_tools: Tools, tmp_path: Path) -> None:
+    # The chart's defaults are the operator's: the strict policy.
+    default = Settings.from_env(rendered(k8s_tools, tmp_path).env())
+    assert default == Settings()
+    policy = {
+        "allowedImagePrefixes": ["registry.example/team-a/"],
+        "allowSchedulingOverrides": True,
+        "allowedPriorityClasses": ["batch-high"],
+        "vllmArgsAllowlist": ["--enforce-eager", "--trust-remote-code"],
+    }
+    values = {"policy": policy, "workloads": {"runAsUser": 1000650000}, "operator": {"liveProgress": False}}
+    s = full = Settings.from_env(rendered(k8s_tools, tmp_path, values).env())
+    assert s.allowed_image_prefixes == ("registry.example/team-a/",)
+    assert s.allow_scheduling_overrides is True and s.allowed_priority_classes == ("batch-high",)
+    assert s.vllm_args_allowlist == ("--enforce-eager", "--trust-remote-code")
+    assert s.run_as_user == 1000650000 and s.live_progress is False
+    # An empty allowlist reaches the operator as "nothing", not as "the default list".
+    s = Settings.from_env(rendered(k8s_tools, tmp_path, {"policy": {"vllmArgsAllowlist": []}}).env())
+    assert s.vllm_args_allowlist == ()
+    # `distillery validate --policy values.yaml` reads the same values as the operator's settings.
+    assert settings_from_values(values) == replace(full, run_as_user=10001, live_progress=True)
+
+
+def test_run_as_user_null_leaves_the_uid_to_the_platform(k8s_tools: Tools, tmp_path: Path) -> None:
+    env = rendered(k8s_tools, tmp_path, {"workloads": {"runAsUser": None}}).env()
+    assert env["DISTILLERY_RUN_AS_USER"] == "none" and Settings.from_env(env).run_as_user is None
+
+
+def test_live_progress_off_drops_the_pods_log_grant(k8s_tools: Tools, tmp_path: Path) -> None:
+    def grants(out: Rendered) -> set[str]:
+        return {
+            r
+            for role in out.of_kind("ClusterRole") + out.of_kind("Role")
+            for rule in _rules(role)
+            for r in rule["resources"]
+        }
+
+    assert "pods/log" in grants(rendered(k8s_tools, tmp_path))
+    off = {"operator": {"liveProgress": False}}
+    for values in (off, {**off, **NAMESPACED}):
+        out = rendered(k8s_tools, tmp_path, values)
+        assert "pods/log" not in grants(out) and "pods" in grants(out)
+        assert out.env()["DISTILLERY_LIVE_PROGRESS"] == "false"
+
+
+def test_children_with_block_owner_deletion_may_be_created_under_openshift(
+    k8s_tools: Tools, tmp_path: Path
+) -> None:
+    """OwnerReferencesPermissionEnforcement: an owner reference with blockOwnerDeletion needs update on
+    the owner's finalizers, in both scopes."""
+    for values in ({}, NAMESPACED):
+        out = rendered(k8s_tools, tmp_path, values)
+        roles = out.of_kind("Role") or out.of_kind("ClusterRole")
+        for role in roles:
+            assert {
+                "apiGroups": ["distillery.dev"],
+                "resources": ["distillationruns/finalizers"],
+                "verbs": ["update"],
+            } in _rules(role)
+
+
 def test_operator_pod_placement_is_its_own_not_the_workloads(k8s_tools: Tools, tmp_path: Path) -> None:
     out = rendered(k8s_tools, tmp_path, EVERYTHING)
     pod = out.one("Deployment")["spec"]["template"]
@@ -332,7 +410,9 @@ def test_rbac_never_grants_secrets_or_wildcards(scenario: Rendered) -> None:
             assert "secrets" not in rule["resources"], obj["metadata"]["name"]
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule.get(field, ()), (obj["kind"], rule)
-            assert not {"escalate", "bind", "impersonate", "update", "deletecollection"} & set(rule["verbs"])
+            assert not {"escalate", "bind", "impersonate", "deletecollection"} & set(rule["verbs"])
+            if "update" in rule["verbs"]:  # only what OwnerReferencesPermissionEnforcement asks for
+                assert rule["resources"] == ["distillationruns/finalizers"] and rule["verbs"] == ["update"]
             assert "nonResourceURLs" not in rule
 
 

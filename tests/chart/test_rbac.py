@@ -30,6 +30,13 @@ UNEXERCISED: dict[Grant, str] = {
     ("get", "batch", "jobs"): "apply.ensure reads a Job back after a 409 Conflict",
     ("get", "kubeflow.org", "pytorchjobs"): "apply.ensure reads a PyTorchJob back after a 409 Conflict",
     ("get", "", "persistentvolumeclaims"): "apply.ensure reads a run's claim back after a 409 Conflict",
+    # Never a request of the operator's: the API server's OwnerReferencesPermissionEnforcement admission
+    # plugin (OpenShift) checks that whoever creates a child whose owner reference sets
+    # blockOwnerDeletion (builders/common.owner_reference) may update the owner's finalizers. The
+    # emulator has no admission plugins, so no test can reach it.
+    ("update", "distillery.dev", "distillationruns/finalizers"): (
+        "OwnerReferencesPermissionEnforcement on creating a child with blockOwnerDeletion: true"
+    ),
 }
 
 

@@ -227,3 +227,35 @@ def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
     status = _status(root)
     assert "interrupted" in status["message"]
     _assert_no_stage_process_left(root)
+
+
+def test_a_refused_api_key_is_named_in_the_status_and_never_written(tmp_path: Path) -> None:
+    """A planted key the teacher refuses (and echoes back in its 401, as careless servers do): the run
+    fails saying why in words, and the key is in no file of the run and not in the output."""
+    from tests.support.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
+
+    key = "sk-planted-0123456789"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"q {i}"}) + "\n" for i in range(5)))
+    with FakeOpenAI(FakeOpenAIConfig(api_key="sk-the-right-one-000")) as teacher:
+        endpoint = {"baseURL": teacher.base_url, "apiKeySecretRef": None, "apiKeyEnv": "PLANTED_KEY"}
+        doc = (
+            make_run("refused")
+            .spec({"teacher": {"endpoint": endpoint}, "data": {"prompts": {"pvcPath": str(prompts)}}})
+            .obj()
+        )
+        del doc["spec"]["teacher"]["endpoint"]["apiKeySecretRef"]
+        spec = tmp_path / "refused.yaml"
+        spec.write_text(yaml.safe_dump(doc))
+        env = {**os.environ, "PLANTED_KEY": key, "HF_HUB_OFFLINE": "1"}
+        out = subprocess.run(
+            [sys.executable, "-m", "distillery_operator.cli", "run", str(spec), "--workdir", str(tmp_path / "runs")],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert any(key in h for h in teacher.auth_headers)  # sent, refused, echoed
+    assert out.returncode == 1
+    status = _status(tmp_path / "runs" / "refused")
+    assert "the teacher refused the API key (401 Unauthorized)" in status["message"], status["message"]
+    written = {p: p.read_bytes().decode("utf-8", "replace") for p in tmp_path.rglob("*") if p.is_file()}
+    assert [str(p) for p, text in written.items() if key in text] == []
+    assert key not in out.stdout + out.stderr

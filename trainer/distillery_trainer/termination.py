@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .redact import scrub_obj
+
 TERMINATION_LOG = "/dev/termination-log"
 LIMIT = 4096
 ENV = "DISTILLERY_TERMINATION_LOG"
@@ -34,5 +36,6 @@ def write_termination_message(obj: dict[str, Any], path: str | None = None) -> b
         if not os.path.exists(TERMINATION_LOG) or not os.access(TERMINATION_LOG, os.W_OK):
             return False
         target = TERMINATION_LOG
-    Path(target).write_text(compact(obj), encoding="utf-8")
+    # The operator copies it into the status and Events: no key may be in it, whoever put it there.
+    Path(target).write_text(compact(scrub_obj(obj)), encoding="utf-8")
     return True

@@ -125,6 +125,20 @@ Empty values set nothing, so the operator's own default applies; the numbers are
 {{- if $w.tolerations }}
 {{- $_ := set $env "DISTILLERY_TOLERATIONS" (toJson $w.tolerations) }}
 {{- end }}
+{{- if kindIs "invalid" $w.runAsUser }}
+{{- $_ := set $env "DISTILLERY_RUN_AS_USER" "none" }}
+{{- else }}
+{{- $_ := set $env "DISTILLERY_RUN_AS_USER" (printf "%d" (int64 $w.runAsUser)) }}
+{{- end }}
+{{- if not .Values.operator.liveProgress }}
+{{- $_ := set $env "DISTILLERY_LIVE_PROGRESS" "false" }}
+{{- end }}
+{{- /* The platform's policy: always set, so an empty list means "nothing" rather than "the default". */}}
+{{- $p := .Values.policy }}
+{{- $_ := set $env "DISTILLERY_ALLOWED_IMAGE_PREFIXES" (toJson $p.allowedImagePrefixes) }}
+{{- $_ := set $env "DISTILLERY_ALLOW_SCHEDULING_OVERRIDES" (ternary "true" "false" $p.allowSchedulingOverrides) }}
+{{- $_ := set $env "DISTILLERY_ALLOWED_PRIORITY_CLASSES" (toJson $p.allowedPriorityClasses) }}
+{{- $_ := set $env "DISTILLERY_VLLM_ARGS_ALLOWLIST" (toJson $p.vllmArgsAllowlist) }}
 {{- range $name := keys $env | sortAlpha }}
 {{- with get $env $name }}
 - name: {{ $name }}
@@ -148,6 +162,12 @@ checks these rules against every request the operator makes in its integration t
 - apiGroups: [distillery.dev]
   resources: [distillationruns/status]
   verbs: [patch]
+# Children carry an owner reference with blockOwnerDeletion: true; under the
+# OwnerReferencesPermissionEnforcement admission plugin (OpenShift) setting it needs update on the
+# owner's finalizers. The operator never writes a run's finalizers.
+- apiGroups: [distillery.dev]
+  resources: [distillationruns/finalizers]
+  verbs: [update]
 # The children of a run: created, read back when creating finds one already there, and watched.
 # The stage configuration and the serving objects are patched when the spec changes; Jobs and
 # PyTorchJobs are immutable, so a changed stage deletes and recreates them. ConfigMaps go with
@@ -178,11 +198,13 @@ checks these rules against every request the operator makes in its integration t
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+{{- if .Values.operator.liveProgress }}
 # While training or collection runs, the tail of rank 0's and each shard's log: their live progress
 # (the operator reads only the pods of its own runs, found through the labels it set).
 - apiGroups: [""]
   resources: [pods/log]
   verbs: [get]
+{{- end }}
 # kopf posts Events about each run.
 - apiGroups: [""]
   resources: [events]

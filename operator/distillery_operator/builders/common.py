@@ -136,13 +136,10 @@ def finish(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def pod_security_context(settings: Settings) -> dict[str, Any]:
     uid = settings.run_as_user
-    return {
-        "runAsNonRoot": True,
-        "runAsUser": uid,
-        "runAsGroup": uid,
-        "fsGroup": uid,
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
+    ids = {} if uid is None else {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid}
+    # Without a user (the chart's workloads.runAsUser: null) the platform assigns one: OpenShift's
+    # restricted SCC gives each namespace its own range and refuses a fixed UID outside it.
+    return {"runAsNonRoot": True, **ids, "seccompProfile": {"type": "RuntimeDefault"}}
 
 
 def container_security_context() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distillery_trainer.progress_line import is_progress_line
+from distillery_trainer.redact import scrub
 
 
 class StageFailed(Exception):
@@ -33,12 +34,14 @@ def tail(path: Path, lines: int = 12) -> str:
 
 
 def last_error_line(path: Path) -> str:
-    """The most telling line of a failed process's log: its last error, else its last line."""
+    """The most telling line of a failed process's log: its last line logged at ERROR level, else its last
+    error-looking line, else its last line; anything shaped like a key masked (it goes into the status)."""
     lines = [ln.strip() for ln in tail(path, 60).splitlines() if ln.strip() and not is_progress_line(ln)]
-    for ln in reversed(lines):
-        if any(word in ln for word in ("Error", "error:", "Exception", "failed", "FAILED")):
-            return ln
-    return lines[-1] if lines else "no output"
+    for words in ((" ERROR ", " CRITICAL ", "error:"), ("Error", "Exception", "failed", "FAILED")):
+        for ln in reversed(lines):
+            if any(word in ln for word in words):
+                return scrub(ln)
+    return scrub(lines[-1]) if lines else "no output"
 
 
 @dataclass

@@ -30,6 +30,7 @@ from distillery_trainer.api.status import (
     PHASE_SUCCEEDED,
     REASON_CHILD_REJECTED,
     REASON_INVALID_SPEC,
+    REASON_POLICY_VIOLATION,
     REASON_RETRYING,
     REASON_SERVING,
     REASON_SPEC_CHANGED,
@@ -49,6 +50,7 @@ from ..builders.common import Run
 from ..builders.config import config_map
 from ..naming import EVAL, GENERATION_ANNOTATION, SERVE, TRAIN
 from ..observe import Child, Observed, Pod, RunView, parse_time
+from ..policy import violations
 from ..settings import Settings
 from . import collect, evaluate, serve, train
 from .model import Capabilities, Desired, Event, Outcome, Plan, prior_status
@@ -92,14 +94,26 @@ def plan(
         problems.append(("metadata.name", problem))
     if problems:
         return _invalid(view, prior, problems, now)
+    # The platform's policy, before any child exists: a tenant's run never starts an image, a placement
+    # or a vLLM flag the chart does not allow.
+    if refused := violations(spec, settings):
+        return _invalid(
+            view, prior, refused, now, reason=REASON_POLICY_VIOLATION, what="outside the platform's policy"
+        )
     return Walk(view, spec, observed, now, settings, caps, prior).plan()
 
 
 def _invalid(
-    view: RunView, prior: DistillationRunStatus, errors: list[tuple[str, str]], now: datetime
+    view: RunView,
+    prior: DistillationRunStatus,
+    errors: list[tuple[str, str]],
+    now: datetime,
+    *,
+    reason: str = REASON_INVALID_SPEC,
+    what: str = "invalid spec",
 ) -> Plan:
-    message = "invalid spec: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
-    return _failed(view, prior, prior, REASON_INVALID_SPEC, message, now, [])
+    message = f"{what}: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
+    return _failed(view, prior, prior, reason, message, now, [])
 
 
 def rejected(view: RunView, planned: Plan, what: str, detail: str, now: datetime) -> Plan:

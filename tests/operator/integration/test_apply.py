@@ -116,9 +116,12 @@ def child_writes(cluster: Cluster, since: int) -> list[Any]:
 
 
 async def serving(
-    cluster: Cluster, start_operator: StartOperator, run: dict[str, Any] | None = None
+    cluster: Cluster,
+    start_operator: StartOperator,
+    run: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    await start_operator()
+    await start_operator(env=env)
     await cluster.apply_run(run or example_run())
     await drive_to_evaluated(cluster, NS, NAME, shards=8)
     await cluster.wait_phase(NS, NAME, "Succeeded")
@@ -136,7 +139,8 @@ async def test_a_field_removed_from_the_spec_is_removed_from_the_child(
     emulator plays the API server's server-side apply here."""
     run = example_run()
     run["spec"]["scheduling"] = {"nodeSelector": {"pool": "a100"}}
-    dep = await serving(cluster, start_operator, run)
+    # A run's own node selector needs the chart's policy.allowSchedulingOverrides.
+    dep = await serving(cluster, start_operator, run, {"DISTILLERY_ALLOW_SCHEDULING_OVERRIDES": "true"})
     assert gpu_limit(dep) == "1"
     assert dep["spec"]["template"]["spec"]["nodeSelector"] == {"pool": "a100"}
     await cluster.patch_spec(NS, NAME, {"serving": {"gpus": 0}, "scheduling": {"nodeSelector": None}})

@@ -143,6 +143,26 @@ async def test_without_leave_to_read_logs_the_run_goes_on_and_says_so_once(
     assert status["training"]["step"] == 300
 
 
+async def test_with_live_progress_off_no_log_is_ever_read(
+    cluster: Cluster, start_operator: StartOperator
+) -> None:
+    """The chart's operator.liveProgress: false grants no get on pods/log and tells the operator so
+    (DISTILLERY_LIVE_PROGRESS=false): it does not try, so no 403 is ever met or warned about."""
+    op = await start_operator(env={**FAST, "DISTILLERY_LIVE_PROGRESS": "false"})
+    master = await to_training(cluster, "quiet")
+    cluster.write_log(NS, master, "pytorch", step(12))
+    await asyncio.sleep(8 * INTERVAL)
+    assert cluster.api.count("get", "pods/log") == 0
+    assert cluster.status(NS, "quiet")["training"].get("step", 0) == 0
+    await cluster.end_pod(NS, master, "pytorch", message=progress())
+    await cluster.patch_status(
+        "PyTorchJob", NS, "quiet-train", {"conditions": [{"type": "Succeeded", "status": "True"}]}
+    )
+    status = await cluster.wait_phase(NS, "quiet", "Serving")
+    assert status["training"]["step"] == 300
+    assert "pods/log" not in op.log.read_text(encoding="utf-8")
+
+
 async def test_collection_sums_answers_over_finished_and_running_shards(
     cluster: Cluster, start_operator: StartOperator
 ) -> None:

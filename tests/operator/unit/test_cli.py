@@ -63,3 +63,23 @@ def test_help_is_instant_and_names_the_commands() -> None:
     assert out.returncode == 0
     for cmd in ("validate", "crd"):
         assert cmd in out.stdout
+
+
+def test_validate_checks_the_platform_policy_only_when_given_one(tmp_path: Path) -> None:
+    run = make_run("tenant").spec({"serving": {"extraArgs": ["--max-num-seqs=8 --trust-remote-code"]}}).obj()
+    f = tmp_path / "run.yaml"
+    f.write_text(yaml.safe_dump(run))
+    out = _distillery("validate", str(f))
+    assert out.returncode == 0 and "is valid" in out.stdout
+    assert "policy" in out.stderr and "--policy" in out.stderr  # says the policy was not checked
+    values = tmp_path / "values.yaml"
+    values.write_text((REPO / "charts" / "distillery" / "values.yaml").read_text())
+    out = _distillery("validate", "--policy", str(values), str(f))
+    assert out.returncode == 1
+    assert "spec.serving.extraArgs[0]: vLLM flag --trust-remote-code" in out.stderr
+    assert "policy.vllmArgsAllowlist" in out.stderr
+    values.write_text(
+        yaml.safe_dump({"policy": {"vllmArgsAllowlist": ["--max-num-seqs", "--trust-remote-code"]}})
+    )
+    out = _distillery("validate", "--policy", str(values), str(f))
+    assert out.returncode == 0, out.stderr

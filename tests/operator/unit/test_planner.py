@@ -45,8 +45,11 @@ def spec_of(**patch: Any) -> dict[str, Any]:
 class World:
     """A run, the children that exist, and one planning pass after another (its status fed back)."""
 
-    def __init__(self, spec: dict[str, Any] | None = None, name: str = "r") -> None:
+    def __init__(
+        self, spec: dict[str, Any] | None = None, name: str = "r", settings: Settings = SETTINGS
+    ) -> None:
         self.spec = spec or spec_of()
+        self.settings = settings
         self.name = name
         self.generation = 1
         self.status: dict[str, Any] = {}
@@ -55,7 +58,6 @@ class World:
         self.live: dict[str, Live] = {}  # what the reconciler read from running pods' logs
         self.now = T0
         self.caps = Capabilities()
-        self.settings = SETTINGS
 
     def view(self) -> RunView:
         return RunView.of(self.name, "ns", UID, self.generation, self.spec, self.status)
@@ -409,6 +411,73 @@ def test_a_failed_shard_fails_the_run_and_a_retrying_one_degrades_it() -> None:
     assert ("PyTorchJob", "r-train") not in kinds(out)
     assert health({"metadata": {"generation": 1}, "status": st})[0] == "Degraded"
     assert world.plan().events == []
+
+
+KEY = "sk-planted-0123456789"
+REFUSED = (
+    "the teacher refused the API key (401 Unauthorized): Incorrect API key provided: [redacted] — check the "
+    "teacher's API key (its Secret or apiKeyEnv)"
+)
+
+
+def test_a_shard_stopped_on_401_shows_why_in_the_status_not_its_counts() -> None:
+    """The shard's report (its termination message) is its summary JSON; the status says why it stopped."""
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    report = {**summaries(1)[0], "done": 0, "stopped": REFUSED}
+    world.pod("collect", job, report, exit_code=2, index=0)
+    world.set_status("Job", "collect", failed=1)
+    out = world.plan()
+    assert REFUSED in out.events[0].message and '"shard"' not in out.events[0].message
+    world.set_status(
+        "Job", "collect", failedIndexes="0",
+        conditions=[{"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "failed indexes"}],
+    )  # fmt: skip
+    out = world.plan()
+    st = world.status
+    assert "the teacher refused the API key (401 Unauthorized)" in st["message"]
+    assert "{" not in st["message"] and "the teacher refused the API key" in out.events[0].message
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        f"Traceback (most recent call last):\nopenai.AuthenticationError: Incorrect API key provided: {KEY}",
+        f"RuntimeError: request failed with headers {{'Authorization': 'Bearer {KEY}'}}",
+        json.dumps({"shard": 0, "shards": 1, "total": 5, "done": 0, "stopped": f"HTTP 401: echoed {KEY}"}),
+    ],
+    ids=["traceback", "headers", "report"],
+)
+def test_a_key_a_stage_echoed_never_reaches_the_status_or_events(message: str) -> None:
+    """The operator never has the key, yet copies what a failed pod says: what looks like a key is masked
+    (the stage masks the keys it knows itself, this is the second line)."""
+    world = World()
+    world.plan()
+    job = world.child("Job", "collect")
+    world.pod("collect", job, message, exit_code=1, index=0)
+    world.set_status("Job", "collect", failed=1)
+    seen = [world.plan()]
+    world.set_status(
+        "Job", "collect", failedIndexes="0",
+        conditions=[{"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "failed indexes"}],
+    )  # fmt: skip
+    seen.append(world.plan())
+    assert world.status["phase"] == "Failed" and "[redacted]" in world.status["message"]
+    assert KEY not in json.dumps(world.status)
+    assert not [e for out in seen for e in out.events if KEY in e.message]
+
+
+def test_a_pods_termination_message_is_masked_as_it_is_observed() -> None:
+    from distillery_operator.observe import pod_view
+
+    pod = {
+        "metadata": {"name": "r-collect-0", "labels": {"distillery.dev/component": "collect"}},
+        "status": {"containerStatuses": [{"name": "main", "state": {"terminated": {
+            "exitCode": 1, "reason": "Error", "message": f"Bearer {KEY} refused"}}}]},
+    }  # fmt: skip
+    (term,) = pod_view(pod).terminated
+    assert KEY not in term.message and "[redacted]" in term.message
 
 
 def test_a_quality_gate_failure_scales_serving_to_zero_unless_kept_on_failure() -> None:

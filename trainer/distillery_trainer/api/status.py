@@ -38,6 +38,7 @@ COND_FAILED = "Failed"  # terminal: the run failed
 REASON_WAITING_FOR_STORAGE = "WaitingForStorage"  # the claim the operator created is not bound yet
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CHILD_REJECTED = "ChildRejected"  # the API server refused a child (422): its message says why
+REASON_POLICY_VIOLATION = "PolicyViolation"  # valid, but outside the platform's policy (the chart's policy.*)
 REASON_COLLECTING = "Collecting"
 REASON_TRAINING = "Training"
 REASON_SERVING = "Serving"

@@ -35,6 +35,11 @@ class CollectionSummary(ApiModel):
     failure_examples: dict[str, str] = Field(
         default_factory=dict, description="One recorded reason per failure kind (at most 160 characters)."
     )
+    stopped: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Why the shard stopped before its last prompt (an error no retry fixes, e.g. a refused API key).",
+    )
 
 
 class TrainingProgress(ApiModel):

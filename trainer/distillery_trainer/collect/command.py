@@ -10,20 +10,6 @@ import sys
 EXIT_CONFIG = 1
 
 
-class _Redact(logging.Filter):
-    """Scrubs the API key from every log record, whoever logs it (an error message may echo a header)."""
-
-    def __init__(self, secret: str) -> None:
-        super().__init__()
-        self.secret = secret
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if self.secret in message:
-            record.msg, record.args = message.replace(self.secret, "[redacted]"), None
-        return True
-
-
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "collect",
@@ -70,10 +56,11 @@ def main(args: argparse.Namespace) -> int:
     log = logging.getLogger("distillery.collect")
     try:
         config = load_stage_config(args.config)
-        secret = config.teacher_api_key()
-        if secret and secret != "EMPTY":
-            for handler in logging.getLogger().handlers:
-                handler.addFilter(_Redact(secret))
+        from ..redact import install
+
+        # The key is masked in every log record, traceback and line this process writes (an error
+        # message may echo the header it was sent).
+        install([config.teacher_api_key()])
         shards = args.shards if args.shards is not None else config.spec.collection.shards
         shard = args.shard if args.shard is not None else shard_from_env()
         if not 0 <= shard < shards:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import outputs
+from .. import outputs, redact
 from ..api.stage import StageConfig
 from ..api.stages import collection_failures
 from ..api.summaries import CollectionSummary
@@ -59,9 +59,9 @@ class Options:
 
 
 def redactor(secret: str) -> Any:
-    if not secret or secret == "EMPTY" or len(secret) < 4:
-        return lambda text: text
-    return lambda text: text.replace(secret, "[redacted]")
+    """What masks the key (and anything shaped like one) in a failure's reason before it is written."""
+    redact.register([secret])
+    return redact.scrub
 
 
 def load_prompts(opts: Options, layout: RunLayout) -> list[Prompt]:
@@ -291,6 +291,8 @@ async def run_shard(opts: Options) -> tuple[CollectionSummary, int]:
     summary = make_summary(opts, len(mine), rec, prev, counters, time.monotonic() - started)
     if summary.failed:
         summary.failure_kinds, summary.failure_examples = failure_breakdown(layout.failures_file(opts.shard))
+    if collector.fatal is not None:  # the human reason travels with the counts, to the run's status
+        summary.stopped = redact(collector.fatal)[:1024]
     atomic_write_json(layout.summary_file(opts.shard), summary.to_dict())
     write_termination_message(summary.to_dict())
     log.info("%s", progress.line())

@@ -81,8 +81,12 @@ def classify(exc: BaseException) -> Verdict:
             kind = "rate_limited" if status == 429 else "server_error"
             return Verdict(RETRY, kind, text, status, parse_retry_after(exc.response.headers))
         if status in (401, 403):
+            refused = f"the teacher refused the API key ({status} {'Unauthorized' if status == 401 else 'Forbidden'})"
             return Verdict(
-                FATAL, "auth", f"{text} — check the teacher's API key (its Secret or apiKeyEnv)", status
+                FATAL,
+                "auth",
+                f"{refused}: {message} — check the teacher's API key (its Secret or apiKeyEnv)",
+                status,
             )
         if status == 404:
             return Verdict(FATAL, "not_found", f"{text} — check teacher baseURL and model", status)

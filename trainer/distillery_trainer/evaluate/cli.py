@@ -40,6 +40,10 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         print(f"evaluate: cannot read the stage config: {exc}", file=sys.stderr)
         return 2
+    from ..redact import install
+
+    # The teacher's and the judge's keys are masked in everything this process prints or logs.
+    install([config.teacher_api_key(), config.judge_api_key()])
     if "://" in config.artifacts:
         print(
             f"evaluate: artifacts {config.artifacts!r} is a URL: evaluation reads and writes a mounted directory "

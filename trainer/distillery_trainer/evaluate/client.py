@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 
+from ..redact import scrub
 from ..retry import Backoff, TransientError, parse_retry_after, retryable_status, retrying, transient_kind
 
 BACKOFF = Backoff(base=0.5, cap=10.0, max_retry_after=30.0)
@@ -61,14 +62,15 @@ class _Final(Exception):
 
 
 def _error_detail(body: str) -> str:
+    """The error message of a refused request, with any key the server echoed masked."""
     try:
         data = json.loads(body)
         msg = (
             data.get("error", {}).get("message") if isinstance(data.get("error"), dict) else data.get("error")
         )
-        return str(msg or body)[:300]
+        return scrub(str(msg or body)[:300])
     except (ValueError, AttributeError):
-        return body[:300]
+        return scrub(body[:300])
 
 
 class ChatClient:
@@ -128,7 +130,7 @@ class ChatClient:
                 await resp.read()
                 return None
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-            return f"{type(exc).__name__}: {exc}"[:300]
+            return scrub(f"{type(exc).__name__}: {exc}"[:300])
 
     # ------------------------------------------------------------------------------------------ one answer
 
@@ -160,8 +162,8 @@ class ChatClient:
             if transport == "timeout":
                 raise TransientError(transport, f"no answer within {self._timeout.total:g} s") from exc
             if transport == "connection":
-                raise TransientError(transport, f"{type(exc).__name__}: {exc}"[:300]) from exc
-            raise _Final("connection", f"{type(exc).__name__}: {exc}"[:300]) from exc
+                raise TransientError(transport, scrub(f"{type(exc).__name__}: {exc}"[:300])) from exc
+            raise _Final("connection", scrub(f"{type(exc).__name__}: {exc}"[:300])) from exc
         try:
             data = json.loads(body)
             choice = data["choices"][0]
@@ -219,7 +221,7 @@ class ChatClient:
             t.error, t.detail = "timeout", f"no complete answer within {self._timeout.total:g} s"
             return t
         except (aiohttp.ClientError, OSError) as exc:
-            t.error, t.detail = "connection", f"{type(exc).__name__}: {exc}"[:300]
+            t.error, t.detail = "connection", scrub(f"{type(exc).__name__}: {exc}"[:300])
             return t
         t.latency = time.perf_counter() - t.start
         t.output_tokens = usage_tokens if usage_tokens is not None else chunks

@@ -38,6 +38,7 @@ from ..api.status import Results
 from ..api.summaries import CollectionSummary, TrainingProgress
 from ..cost import run_cost
 from ..layout import RunLayout, atomic_write, atomic_write_json
+from ..redact import scrub_obj
 from ..termination import write_termination_message
 from .client import ChatClient, Completion
 from .data import EvalData, EvalItem, load_eval_items
@@ -448,7 +449,7 @@ async def evaluate_async(
     out.doc["results"] = out.results.to_dict()
     out.results.report = str(write_report(layout, out.doc, out.examples))
     out.doc["results"] = out.results.to_dict()
-    atomic_write_json(layout.results_file, out.doc)
+    atomic_write_json(layout.results_file, scrub_obj(out.doc))
     write_termination_message(out.results.to_dict(), termination_path)
     log(out.doc["gate"]["verdict"])
     return out

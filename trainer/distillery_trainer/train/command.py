@@ -36,7 +36,9 @@ def main(args: argparse.Namespace) -> int:
     )
     from ..api.resource import SpecError
     from ..api.stage import load_stage_config
+    from ..redact import install
 
+    install()  # a Hugging Face token (HF_TOKEN) or a key is masked in everything this process prints
     try:
         cfg = load_stage_config(args.config)
     except (SpecError, OSError) as exc:
