@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
+from ..devices import cpu_has_native_bf16
 from .args import VllmServer, cpu_env
 
 Build = Literal["cpu", "gpu"]
@@ -70,6 +71,14 @@ def installed_build() -> Build:
     raise VllmNotInstalled(f"vLLM is not installed: {INSTALL_HINT}")
 
 
+def cpu_dtype(dtype: str) -> str:
+    """The dtype the CPU build serves in: bf16 (asked for, or ``auto`` for a bf16 model) only where the CPU
+    computes it natively; float32 elsewhere, where bf16 is emulated and far slower."""
+    if dtype in ("auto", "bfloat16", "bf16") and not cpu_has_native_bf16():
+        return "float32"
+    return dtype
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -97,7 +106,12 @@ class VllmLauncher:
         if self.build is None:
             self.build = installed_build()
         if self.build == "cpu":
-            self.server = dataclasses.replace(self.server, enforce_eager=True, gpu_memory_utilization=None)
+            self.server = dataclasses.replace(
+                self.server,
+                enforce_eager=True,
+                gpu_memory_utilization=None,
+                dtype=cpu_dtype(self.server.dtype),
+            )
         if self.server.port == 0:
             self.server = dataclasses.replace(self.server, port=free_port())
 

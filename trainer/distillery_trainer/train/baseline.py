@@ -123,18 +123,25 @@ def write_baseline(run: TrainingRun, model: Any, chat: ChatFormat, sharded: bool
     devices: list[int] = []
     if env.device.type == "cuda":
         devices = [env.device.index if env.device.index is not None else torch.cuda.current_device()]
+    texts: list[str] | None = None
     with torch.random.fork_rng(devices=devices):  # the training's random stream is left as it was
         torch.manual_seed((sampling.get("seed") or run.training.seed) + env.rank)
-        texts = generate(
-            model,
-            chat,
-            [it.messages for it in mine],
-            max_new_tokens=limit,
-            max_len=max_len,
-            batch_size=run.training.batch_size,
-            temperature=float(sampling["temperature"]),
-            top_p=float(sampling["top_p"]),
-        )
+        try:
+            texts = generate(
+                model,
+                chat,
+                [it.messages for it in mine],
+                max_new_tokens=limit,
+                max_len=max_len,
+                batch_size=run.training.batch_size,
+                temperature=float(sampling["temperature"]),
+                top_p=float(sampling["top_p"]),
+            )
+        except RuntimeError as exc:  # e.g. weights that give NaN probabilities: training says more, soon
+            log.warning("no baseline answers: the untrained student could not generate (%s)", exc)
+    if env.all_reduce([0.0 if texts is not None else 1.0], "max")[0] > 0:
+        return  # every rank agrees: no baseline (the evaluation notes it is missing)
+    assert texts is not None
     gathered = env.gather_object(list(zip([it.id for it in mine], texts, strict=True)))
     if env.is_main:
         by_id = {i: text for part in gathered for i, text in part}
