@@ -176,7 +176,8 @@ async def test_a_child_the_api_server_rejects_fails_the_run_until_the_spec_is_fi
     )
     fault = cluster.api.inject("create", "batch/jobs", 422, times=100, message=said, when=_invalid_toleration)
     await cluster.apply_run(run)
-    await start_operator(env={"DISTILLERY_ALLOW_SCHEDULING_OVERRIDES": "true"})  # the policy allows tolerations
+    # The platform's policy allows tolerations here: the API server, not the policy, refuses this one.
+    await start_operator(env={"DISTILLERY_ALLOW_SCHEDULING_OVERRIDES": "true"})
 
     # Not a stall: the run fails, with the API server's words in its status and an Event.
     status = await cluster.wait_phase(NS, NAME, "Failed")
