@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from distillery_operator.local import executor
+from distillery_operator.local import state as executor_state
 from distillery_operator.observe import Child
 from distillery_operator.policy import flag_names
 from distillery_operator.settings import Settings
@@ -287,9 +287,9 @@ def local_restarts(tmp: Path, old: dict[str, Any], new: dict[str, Any]) -> list[
     finished_outputs(layout, DistillationRunSpec.model_validate(old))
     spec = DistillationRunSpec.model_validate(new)
     again = {
-        "collect": not executor.collect_done(layout, spec),
-        "train": not executor.train_done(layout, spec),
-        "evaluate": not executor.evaluate_done(layout, spec),
+        "collect": not executor_state.collect_done(layout, spec),
+        "train": not executor_state.train_done(layout, spec),
+        "evaluate": not executor_state.evaluate_done(layout, spec),
     }
     return [s.name for s in STAGES if again.get(s.name)]
 
@@ -369,17 +369,19 @@ def test_a_collection_past_max_failed_fraction_is_not_done_until_the_bar_allows_
     spec = DistillationRunSpec.model_validate(full_spec({}))  # maxFailedFraction 0.05, 3 shards
     layout = RunLayout(tmp_path)
     finished_outputs(layout, spec)
-    assert executor.collect_done(layout, spec)
+    assert executor_state.collect_done(layout, spec)
     bad = CollectionSummary(shard=1, shards=3, total=10, done=8, failed=2, failure_kinds={"refused": 2})
     atomic_write_json(layout.summary_file(1), bad.to_dict())  # 2 of 30 prompts: 6.7 %
-    assert not executor.collect_done(layout, spec)  # `distillery run` collects again (and fails again)
-    message = collection_failures(executor.collection_summaries(layout, 3), spec.collection)
+    assert not executor_state.collect_done(layout, spec)  # `distillery run` collects again (and fails again)
+    message = collection_failures(executor_state.collection_summaries(layout, 3), spec.collection)
     assert (
         message is not None and "2 of 30 prompts failed (6.7%) > collection.maxFailedFraction 0.05" in message
     )
     assert "most common failure: refused (2 prompts)" in message
     raised = DistillationRunSpec.model_validate(full_spec({"collection": {"maxFailedFraction": 0.1}}))
-    assert executor.collect_done(layout, raised)  # raising the bar reuses the collection: nothing restarts
+    assert executor_state.collect_done(
+        layout, raised
+    )  # raising the bar reuses the collection: nothing restarts
 
 
 def test_seqkd_samples_are_a_collection_input_only_when_the_method_samples_several() -> None:

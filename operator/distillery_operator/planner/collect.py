@@ -16,8 +16,8 @@ from .. import status as derive
 from ..builders.collect import collect_job, teacher_deployment, teacher_service
 from ..naming import COLLECT, TEACHER
 from ..observe import parse_time
+from . import stalls
 from .model import Outcome
-from .serve import past_deadline
 from .storage import claim
 
 if TYPE_CHECKING:
@@ -30,7 +30,7 @@ def collect(w: Walk) -> Outcome:
     name = w.run.child(COLLECT)
     job = w.observed.child("Job", name)
     self_hosted = w.spec.teacher.self_hosted is not None
-    if (held := w.held("collect")) is not None:
+    if (held := stalls.held(w, "collect")) is not None:
         teardown_teacher(w)
         return held
     if (held := w.superseded("collect", job)) is not None:
@@ -49,9 +49,9 @@ def collect(w: Walk) -> Outcome:
             if teacher is None or int(teacher.status.get("readyReplicas") or 0) < 1:
                 st.message = "waiting for the self-hosted teacher (vLLM) to become ready"
                 # Like the student's: past its progress deadline, or stalled, the teacher fails the stage.
-                failed = past_deadline(w, "collect", teacher) if teacher is not None else None
+                failed = stalls.past_deadline(w, "collect", teacher) if teacher is not None else None
                 if failed is None:
-                    failed = w.stalled("collect", w.observed.pods_of(TEACHER))
+                    failed = stalls.stalled(w, "collect", w.observed.pods_of(TEACHER))
                 if failed is not None:
                     teardown_teacher(w)
                     return failed
@@ -93,11 +93,13 @@ def collect(w: Walk) -> Outcome:
                 "collect", f"Job {name} failed: {too_many}", parse_time(cond.get("lastTransitionTime"))
             )
         shards_failed = job.status.get("failedIndexes")
-        return w.failed("collect", job, pods, f"failed shards: {shards_failed}" if shards_failed else "")
+        return stalls.failed(
+            w, "collect", job, pods, f"failed shards: {shards_failed}" if shards_failed else ""
+        )
     answered = f"; {st.done}/{st.total if st.total is not None else '?'} answered" if live else ""
     w.start("collect", f"{len(found)}/{shards} shards done{answered}")
     troubled = [*pods, *w.observed.pods_of(TEACHER)] if self_hosted else pods
-    if (stalled := w.stalled("collect", troubled, ("Job", name))) is not None:
+    if (stalled := stalls.stalled(w, "collect", troubled, ("Job", name))) is not None:
         teardown_teacher(w)
         return stalled
     if self_hosted:

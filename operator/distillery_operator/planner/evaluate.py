@@ -12,6 +12,7 @@ from .. import status as derive
 from ..builders.evaluate import eval_job
 from ..naming import EVAL
 from ..observe import parse_time
+from . import stalls
 from .model import Outcome
 
 if TYPE_CHECKING:
@@ -22,7 +23,7 @@ def evaluate(w: Walk) -> Outcome:
     st = w.st.evaluation
     name = w.run.child(EVAL)
     job = w.observed.child("Job", name)
-    if (held := w.held("evaluate")) is not None:
+    if (held := stalls.held(w, "evaluate")) is not None:
         return held
     if (held := w.superseded("evaluate", job)) is not None:
         return held
@@ -52,11 +53,11 @@ def evaluate(w: Walk) -> Outcome:
         st.message = f"{found.samples or 0} held-out prompts evaluated"
         return Outcome.DONE
     if job.is_true("Failed"):
-        return w.failed("evaluate", job, pods)
+        return stalls.failed(w, "evaluate", job, pods)
     w.start("evaluate", "evaluating the student against the teacher")
     if int(job.status.get("failed") or 0):
         w.degraded = (
             REASON_RETRYING,
             f"Job {name} is retrying. {derive.failure_detail(pods)}".strip(),
         )
-    return w.stalled("evaluate", pods, ("Job", name)) or Outcome.RUNNING
+    return stalls.stalled(w, "evaluate", pods, ("Job", name)) or Outcome.RUNNING

@@ -8,20 +8,17 @@ Deployment is updated in place (a rolling update).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from distillery_trainer.api.stages import inputs_changed
 from distillery_trainer.api.status import (
     PHASE_FAILED,
     PHASE_SUCCEEDED,
-    REASON_PROGRESS_DEADLINE_EXCEEDED,
-    Stall,
 )
 
 from ..builders.serve import serve_deployment, serve_service
 from ..naming import EVAL, SERVE
-from ..observe import Child, parse_time
+from . import stalls
 from .model import Outcome
 
 if TYPE_CHECKING:
@@ -35,7 +32,7 @@ def serve(w: Walk) -> Outcome:
     if dep is not None and not w.owned(dep):
         return w.blocked("serve", dep)
     w.serve_reached = True
-    if (held := w.held("serve")) is not None:
+    if (held := stalls.held(w, "serve")) is not None:
         return held
     replicas = w.spec.serving.replicas
     st.replicas = replicas
@@ -61,30 +58,11 @@ def serve(w: Walk) -> Outcome:
         w.succeed("serve")
         st.message = f"{ready}/{want} replicas ready"
         return Outcome.DONE
-    if (failed := past_deadline(w, "serve", dep)) is not None:
+    if (failed := stalls.past_deadline(w, "serve", dep)) is not None:
         return failed
     w.start("serve", f"{ready}/{want} replicas ready")
     # The Deployment's pods belong to its ReplicaSets: the component's pods, whoever made them.
-    return w.stalled("serve", w.observed.pods_of(SERVE)) or Outcome.RUNNING
-
-
-def past_deadline(w: Walk, stage: str, dep: Child) -> Outcome | None:
-    """A vLLM Deployment past its progressDeadlineSeconds (the startup probe's budget and a margin) fails
-    ``stage``, recorded as stalled so that it stays failed (:meth:`Walk.held`): scaled to zero, the
-    Deployment reports progress again, which must not start it over."""
-    progressing: Mapping[str, Any] = dep.condition("Progressing") or {}
-    if progressing.get("status") != "False" or progressing.get("reason") != REASON_PROGRESS_DEADLINE_EXCEEDED:
-        return None
-    message = f"Deployment {dep.name} did not become ready ({REASON_PROGRESS_DEADLINE_EXCEEDED})"
-    if progressing.get("message"):
-        message += f": {progressing['message']}"
-    outcome = w.fail(stage, message)
-    w.stage_status(stage).stalled = Stall(
-        reason=REASON_PROGRESS_DEADLINE_EXCEEDED,
-        message=str(progressing.get("message") or ""),
-        since=parse_time(progressing.get("lastTransitionTime")),
-    )
-    return outcome
+    return stalls.stalled(w, "serve", w.observed.pods_of(SERVE)) or Outcome.RUNNING
 
 
 def serving(w: Walk, phase: str) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from distillery_trainer.api.spec import DistillationRunSpec
+
 from ..builders.storage import persistent_volume_claim
 from ..naming import CLASS_NOT_FOUND, IMMEDIATE
+from ..observe import Observed
 from .model import Desired
 
 if TYPE_CHECKING:
@@ -62,3 +65,17 @@ def claim(w: Walk) -> str | None:
         f"waiting for PersistentVolumeClaim {name} to be bound (Pending; {via}); "
         f"`kubectl describe pvc {name} -n {w.view.namespace}` says why it is not"
     )
+
+
+def claim_modes(spec: DistillationRunSpec, observed: Observed) -> tuple[str, ...]:
+    """The access modes of the run's claim: the claim's own (its spec, as the claim index saw it), else
+    those the operator creates it with; () when the run names a claim the operator cannot see."""
+    pvc = spec.storage.pvc if spec.storage is not None else None
+    if pvc is None:
+        return ()
+    found = observed.child("PersistentVolumeClaim", pvc.claim_name)
+    if found is not None and found.access_modes:
+        return found.access_modes
+    if pvc.create is not None:
+        return tuple(pvc.access_modes(spec.training.resources.nodes))
+    return ()

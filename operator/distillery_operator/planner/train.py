@@ -13,6 +13,7 @@ from .. import status as derive
 from ..builders.train import pytorch_job, rendezvous_service, train_job
 from ..naming import TRAIN
 from ..observe import parse_time
+from . import stalls
 from .model import Outcome
 
 if TYPE_CHECKING:
@@ -24,7 +25,7 @@ def train(w: Walk) -> Outcome:
     res = w.spec.training.resources
     name = w.run.child(TRAIN)
     child = w.observed.child("PyTorchJob", name) or w.observed.child("Job", name)
-    if (held := w.held("train")) is not None:
+    if (held := stalls.held(w, "train")) is not None:
         return held
     if (held := w.superseded("train", child, "Service")) is not None:
         return held
@@ -78,7 +79,7 @@ def train(w: Walk) -> Outcome:
         return Outcome.DONE
     if child.is_true("Failed"):
         rank0 = f"rank 0: {progress.message}" if progress is not None and progress.message else ""
-        return w.failed("train", child, pods, rank0)
+        return stalls.failed(w, "train", child, pods, rank0)
     total = f"/{st.total}" if st.total else ""
     loss = f", loss {st.loss:.4g}" if st.loss is not None else ""
     w.start(
@@ -94,7 +95,7 @@ def train(w: Walk) -> Outcome:
             f"{child.kind} {name} is restarting failed pods. {derive.failure_detail(pods)}".strip(),
         )
     # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it).
-    return w.stalled("train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
+    return stalls.stalled(w, "train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

@@ -7,7 +7,7 @@ rules change the status and the children: written once here, for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -34,13 +34,10 @@ from distillery_trainer.api.status import (
     REASON_RETRYING,
     REASON_SERVING,
     REASON_SPEC_CHANGED,
-    REASON_VOLUME_NOT_MOUNTED,
     REASON_WAITING_FOR_STORAGE,
-    STALL_REASONS,
     TERMINAL_PHASES,
     DistillationRunStatus,
     StageStatus,
-    Stall,
 )
 from distillery_trainer.cost import run_cost
 from pydantic import ValidationError
@@ -49,22 +46,14 @@ from .. import status as derive
 from ..builders.common import Run
 from ..builders.config import config_map
 from ..naming import EVAL, GENERATION_ANNOTATION, SERVE, TRAIN
-from ..observe import Child, Observed, Pod, RunView, parse_time
+from ..observe import Child, Observed, RunView
 from ..policy import violations
 from ..settings import Settings
 from . import collect, evaluate, serve, train
 from .model import Capabilities, Desired, Event, Outcome, Plan, prior_status
+from .storage import claim_modes
 
 DEFAULT_CAPS = Capabilities()  # a cluster with the PyTorchJob CRD, StorageClasses not looked up
-# A trouble that a healthy pod goes through for a moment is reported only once it lasted this long:
-# attaching and mounting a volume takes seconds, creating the sandbox too.
-REPORT_AFTER_SECONDS = {REASON_VOLUME_NOT_MOUNTED: 60.0}
-# The spec field that sets each Job stage's activeDeadlineSeconds, and the operator's default of it.
-DEADLINE_FIELDS = {
-    "collect": ("collection.deadlineSeconds", "collect_deadline_seconds"),
-    "train": ("training.deadlineSeconds", "train_deadline_seconds"),
-    "evaluate": ("evaluation.deadlineSeconds", "evaluate_deadline_seconds"),
-}
 
 
 def plan(
@@ -285,85 +274,9 @@ class Walk:
         self.failure_reason = reason
         return Outcome.FAILED
 
-    def held(self, stage: str) -> Outcome | None:
-        """A stage that failed because it did not get on (a stall, a progress deadline: ``stalled`` says
-        so) stays Failed until the spec is edited, whatever its children show since: a Deployment scaled
-        to zero reports progress again, a stalled Job was deleted. An edit (a new generation) runs the
-        stage's rules afresh."""
-        st = self.stage_status(stage)
-        if st.state != "Failed" or st.stalled is None:
-            return None
-        if self.prior.observed_generation != self.view.generation:
-            return None
-        self.failure = (stage, st.message or "")
-        self.failure_reason = st.stalled.reason if st.stalled.reason in STALL_REASONS else None
-        return Outcome.FAILED
-
-    def stalled(self, stage: str, pods: Sequence[Pod], *children: tuple[str, str]) -> Outcome | None:
-        """The stage's pods that do not get on (:class:`~..observe.Trouble`): the one in trouble longest is
-        recorded in the stage's ``stalled`` and makes the run Degraded with its reason; once it lasted the
-        operator's ``stall_timeout_seconds`` the stage fails with that reason and ``children`` (kind,
-        name) are deleted, so that their pods hold no node, GPU or quota. Since when comes from the pod's
-        condition, or from the status recorded earlier for the same pod and reason (a crash loop's
-        condition moves with every restart), never from this process's memory. None: go on."""
-        st = self.stage_status(stage)
-        before = st.stalled
-        worst: tuple[datetime, Pod, str, str] | None = None
-        troubled = 0
-        for pod in pods:
-            trouble = pod.trouble
-            if trouble is None:
-                continue
-            since = trouble.since
-            if before is not None and before.pod == pod.name and before.reason == trouble.reason:
-                since = min(since, before.since) if since and before.since else since or before.since
-            since = since or self.now
-            wait = REPORT_AFTER_SECONDS.get(trouble.reason, 0.0) - (self.now - since).total_seconds()
-            if wait > 0:
-                self.requeue(wait)
-                continue
-            troubled += 1
-            if worst is None or since < worst[0]:
-                worst = (since, pod, trouble.reason, trouble.message)
-        if worst is None:
-            st.stalled = None
-            return None
-        since, pod, reason, message = worst
-        st.stalled = Stall(reason=reason, message=message, pod=pod.name, since=since)
-        others = f" (and {troubled - 1} more pod(s))" if troubled > 1 else ""
-        elapsed = (self.now - since).total_seconds()
-        timeout = self.settings.stall_timeout_seconds
-        text = f"pod {pod.name}{others} {message}; for {elapsed:.0f} s"
-        if timeout > 0 and elapsed >= timeout:
-            for kind, name in children:
-                self.drop(kind, name)
-            return self.fail(
-                stage, f"{text}, past the operator's stallTimeoutSeconds ({timeout} s)", reason=reason
-            )
-        if timeout > 0:
-            text += f"; the stage fails after {timeout} s (the operator's stallTimeoutSeconds)"
-            self.requeue(timeout - elapsed + 0.5)
-        self.degraded = (reason, text)
-        return None
-
     def requeue(self, seconds: float) -> None:
         """Plan again in ``seconds`` at the latest (no watch event says that time has passed)."""
         self.out.requeue_after = min(self.out.requeue_after or seconds, seconds)
-
-    def failed(self, stage: str, child: Child, pods: Sequence[Pod], *known: str) -> Outcome:
-        """The stage's child failed: its ``Failed`` condition, what else the stage knows (``known``;
-        empty parts are left out) and the last failed pod's words, in one message."""
-        cond = child.condition("Failed") or {}
-        detail = f"{child.kind} {child.name} failed ({cond.get('reason') or 'Failed'})"
-        if cond.get("message"):
-            detail += f": {cond['message']}"
-        if cond.get("reason") == "DeadlineExceeded" and stage in DEADLINE_FIELDS:
-            path, default = DEADLINE_FIELDS[stage]
-            detail += f"; it ran past its deadline ({path}, else the operator's {getattr(self.settings, default)} s)"
-        for part in (*known, derive.failure_detail(pods)):
-            if part:
-                detail += f"; {part}"
-        return self.fail(stage, detail, parse_time(cond.get("lastTransitionTime")))
 
     def restart(self, stage: str, why: str | None = None) -> Outcome:
         """The stage's inputs changed (or ``why``): reset it and every later stage."""
@@ -489,20 +402,6 @@ class Walk:
             was = prior.condition("Degraded")
             if was is None or was.status != "True" or was.reason != reason:
                 self.out.events.append(Event("Warning", reason, message))
-
-
-def claim_modes(spec: DistillationRunSpec, observed: Observed) -> tuple[str, ...]:
-    """The access modes of the run's claim: the claim's own (its spec, as the claim index saw it), else
-    those the operator creates it with; () when the run names a claim the operator cannot see."""
-    pvc = spec.storage.pvc if spec.storage is not None else None
-    if pvc is None:
-        return ()
-    found = observed.child("PersistentVolumeClaim", pvc.claim_name)
-    if found is not None and found.access_modes:
-        return found.access_modes
-    if pvc.create is not None:
-        return tuple(pvc.access_modes(spec.training.resources.nodes))
-    return ()
 
 
 def _same_failure(prior: DistillationRunStatus, reason: str) -> bool:

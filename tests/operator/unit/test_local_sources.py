@@ -6,8 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from distillery_operator.local.executor import LocalRun, prompts_args
 from distillery_operator.local.process import StageFailed
+from distillery_operator.local.stages import prompts_args
+from distillery_operator.local.state import LocalRun
 from distillery_trainer.api import parse_run
 
 from tests.support.builders import DELETE, make_run
