@@ -13,10 +13,12 @@ as a value (an error kind the report can count), never as an exception that ends
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -228,3 +230,29 @@ class ChatClient:
         if t.ttft is None:
             t.ttft = t.latency  # an empty answer: the first (and only) thing seen is the end
         return t
+
+
+MAX_RETRIES = 3  # per quality/judge request; the latency harness never retries
+T = TypeVar("T")
+R = TypeVar("R")
+Log = Callable[[str], None]
+
+
+async def bounded(
+    items: Sequence[T], fn: Callable[[T], Awaitable[R]], limit: int, label: str, log: Log
+) -> list[R]:
+    """``fn`` over ``items``, at most ``limit`` at a time, in order; progress every tenth."""
+    sem = asyncio.Semaphore(limit)
+    done = 0
+    step = max(1, len(items) // 10)
+
+    async def one(x: T) -> R:
+        nonlocal done
+        async with sem:
+            r = await fn(x)
+        done += 1
+        if done % step == 0 or done == len(items):
+            log(f"{label} {done}/{len(items)}")
+        return r
+
+    return list(await asyncio.gather(*(one(x) for x in items)))

@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import ChatClient
+from ..api.stage import StageConfig
+from .client import MAX_RETRIES, ChatClient, Log, bounded
 
 DEFAULT_RUBRIC = (
     "Judge which answer better serves the user. Correctness comes first (facts, numbers, dates, names, "
@@ -165,3 +166,26 @@ async def judge_pair(
     student = (s1[1] + s2[0]) / 2.0
     consistent = _sign(s1[0] - s1[1]) == _sign(s2[1] - s2[0])
     return Judgment(student=student, teacher=teacher, consistent=consistent, raw=raw)
+
+
+async def judge_scores(config: StageConfig, scores: list[Any], limit: int, log: Log) -> None:
+    """Judge every answered item of ``scores`` (each pair in both orders), at most ``limit`` at a time."""
+    judge = config.spec.evaluation.judge
+    assert judge is not None
+    todo = [s for s in scores if s.answer.ok and s.answer.text is not None]
+    async with ChatClient(
+        judge.endpoint.base_url,
+        judge.endpoint.model,
+        config.judge_api_key(),
+        timeout=config.spec.collection.timeout_seconds,
+        max_retries=MAX_RETRIES,
+        concurrency=2 * limit,
+    ) as client:
+        log(f"judging {len(todo)} answer pairs with {judge.endpoint.model} (both orders)")
+
+        async def one(s: Any) -> None:
+            s.judgment = await judge_pair(
+                client, s.item.messages, s.item.teacher, s.answer.text, judge.rubric
+            )
+
+        await bounded(todo, one, limit, "judged", log)

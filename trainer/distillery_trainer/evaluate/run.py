@@ -23,11 +23,10 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from .. import outputs
 from ..api.base import API_GROUP, API_VERSION
@@ -40,12 +39,12 @@ from ..cost import run_cost
 from ..layout import RunLayout, atomic_write, atomic_write_json
 from ..redact import scrub_obj
 from ..termination import write_termination_message
-from .client import ChatClient, Completion
-from .data import EvalData, EvalItem, load_eval_items
-from .judge import judge_pair
+from .baseline import read_baseline, score_baseline
+from .client import MAX_RETRIES, ChatClient, Completion, Log, bounded
+from .data import EvalData, load_eval_items
+from .judge import judge_scores
 from .latency import LoadResult, run_load
 from .quality import (
-    Mode,
     Retention,
     by_category,
     choose_mode,
@@ -55,11 +54,6 @@ from .quality import (
     score_items,
 )
 from .report import write_report
-
-MAX_RETRIES = 3  # per quality/judge request; the latency harness never retries
-T = TypeVar("T")
-R = TypeVar("R")
-Log = Callable[[str], None]
 
 
 def _stderr(msg: str) -> None:
@@ -82,25 +76,6 @@ def sampling_of(spec: DistillationRunSpec) -> dict[str, Any]:
     if s.seed is not None:
         out["seed"] = s.seed
     return out
-
-
-async def bounded(
-    items: Sequence[T], fn: Callable[[T], Awaitable[R]], limit: int, label: str, log: Log
-) -> list[R]:
-    sem = asyncio.Semaphore(limit)
-    done = 0
-    step = max(1, len(items) // 10)
-
-    async def one(x: T) -> R:
-        nonlocal done
-        async with sem:
-            r = await fn(x)
-        done += 1
-        if done % step == 0 or done == len(items):
-            log(f"{label} {done}/{len(items)}")
-        return r
-
-    return list(await asyncio.gather(*(one(x) for x in items)))
 
 
 def gate_of(results: Results, evaluation: Evaluation, problem: str | None) -> dict[str, Any]:
@@ -233,7 +208,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
                 )
                 scores = score_items(items, answers, ev.metrics)
                 if ev.judge is not None:
-                    await _judge(config, scores, limit, log)
+                    await judge_scores(config, scores, limit, log)
                 student_load = await measured_load(student, prompts, ev.load, load_sampling, "student", log)
         if problem is not None:
             pass
@@ -247,7 +222,7 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
     baseline: Retention | None = None
     baseline_doc: dict[str, Any] | None = None
     if ev.baseline and problem is None:
-        baseline, baseline_doc = await _baseline(config, layout, items, mode, sampling, notes, log)
+        baseline, baseline_doc = await score_baseline(config, layout, items, mode, sampling, notes, log)
     if problem is not None:
         r.problem = problem
     student_errors = Counter(a.error for a in answers if a.error is not None)
@@ -346,89 +321,6 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
     ]
     ok = problem is None and r.retention is not None
     return Outcome(doc, results, 0 if ok else 1, [s.to_row() for s in scores], examples)
-
-
-def read_baseline(
-    layout: RunLayout, items: Sequence[EvalItem]
-) -> tuple[list[EvalItem], list[Completion], int | None]:
-    """The held-out prompts the untrained student answered (``train/baseline-answers.jsonl``), its
-    answers, and the new tokens it was allowed."""
-    answers: dict[str, str] = {}
-    limit = None
-    for line in layout.baseline_file.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-            answers[str(row["id"])] = str(row["answer"])
-            limit = int(row.get("maxNewTokens") or 0) or limit
-        except (ValueError, KeyError, TypeError):
-            continue
-    covered = [it for it in items if it.id in answers]
-    return covered, [Completion(text=answers[it.id]) for it in covered], limit
-
-
-async def _baseline(
-    config: StageConfig,
-    layout: RunLayout,
-    items: Sequence[EvalItem],
-    mode: Mode,
-    sampling: dict[str, Any],
-    notes: list[str],
-    log: Log,
-) -> tuple[Retention | None, dict[str, Any]]:
-    """The untrained student's answers, scored exactly as the student's are (the same metric, mode and
-    judge): what distillation started from."""
-    ev = config.spec.evaluation
-    if not layout.baseline_file.exists():
-        why = (
-            f"{layout.baseline_file.relative_to(layout.root)} is absent: training writes it before its first "
-            "step when evaluation.baseline is on (not under FSDP with several ranks); train again to have it"
-        )
-        notes.append(f"no baseline score: {why}")
-        return None, {"note": why}
-    covered, answers, limit = read_baseline(layout, items)
-    doc: dict[str, Any] = {"prompts": len(covered), "maxNewTokens": limit}
-    if not covered:
-        doc["note"] = "the baseline answers cover none of these held-out prompts"
-        notes.append(f"no baseline score: {doc['note']}")
-        return None, doc
-    if len(covered) < len(items):
-        notes.append(
-            f"the baseline answers cover {len(covered)} of {len(items)} held-out prompts: scored on those"
-        )
-    if limit is not None and limit < sampling["max_tokens"]:
-        notes.append(
-            f"the untrained student answered with at most {limit} new tokens (evaluation.load.maxTokens), "
-            f"the student with {sampling['max_tokens']}"
-        )
-    log(f"scoring the untrained student's answers to {len(covered)} held-out prompts")
-    scores = score_items(covered, answers, ev.metrics)
-    if ev.judge is not None:
-        await _judge(config, scores, ev.load.concurrency, log)
-    r = retention(scores, mode, ev.metrics[0], resamples=ev.bootstrap_samples, confidence=ev.confidence)
-    doc.update(scored=r.samples, score=r.student_score, teacherScore=r.teacher_score, retention=r.retention)
-    return r, doc
-
-
-async def _judge(config: StageConfig, scores: list[Any], limit: int, log: Log) -> None:
-    judge = config.spec.evaluation.judge
-    assert judge is not None
-    todo = [s for s in scores if s.answer.ok and s.answer.text is not None]
-    async with ChatClient(
-        judge.endpoint.base_url,
-        judge.endpoint.model,
-        config.judge_api_key(),
-        timeout=config.spec.collection.timeout_seconds,
-        max_retries=MAX_RETRIES,
-        concurrency=2 * limit,
-    ) as client:
-        log(f"judging {len(todo)} answer pairs with {judge.endpoint.model} (both orders)")
-
-        async def one(s: Any) -> None:
-            s.judgment = await judge_pair(
-                client, s.item.messages, s.item.teacher, s.answer.text, judge.rubric
-            )
-
-        await bounded(todo, one, limit, "judged", log)
 
 
 def _round(v: float | None) -> float | None:
