@@ -212,6 +212,50 @@ def test_scope_and_log_level_become_the_operator_flags(k8s_tools: Tools, tmp_pat
     assert args == [f"--namespace={NAMESPACE}", "--liveness=http://0.0.0.0:8080/healthz"]
 
 
+@pytest.fixture
+def restored_logging() -> Any:
+    """The levels `distillery operator` sets, put back afterwards (they are process-wide)."""
+    import logging
+
+    names = ("", "distillery", "distillery.operator", "kopf", "kopf.objects")
+    saved = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("log_level", "operator", "kopf_objects"),
+    [("warning", "WARNING", "WARNING"), ("info", "INFO", "WARNING"), ("debug", "DEBUG", "DEBUG")],
+)
+def test_the_log_level_applies_to_the_operators_own_loggers(
+    k8s_tools: Tools,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restored_logging: None,
+    log_level: str,
+    operator: str,
+    kopf_objects: str,
+) -> None:
+    """`operator.logLevel: warning` left the operator's own lines (logger distillery.operator) at INFO.
+    The chart's arguments go through the real `distillery operator` entry (kopf.run stubbed out)."""
+    import logging
+
+    import kopf
+    from distillery_operator.cli import main
+
+    args = rendered(k8s_tools, tmp_path, {"operator": {"logLevel": log_level}}).operator_container()["args"]
+    ran: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: ran.append(kwargs))
+    assert main(["operator", *args]) == 0 and ran
+    for name in ("distillery.operator", "kopf", "kopf.activities"):
+        got = logging.getLevelName(logging.getLogger(name).getEffectiveLevel())
+        assert got == operator, (log_level, name, got)
+    # One "Handler ... succeeded" line per watch event is noise below debug.
+    got = logging.getLevelName(logging.getLogger("kopf.objects").getEffectiveLevel())
+    assert got == kopf_objects, (log_level, "kopf.objects", got)
+
+
 # The numbers are always passed: 0 means "none" to the operator, not "your default".
 DEADLINES = {
     "DISTILLERY_COLLECT_DEADLINE_SECONDS": "86400",
