@@ -73,7 +73,6 @@ def configure_logging(*, verbose: bool, debug: bool) -> None:
 
 
 def _cmd_operator(args: argparse.Namespace) -> int:
-    import logging
 
     import kopf
 
