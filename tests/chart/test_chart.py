@@ -32,6 +32,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 RESOURCE_ENV = {
     "DISTILLERY_COLLECTION_RESOURCES": '{"limits":{"cpu":"","memory":"1Gi"},"requests":{"cpu":"500m","memory":"1Gi"}}',
     "DISTILLERY_EVALUATION_RESOURCES": '{"limits":{"cpu":"","memory":"2Gi"},"requests":{"cpu":"1","memory":"2Gi"}}',
+    "DISTILLERY_TRAINING_RESOURCES": '{"limits":{"cpu":"","memory":""},"requests":{"cpu":"4","memory":"32Gi"}}',
     "DISTILLERY_VLLM_RESOURCES": '{"limits":{"cpu":"","memory":""},"requests":{"cpu":"2","memory":"16Gi"}}',
     "DISTILLERY_SHM_SIZE": "8Gi",
 }
@@ -279,7 +280,13 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
     }
     built_in = Settings()
     from_chart = Settings.from_env(defaults)
-    for attr in ("collection_resources", "evaluation_resources", "vllm_resources", "shm_size"):
+    for attr in (
+        "collection_resources",
+        "evaluation_resources",
+        "training_resources",
+        "vllm_resources",
+        "shm_size",
+    ):
         assert getattr(from_chart, attr) == getattr(built_in, attr), attr
     env = rendered(k8s_tools, tmp_path, GPU_KUEUE).env()
     for name in RESOURCE_ENV:

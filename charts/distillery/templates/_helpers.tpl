@@ -127,6 +127,7 @@ Empty values set nothing, so the operator's own default applies; the numbers are
   "DISTILLERY_SHM_SIZE" $w.shmSize
   "DISTILLERY_COLLECTION_RESOURCES" (toJson $w.resources.collection)
   "DISTILLERY_EVALUATION_RESOURCES" (toJson $w.resources.evaluation)
+  "DISTILLERY_TRAINING_RESOURCES" (toJson $w.resources.training)
   "DISTILLERY_VLLM_RESOURCES" (toJson $w.resources.vllm)
 }}
 {{- if $w.nodeSelector }}

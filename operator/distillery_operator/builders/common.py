@@ -284,24 +284,29 @@ def secret_env(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def resources(
-    *, cpu: str | None = None, memory: str | None = None, gpus: int = 0, gpu_resource: str = "nvidia.com/gpu"
+def training_resources(
+    cpu: str | None,
+    memory: str | None,
+    default: Any,
+    *,
+    gpus: int = 0,
+    gpu_resource: str = "nvidia.com/gpu",
 ) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
+    """A training container's resources: the operator's default for training, with the run's
+    ``training.resources.cpu`` and ``.memory`` in place of the default's of that kind (the request; the
+    memory also as the limit, a cpu without a limit); plus the GPUs, requested and limited alike."""
+    requests = dict(default.get("requests") or {})
+    limits = dict(default.get("limits") or {})
     if cpu:
         requests["cpu"] = cpu
+        limits.pop("cpu", None)
     if memory:
-        requests["memory"] = memory
-        limits["memory"] = memory
+        requests["memory"] = limits["memory"] = memory
+    base = {"requests": requests, "limits": limits}
+    out: dict[str, Any] = {part: entries for part, entries in base.items() if entries}
     if gpus > 0:
-        limits[gpu_resource] = str(gpus)
-        requests[gpu_resource] = str(gpus)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
+        for part in ("requests", "limits"):
+            out.setdefault(part, {})[gpu_resource] = str(gpus)
     return out
 
 
