@@ -169,29 +169,26 @@ def scheduling(run: Run, settings: Settings) -> dict[str, Any]:
     return out
 
 
-# The components whose pods use the run's claim at the same time: a self-hosted teacher and the
-# collection's shards; the served student and its evaluation. On a single-node claim each group's pods
-# are scheduled onto one node (required pod affinity to the group, kubernetes.io/hostname); the first pod
-# of a group goes anywhere (a pod that matches its own affinity term is placed when no other does).
-COLOCATED: dict[str, tuple[str, ...]] = {
-    TEACHER: (TEACHER, COLLECT),
-    COLLECT: (TEACHER, COLLECT),
-    SERVE: (SERVE, EVAL),
-    EVAL: (SERVE, EVAL),
-}
+# The components whose pods mount the run's claim, some of them at the same time: a self-hosted teacher
+# and the collection's shards; the served student and its evaluation; a training that runs again while
+# the run's earlier student is still served (or a teacher still stopping). On a single-node claim every
+# one of them is scheduled onto the node of any that is running (one required pod affinity to all of
+# them, kubernetes.io/hostname): the first pod goes anywhere (a pod that matches its own affinity term is
+# placed when no other does), and the scheduler ignores pods that have ended, so a stage that starts once
+# the others are done is placed freely.
+CLAIM_USERS: tuple[str, ...] = (TEACHER, COLLECT, TRAIN, SERVE, EVAL)
 HOSTNAME = "kubernetes.io/hostname"
 
 
 def colocation(run: Run, component: str) -> dict[str, Any] | None:
-    """The ``affinity`` that keeps ``component``'s pods on the node of the pods that share the claim with
-    them, when the claim is single-node (ReadWriteOnce); None otherwise."""
-    group = COLOCATED.get(component)
-    if group is None or not run.single_node_claim:
+    """The ``affinity`` that keeps ``component``'s pods on the node of the run's other pods that mount
+    its claim, when the claim is single-node (ReadWriteOnce); None otherwise."""
+    if component not in CLAIM_USERS or not run.single_node_claim:
         return None
     term = {
         "labelSelector": {
             "matchLabels": {RUN_LABEL: run.name},
-            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In", "values": list(group)}],
+            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In", "values": list(CLAIM_USERS)}],
         },
         "topologyKey": HOSTNAME,
     }

@@ -58,7 +58,9 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
 def _template(run: Run, settings: Settings, container: dict[str, Any], restart_policy: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": labels(run, TRAIN)},
-        "spec": pod_spec(run, settings, [container], restart_policy=restart_policy, shm=True),
+        "spec": pod_spec(
+            run, settings, [container], restart_policy=restart_policy, shm=True, component=TRAIN
+        ),
     }
 
 
