@@ -59,8 +59,20 @@ def _cmd_crd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_operator(args: argparse.Namespace) -> int:
+def configure_logging(*, verbose: bool, debug: bool) -> None:
+    """The operator's log level (the chart's operator.logLevel: nothing, --verbose or --debug), for its
+    own loggers (``distillery.*``) and kopf's alike: warning, info or debug."""
     import logging
+
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s [%(levelname)s] %(message)s")
+    logging.getLogger().setLevel(level)  # also when a handler was there before (basicConfig does nothing)
+    logging.getLogger("distillery").setLevel(level)
+    # One "Handler ... succeeded" line per watch event is noise, not news, below debug.
+    logging.getLogger("kopf.objects").setLevel(level if debug else logging.WARNING)
+
+
+def _cmd_operator(args: argparse.Namespace) -> int:
 
     import kopf
 
@@ -82,11 +94,7 @@ def _cmd_operator(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"distillery operator: {exc}", file=sys.stderr)
         return 2
-    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s [%(levelname)s] %(message)s")
-    logging.getLogger("distillery").setLevel(min(level, logging.INFO))
-    if not args.debug:  # one "Handler ... succeeded" line per watch event is noise, not news
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    configure_logging(verbose=args.verbose, debug=args.debug)
     namespaces = list(args.namespace or [])
     kopf.run(
         clusterwide=not namespaces,

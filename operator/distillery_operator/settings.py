@@ -84,12 +84,19 @@ class Settings:
     # arrives only as the pods end, from their termination messages).
     progress_interval_seconds: float = 30.0
     # CPU and memory of the stage pods whose run does not set its own (collection.resources,
-    # evaluation.resources, serving.resources): the container ``resources`` shape, cpu and memory only.
+    # evaluation.resources, serving.resources, training.resources.cpu/memory): the container
+    # ``resources`` shape, cpu and memory only. Every workload pod requests both, so that a namespace's
+    # ResourceQuota on requests.cpu / requests.memory admits (and counts) it.
     collection_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
     )
     evaluation_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
+    )
+    # Every training pod (the PyTorchJob's master and workers, or the Indexed Job's pods), when the run sets
+    # no training.resources.cpu / .memory (each replaces the default's request and limit of its kind).
+    training_resources: Mapping[str, Mapping[str, str]] = field(
+        default_factory=lambda: {"requests": {"cpu": "4", "memory": "32Gi"}}
     )
     # Every vLLM pod (the student's and a self-hosted teacher's): weights pass through host memory on load.
     vllm_resources: Mapping[str, Mapping[str, str]] = field(
@@ -174,6 +181,7 @@ class Settings:
         for attr, var in (
             ("collection_resources", "COLLECTION_RESOURCES"),
             ("evaluation_resources", "EVALUATION_RESOURCES"),
+            ("training_resources", "TRAINING_RESOURCES"),
             ("vllm_resources", "VLLM_RESOURCES"),
         ):
             if (value := get(var)) is not None:

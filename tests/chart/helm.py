@@ -68,16 +68,29 @@ def render(
 ) -> Rendered:
     """``helm template`` (the objects) and ``helm install --dry-run`` (NOTES.txt has no other way out)."""
     extra = _set_args(values, tmp)
-    template = ["template", RELEASE, CHART, "--namespace", NAMESPACE, *extra]
-    if crds:
-        template.append("--include-crds")
-    out = tools.run(tools.helm, *template)
-    objects = [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+    objects = template(tools, tmp, values, crds=crds)
     dry = tools.run(
         tools.helm, "install", RELEASE, CHART, "--namespace", NAMESPACE, "--dry-run=client", *extra
     )
     notes = dry.stdout.split("NOTES:\n", 1)[1] if "NOTES:\n" in dry.stdout else ""
     return Rendered(objects, notes)
+
+
+def template(
+    tools: Tools,
+    tmp: Path,
+    values: Mapping[str, Any] | None = None,
+    *,
+    namespace: str = NAMESPACE,
+    release: str = RELEASE,
+    crds: bool = False,
+) -> list[dict[str, Any]]:
+    """The objects ``helm template <release> -n <namespace>`` renders."""
+    args = ["template", release, CHART, "--namespace", namespace, *_set_args(values, tmp)]
+    if crds:
+        args.append("--include-crds")
+    out = tools.run(tools.helm, *args)
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
 
 
 def walk(tree: Any, path: str = "") -> Iterator[tuple[str, Any]]:

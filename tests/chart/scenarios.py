@@ -22,6 +22,7 @@ GPU_KUEUE: dict[str, Any] = {
         "resources": {
             "collection": {"requests": {"cpu": "250m", "memory": "512Mi"}},
             "evaluation": {"limits": {"memory": "8Gi"}},
+            "training": {"requests": {"cpu": "16", "memory": "256Gi"}},
             "vllm": {"requests": {"cpu": "8", "memory": "64Gi"}},
         },
         "shmSize": "16Gi",

@@ -22,7 +22,7 @@ from distillery_trainer.api.spec import DistillationRunSpec
 from tests.conftest import REPO
 from tests.support.builders import make_run
 
-from .helm import CHART, NAMESPACE, Rendered, Tools, render, walk
+from .helm import CHART, NAMESPACE, RELEASE, Rendered, Tools, render, template, walk
 from .scenarios import EVERYTHING, GPU_KUEUE, NAMESPACED, SCENARIOS
 
 # The Kubernetes versions every rendered object must be valid for: the oldest the chart supports
@@ -32,6 +32,7 @@ K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 RESOURCE_ENV = {
     "DISTILLERY_COLLECTION_RESOURCES": '{"limits":{"cpu":"","memory":"1Gi"},"requests":{"cpu":"500m","memory":"1Gi"}}',
     "DISTILLERY_EVALUATION_RESOURCES": '{"limits":{"cpu":"","memory":"2Gi"},"requests":{"cpu":"1","memory":"2Gi"}}',
+    "DISTILLERY_TRAINING_RESOURCES": '{"limits":{"cpu":"","memory":""},"requests":{"cpu":"4","memory":"32Gi"}}',
     "DISTILLERY_VLLM_RESOURCES": '{"limits":{"cpu":"","memory":""},"requests":{"cpu":"2","memory":"16Gi"}}',
     "DISTILLERY_SHM_SIZE": "8Gi",
 }
@@ -212,6 +213,50 @@ def test_scope_and_log_level_become_the_operator_flags(k8s_tools: Tools, tmp_pat
     assert args == [f"--namespace={NAMESPACE}", "--liveness=http://0.0.0.0:8080/healthz"]
 
 
+@pytest.fixture
+def restored_logging() -> Any:
+    """The levels `distillery operator` sets, put back afterwards (they are process-wide)."""
+    import logging
+
+    names = ("", "distillery", "distillery.operator", "kopf", "kopf.objects")
+    saved = {name: logging.getLogger(name).level for name in names}
+    yield
+    for name, level in saved.items():
+        logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize(
+    ("log_level", "operator", "kopf_objects"),
+    [("warning", "WARNING", "WARNING"), ("info", "INFO", "WARNING"), ("debug", "DEBUG", "DEBUG")],
+)
+def test_the_log_level_applies_to_the_operators_own_loggers(
+    k8s_tools: Tools,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    restored_logging: None,
+    log_level: str,
+    operator: str,
+    kopf_objects: str,
+) -> None:
+    """`operator.logLevel: warning` left the operator's own lines (logger distillery.operator) at INFO.
+    The chart's arguments go through the real `distillery operator` entry (kopf.run stubbed out)."""
+    import logging
+
+    import kopf
+    from distillery_operator.cli import main
+
+    args = rendered(k8s_tools, tmp_path, {"operator": {"logLevel": log_level}}).operator_container()["args"]
+    ran: list[dict[str, Any]] = []
+    monkeypatch.setattr(kopf, "run", lambda **kwargs: ran.append(kwargs))
+    assert main(["operator", *args]) == 0 and ran
+    for name in ("distillery.operator", "kopf", "kopf.activities"):
+        got = logging.getLevelName(logging.getLogger(name).getEffectiveLevel())
+        assert got == operator, (log_level, name, got)
+    # One "Handler ... succeeded" line per watch event is noise below debug.
+    got = logging.getLevelName(logging.getLogger("kopf.objects").getEffectiveLevel())
+    assert got == kopf_objects, (log_level, "kopf.objects", got)
+
+
 # The numbers are always passed: 0 means "none" to the operator, not "your default".
 DEADLINES = {
     "DISTILLERY_COLLECT_DEADLINE_SECONDS": "86400",
@@ -235,7 +280,13 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
     }
     built_in = Settings()
     from_chart = Settings.from_env(defaults)
-    for attr in ("collection_resources", "evaluation_resources", "vllm_resources", "shm_size"):
+    for attr in (
+        "collection_resources",
+        "evaluation_resources",
+        "training_resources",
+        "vllm_resources",
+        "shm_size",
+    ):
         assert getattr(from_chart, attr) == getattr(built_in, attr), attr
     env = rendered(k8s_tools, tmp_path, GPU_KUEUE).env()
     for name in RESOURCE_ENV:
@@ -464,6 +515,88 @@ def test_namespaced_mode_grants_roles_per_namespace_and_only_cluster_reads(
     for rule in _rules(reads):
         assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"get", "list", "watch"}
     assert {r for rule in _rules(reads) for r in rule["resources"]} == cluster_scoped
+
+
+# Kinds the API server keeps outside namespaces that a chart might render; anything rendered without a
+# metadata.namespace counts as cluster-scoped too.
+CLUSTER_KINDS = {
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "Namespace",
+    "CustomResourceDefinition",
+    "PriorityClass",
+    "StorageClass",
+    "PersistentVolume",
+    "ValidatingWebhookConfiguration",
+    "MutatingWebhookConfiguration",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "APIService",
+}
+
+
+def _cluster_scoped(objects: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    out = {}
+    for obj in objects:
+        if obj["kind"] in CLUSTER_KINDS or "namespace" not in obj["metadata"]:
+            key = (obj["kind"], obj["metadata"]["name"])
+            assert key not in out, f"{key} rendered twice by one release"
+            out[key] = obj
+    return out
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        pytest.param({"rbac": {"scope": "namespaced"}}, id="namespaced-own-namespace"),
+        pytest.param({"rbac": {"scope": "namespaced", "createNamespaces": True}}, id="namespaced-created"),
+        pytest.param({}, id="cluster"),
+        pytest.param({k: v for k, v in EVERYTHING.items() if k != "rbac"}, id="everything"),
+    ],
+)
+def test_two_releases_in_two_namespaces_share_no_cluster_scoped_name(
+    k8s_tools: Tools, tmp_path: Path, values: dict[str, Any]
+) -> None:
+    """One operator per business unit (docs/multi-tenancy.md): `helm install distillery -n bu-1` and
+    `-n bu-2`, the same release name. Two releases owning one ClusterRoleBinding would overwrite each
+    other's subject (Helm refuses the second install; two Argo CD Applications fight over it)."""
+    rendered_by = {}
+    for ns in ("bu-1", "bu-2"):
+        release_values = json.loads(json.dumps(values))
+        if values.get("rbac", {}).get("createNamespaces"):
+            release_values["rbac"]["watchNamespaces"] = [ns, f"{ns}-team-a", f"{ns}-team-b"]
+        rendered_by[ns] = _cluster_scoped(
+            template(k8s_tools, tmp_path, release_values, namespace=ns, release=RELEASE, crds=True)
+        )
+    first, second = rendered_by["bu-1"], rendered_by["bu-2"]
+    shared = set(first) & set(second)
+    # The CRD alone is shared: Helm installs it from the chart's crds/ directory (never templated, never
+    # owned by a release: the first install creates it, later ones leave it), and it is the same object.
+    assert shared == {("CustomResourceDefinition", "distillationruns.distillery.dev")}, sorted(shared)
+    crd = ("CustomResourceDefinition", "distillationruns.distillery.dev")
+    assert first[crd] == second[crd]
+    assert {kind for kind, _ in first} >= {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    for ns, objects in rendered_by.items():
+        binding = objects[("ClusterRoleBinding", f"distillery-{ns}")]
+        assert binding["roleRef"]["name"] == f"distillery-{ns}"
+        assert binding["subjects"][0]["namespace"] == ns
+
+
+def test_the_watched_namespaces_are_created_only_when_asked(k8s_tools: Tools, tmp_path: Path) -> None:
+    assert not rendered(k8s_tools, tmp_path, NAMESPACED).of_kind("Namespace")
+    values = {"rbac": {**NAMESPACED["rbac"], "createNamespaces": True}}
+    values["rbac"]["watchNamespaces"] = [*values["rbac"]["watchNamespaces"], NAMESPACE]
+    out = rendered(k8s_tools, tmp_path, values)
+    namespaces = {n["metadata"]["name"]: n for n in out.of_kind("Namespace")}
+    # The release namespace is Helm's (--create-namespace) or already there: never the chart's.
+    assert set(namespaces) == {"team-a", "team-b"}
+    for ns in namespaces.values():
+        # Uninstalling the operator must not delete the runs, claims and Secrets a namespace holds.
+        assert ns["metadata"]["annotations"] == {"helm.sh/resource-policy": "keep"}
+    assert {r["metadata"]["namespace"] for r in out.of_kind("Role")} == {"team-a", "team-b", NAMESPACE}
+    # Cluster-wide, the value means nothing: no namespace is created.
+    cluster = {"rbac": {"createNamespaces": True, "watchNamespaces": ["team-a"]}}
+    assert not rendered(k8s_tools, tmp_path, cluster).of_kind("Namespace")
 
 
 def test_rbac_can_be_left_to_the_platform(k8s_tools: Tools, tmp_path: Path) -> None:

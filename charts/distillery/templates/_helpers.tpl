@@ -19,6 +19,16 @@ Names, labels, the operator's command line and environment, and the RBAC rules: 
 {{- end }}
 {{- end }}
 
+{{/*
+The name of the release's cluster-scoped objects (ClusterRole, ClusterRoleBinding): the full name and
+the release namespace, so that releases of the same name in different namespaces (one namespaced
+operator per business unit: `helm install distillery -n bu-1`, `-n bu-2`) own distinct objects. The
+CRD is the one shared cluster-scoped object, and Helm installs it from crds/ (never templated).
+*/}}
+{{- define "distillery.clusterName" -}}
+{{- printf "%s-%s" (include "distillery.fullname" .) .Release.Namespace | trunc 253 | trimSuffix "-" }}
+{{- end }}
+
 {{- define "distillery.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -117,6 +127,7 @@ Empty values set nothing, so the operator's own default applies; the numbers are
   "DISTILLERY_SHM_SIZE" $w.shmSize
   "DISTILLERY_COLLECTION_RESOURCES" (toJson $w.resources.collection)
   "DISTILLERY_EVALUATION_RESOURCES" (toJson $w.resources.evaluation)
+  "DISTILLERY_TRAINING_RESOURCES" (toJson $w.resources.training)
   "DISTILLERY_VLLM_RESOURCES" (toJson $w.resources.vllm)
 }}
 {{- if $w.nodeSelector }}

@@ -169,29 +169,26 @@ def scheduling(run: Run, settings: Settings) -> dict[str, Any]:
     return out
 
 
-# The components whose pods use the run's claim at the same time: a self-hosted teacher and the
-# collection's shards; the served student and its evaluation. On a single-node claim each group's pods
-# are scheduled onto one node (required pod affinity to the group, kubernetes.io/hostname); the first pod
-# of a group goes anywhere (a pod that matches its own affinity term is placed when no other does).
-COLOCATED: dict[str, tuple[str, ...]] = {
-    TEACHER: (TEACHER, COLLECT),
-    COLLECT: (TEACHER, COLLECT),
-    SERVE: (SERVE, EVAL),
-    EVAL: (SERVE, EVAL),
-}
+# The components whose pods mount the run's claim, some of them at the same time: a self-hosted teacher
+# and the collection's shards; the served student and its evaluation; a training that runs again while
+# the run's earlier student is still served (or a teacher still stopping). On a single-node claim every
+# one of them is scheduled onto the node of any that is running (one required pod affinity to all of
+# them, kubernetes.io/hostname): the first pod goes anywhere (a pod that matches its own affinity term is
+# placed when no other does), and the scheduler ignores pods that have ended, so a stage that starts once
+# the others are done is placed freely.
+CLAIM_USERS: tuple[str, ...] = (TEACHER, COLLECT, TRAIN, SERVE, EVAL)
 HOSTNAME = "kubernetes.io/hostname"
 
 
 def colocation(run: Run, component: str) -> dict[str, Any] | None:
-    """The ``affinity`` that keeps ``component``'s pods on the node of the pods that share the claim with
-    them, when the claim is single-node (ReadWriteOnce); None otherwise."""
-    group = COLOCATED.get(component)
-    if group is None or not run.single_node_claim:
+    """The ``affinity`` that keeps ``component``'s pods on the node of the run's other pods that mount
+    its claim, when the claim is single-node (ReadWriteOnce); None otherwise."""
+    if component not in CLAIM_USERS or not run.single_node_claim:
         return None
     term = {
         "labelSelector": {
             "matchLabels": {RUN_LABEL: run.name},
-            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In", "values": list(group)}],
+            "matchExpressions": [{"key": COMPONENT_LABEL, "operator": "In", "values": list(CLAIM_USERS)}],
         },
         "topologyKey": HOSTNAME,
     }
@@ -284,24 +281,29 @@ def secret_env(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def resources(
-    *, cpu: str | None = None, memory: str | None = None, gpus: int = 0, gpu_resource: str = "nvidia.com/gpu"
+def training_resources(
+    cpu: str | None,
+    memory: str | None,
+    default: Any,
+    *,
+    gpus: int = 0,
+    gpu_resource: str = "nvidia.com/gpu",
 ) -> dict[str, Any]:
-    requests: dict[str, str] = {}
-    limits: dict[str, str] = {}
+    """A training container's resources: the operator's default for training, with the run's
+    ``training.resources.cpu`` and ``.memory`` in place of the default's of that kind (the request; the
+    memory also as the limit, a cpu without a limit); plus the GPUs, requested and limited alike."""
+    requests = dict(default.get("requests") or {})
+    limits = dict(default.get("limits") or {})
     if cpu:
         requests["cpu"] = cpu
+        limits.pop("cpu", None)
     if memory:
-        requests["memory"] = memory
-        limits["memory"] = memory
+        requests["memory"] = limits["memory"] = memory
+    base = {"requests": requests, "limits": limits}
+    out: dict[str, Any] = {part: entries for part, entries in base.items() if entries}
     if gpus > 0:
-        limits[gpu_resource] = str(gpus)
-        requests[gpu_resource] = str(gpus)
-    out: dict[str, Any] = {}
-    if requests:
-        out["requests"] = requests
-    if limits:
-        out["limits"] = limits
+        for part in ("requests", "limits"):
+            out.setdefault(part, {})[gpu_resource] = str(gpus)
     return out
 
 

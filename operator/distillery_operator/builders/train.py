@@ -25,9 +25,9 @@ from .common import (
     labels,
     metadata,
     pod_spec,
-    resources,
     selector,
     stage_command,
+    training_resources,
     volume_mounts,
 )
 
@@ -44,9 +44,10 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
         "command": command,
         "env": base_env(run, settings)
         + hf_token_env(run),  # the student (and an online teacher) may be gated
-        "resources": resources(
-            cpu=res.cpu,
-            memory=res.memory,
+        "resources": training_resources(
+            res.cpu,
+            res.memory,
+            settings.training_resources,
             gpus=res.gpus_per_node,
             gpu_resource=res.gpu_resource or settings.gpu_resource,
         ),
@@ -57,7 +58,9 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
 def _template(run: Run, settings: Settings, container: dict[str, Any], restart_policy: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": labels(run, TRAIN)},
-        "spec": pod_spec(run, settings, [container], restart_policy=restart_policy, shm=True),
+        "spec": pod_spec(
+            run, settings, [container], restart_policy=restart_policy, shm=True, component=TRAIN
+        ),
     }
 
 

@@ -522,8 +522,8 @@ def test_a_vllm_deployment_waits_for_its_startup_probe_before_giving_up(startup_
 # ---------------------------------------------------------------------------------------------- ReadWriteOnce
 
 
-def _affinity_terms(manifest: dict[str, Any]) -> list[dict[str, Any]]:
-    affinity = pod_templates(manifest)[0]["spec"].get("affinity") or {}
+def _affinity_terms(template: dict[str, Any]) -> list[dict[str, Any]]:
+    affinity = template["spec"].get("affinity") or {}
     terms: list[dict[str, Any]] = (affinity.get("podAffinity") or {}).get(
         "requiredDuringSchedulingIgnoredDuringExecution"
     ) or []
@@ -541,26 +541,32 @@ def _selects(term: dict[str, Any], labels: dict[str, str]) -> bool:
     return True
 
 
+# Every workload of a run that mounts its claim: a self-hosted teacher, the collection shards, the training
+# (either backend, master and workers), the served student and the evaluation.
+CLAIM_USERS = ("teacher", "collect", "pytorchjob", "train-job", "serve", "eval")
+
+
 @pytest.mark.parametrize("modes", [("ReadWriteOnce",), ("ReadWriteOnce", "ReadWriteMany"), ()])
-def test_pods_that_share_a_readwriteonce_claim_share_a_node(modes: tuple[str, ...]) -> None:
-    """A ReadWriteOnce volume attaches to one node: the evaluation pod on another node than the served
-    student would wait in Multi-Attach forever. Both need the claim (the evaluation reads collect/ and
-    writes eval/, vLLM reads student/), so the evaluation follows the student (and a self-hosted teacher's
-    collection shards follow the teacher): a required pod affinity on the node's hostname."""
+def test_every_pod_of_a_run_on_a_readwriteonce_claim_shares_one_node(modes: tuple[str, ...]) -> None:
+    """A ReadWriteOnce volume attaches to one node at a time: a pod on another node than a running pod
+    of the same claim waits in Multi-Attach. The claim is mounted at once by the eight collection shards
+    (and the teacher they query), by the evaluation beside the served student, and by a training that
+    re-runs while the run's earlier student is still served. So on such a claim every pod of the run that
+    mounts it carries a required pod affinity (kubernetes.io/hostname) to all of them: the first goes
+    anywhere (a pod that matches its own term), the others follow while any is running (the scheduler
+    ignores pods that have ended). ReadWriteMany, or a claim the operator could not see: none."""
     run = dataclasses.replace(example("whitebox-kd.yaml"), claim_modes=modes)
     built = children(run)
-    groups = {"serve": ("serve", "eval"), "eval": ("serve", "eval"), "teacher": ("teacher", "collect")}
-    groups["collect"] = groups["teacher"]
-    if modes != ("ReadWriteOnce",):  # ReadWriteMany, or a claim the operator could not see
-        assert all(not _affinity_terms(built[k]) for k in groups)
+    assert set(CLAIM_USERS) <= set(built)
+    if modes != ("ReadWriteOnce",):
+        for key in CLAIM_USERS:
+            assert all(not _affinity_terms(t) for t in pod_templates(built[key])), key
         return
-    for key, together in groups.items():
-        (term,) = _affinity_terms(built[key])
-        assert term["topologyKey"] == "kubernetes.io/hostname"
-        for other in together:  # selects the pods it must sit beside, its own included
-            assert _selects(term, pod_labels(built[other])), (key, other)
-        assert not _selects(term, pod_labels(built["pytorchjob"]))
-        other_run = dataclasses.replace(run, name="other")
-        assert not _selects(term, pod_labels(children(other_run)[key]))
-    # Training, alone on the volume at its time, is placed freely.
-    assert not _affinity_terms(built["pytorchjob"]) and not _affinity_terms(built["train-job"])
+    other_run = children(dataclasses.replace(run, name="other"))
+    for key in CLAIM_USERS:
+        for template in pod_templates(built[key]):
+            (term,) = _affinity_terms(template)
+            assert term["topologyKey"] == "kubernetes.io/hostname"
+            for other in CLAIM_USERS:  # selects every pod it may share the claim with, its own included
+                assert _selects(term, pod_labels(built[other])), (key, other)
+                assert not _selects(term, pod_labels(other_run[other])), (key, "another run's", other)

@@ -261,3 +261,113 @@ def test_settings_read_the_chart_environment() -> None:
     assert settings.shm_size == "2Gi"
     with pytest.raises(ValueError, match="DISTILLERY_VLLM_RESOURCES"):
         Settings.from_env({"DISTILLERY_VLLM_RESOURCES": '{"requests": {"gpu": "1"}}'})
+
+
+# ---------------------------------------------------------------------------------------------- quotas
+
+
+def _replicas(manifest: dict[str, Any]) -> list[tuple[dict[str, Any], int]]:
+    """Each pod spec of a workload with how many of its pods run at once."""
+    spec = manifest.get("spec", {})
+    if manifest["kind"] == "PyTorchJob":
+        return [(r["template"]["spec"], r["replicas"]) for r in spec["pytorchReplicaSpecs"].values()]
+    if manifest["kind"] == "Job":
+        return [(spec["template"]["spec"], spec.get("parallelism", 1))]
+    if manifest["kind"] == "Deployment":
+        return [(spec["template"]["spec"], spec["replicas"])]
+    return []
+
+
+def _quantity(text: str) -> float:
+    from distillery_trainer.api.spec import quantity_value
+
+    return float(quantity_value(text))
+
+
+def quota_usage(manifest: dict[str, Any], tracked: tuple[str, ...] = ("cpu", "memory")) -> dict[str, float]:
+    """What the ResourceQuota admission plugin would charge the pods of a workload (the emulator has no
+    quota; this plays it): a quota that tracks requests.cpu or requests.memory refuses a pod whose
+    container does not request it ("must specify requests.cpu"), and charges the sum of the requests."""
+    used = dict.fromkeys(tracked, 0.0)
+    for pod, count in _replicas(manifest):
+        for container in pod["containers"] + pod.get("initContainers", []):
+            requests = container.get("resources", {}).get("requests", {})
+            for name in tracked:
+                assert name in requests, (
+                    f"{manifest['metadata']['name']}: container {container['name']} requests no {name}: "
+                    f"a namespace with a requests.{name} quota refuses the pod"
+                )
+                used[name] += _quantity(requests[name]) * count
+    return used
+
+
+QUOTA_RUNS = {
+    "external-teacher": lambda: make_run("quota").storage(),
+    "self-hosted": lambda: make_run("quota").self_hosted().storage(),
+    "multi-node": lambda: make_run("quota").storage().spec({"training": {"resources": {"nodes": 3}}}),
+    "set-resources": lambda: (
+        make_run("quota").storage().spec({"training": {"resources": {"cpu": "16", "memory": "128Gi"}}})
+    ),
+}
+
+
+@pytest.mark.parametrize("settings", [Settings(), Settings.from_env({})], ids=["built-in", "chart-less"])
+@pytest.mark.parametrize("name", sorted(QUOTA_RUNS))
+def test_every_workload_pod_requests_cpu_and_memory(name: str, settings: Settings) -> None:
+    """docs/multi-tenancy.md: a ResourceQuota on requests.cpu and requests.memory caps a team. That holds
+    only if every pod a run creates (collection shards, training master and workers, a self-hosted
+    teacher, the served student, the evaluation) requests both: a quota refuses a pod that does not."""
+    children = _children(_run(QUOTA_RUNS[name](), "quota"), settings)
+    workloads = {k: m for k, m in children.items() if _replicas(m)}
+    assert {"collect", "pytorchjob", "train-job", "serve", "eval"} <= set(workloads)
+    for manifest in workloads.values():
+        used = quota_usage(manifest)
+        assert used["cpu"] > 0 and used["memory"] > 0
+
+
+def test_a_quota_charges_the_training_nodes_their_requests() -> None:
+    settings = Settings(training_resources={"requests": {"cpu": "4", "memory": "32Gi"}})
+    run = _run(make_run("quota").storage().spec({"training": {"resources": {"nodes": 3}}}), "quota")
+    children = _children(run, settings)
+    for key in ("pytorchjob", "train-job"):
+        used = quota_usage(children[key])  # master + 2 workers, or 3 indexed pods at once
+        assert used == {"cpu": 12.0, "memory": 3 * 32 * 2**30}, key
+
+
+def test_training_pods_take_the_operator_default_unless_the_run_sets_cpu_or_memory() -> None:
+    settings = Settings(
+        training_resources={
+            "requests": {"cpu": "6", "memory": "48Gi"},
+            "limits": {"cpu": "12", "memory": "64Gi"},
+        }
+    )
+    children = _children(_run(make_run("train").storage(), "train"), settings)
+    for key in ("pytorchjob", "train-job"):
+        assert _resources(children[key]) == {
+            "requests": {"cpu": "6", "memory": "48Gi", "nvidia.com/gpu": "1"},
+            "limits": {"cpu": "12", "memory": "64Gi", "nvidia.com/gpu": "1"},
+        }
+    # The run's training.resources.cpu / .memory replace the default's for that resource: the request,
+    # and its limit (memory: the run's value is the limit as well, as before; cpu: no limit).
+    run = _run(make_run("train").storage().spec({"training": {"resources": {"memory": "200Gi"}}}), "train")
+    for key in ("pytorchjob", "train-job"):
+        assert _resources(_children(run, settings)[key]) == {
+            "requests": {"cpu": "6", "memory": "200Gi", "nvidia.com/gpu": "1"},
+            "limits": {"cpu": "12", "memory": "200Gi", "nvidia.com/gpu": "1"},
+        }
+    run = _run(make_run("train").storage().spec({"training": {"resources": {"cpu": "32"}}}), "train")
+    res = _resources(_children(run, settings)["pytorchjob"])
+    assert res["requests"]["cpu"] == "32" and "cpu" not in res["limits"]  # never a limit below the request
+    for manifest in _children(run, settings).values():
+        if manifest["kind"] != "PyTorchJob":
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(manifest, version, strict=True)
+
+
+def test_settings_read_the_training_default_from_the_chart_environment() -> None:
+    settings = Settings.from_env(
+        {"DISTILLERY_TRAINING_RESOURCES": '{"requests": {"cpu": "2", "memory": "8Gi"}}'}
+    )
+    assert settings.training_resources == {"requests": {"cpu": "2", "memory": "8Gi"}}
+    with pytest.raises(ValueError, match="DISTILLERY_TRAINING_RESOURCES"):
+        Settings.from_env({"DISTILLERY_TRAINING_RESOURCES": '{"requests": {"cpu": "lots"}}'})

@@ -495,8 +495,20 @@ class Resources(ApiModel):
             "Default: the operator's (nvidia.com/gpu unless the chart says)."
         ),
     )
-    cpu: Quantity | None = Field(default=None, description="CPU request per pod.")
-    memory: Quantity | None = Field(default=None, description="Memory request per pod.")
+    cpu: Quantity | None = Field(
+        default=None,
+        description=(
+            "CPU request of each training pod (no CPU limit). Default: the operator's "
+            "(workloads.resources.training)."
+        ),
+    )
+    memory: Quantity | None = Field(
+        default=None,
+        description=(
+            "Memory request and limit of each training pod. Default: the operator's "
+            "(workloads.resources.training)."
+        ),
+    )
 
 
 class Training(ApiModel):
