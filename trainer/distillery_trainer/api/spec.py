@@ -16,6 +16,7 @@ from pydantic import Field, field_validator, model_validator
 from .base import ApiModel, RuleViolations
 from .names import MAX_NODES, MAX_SHARDS
 from .validation import (
+    KD_BLACK_BOX,
     KD_ONLINE_SOURCE,
     KD_TOPK_SOURCE,
     LORA_FSDP,
@@ -930,8 +931,7 @@ class DistillationRunSpec(ApiModel):
             cel(
                 "!has(self.training) || !has(self.training.method) || self.training.method != 'kd' "
                 "|| has(self.teacher.logprobs) || has(self.teacher.selfHosted)",
-                "training.method kd needs the teacher's logprobs: set teacher.logprobs.topK or use "
-                "teacher.selfHosted; for a black-box API teacher use sft or seqkd",
+                KD_BLACK_BOX,
                 ".training.method",
             ),
             cel(

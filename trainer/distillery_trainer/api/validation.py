@@ -23,6 +23,10 @@ OPENAI_MAX_TOP_LOGPROBS = 20
 # regular expression that Python and the API server's CEL (RE2) read alike: scheme, optional userinfo, host.
 OPENAI_HOST = r"(?i)^[a-z][-+.a-z0-9]*://([^/?#]*@)?[^/?#@:]*openai[.]com(:[^/?#]*)?([/?#]|$)"
 OPENAI_TOPK = f"the OpenAI API returns at most {OPENAI_MAX_TOP_LOGPROBS} top logprobs: set topK <= 20"
+KD_BLACK_BOX = (
+    "kd needs the teacher's token logprobs: set teacher.logprobs.topK (an endpoint that returns "
+    "logprobs, such as vLLM) or use teacher.selfHosted; for a black-box API teacher use sft or seqkd"
+)
 KD_TOPK_SOURCE = "topk needs teacher.logprobs.topK set, or use source: online"
 KD_ONLINE_SOURCE = (
     "online runs the teacher model on the training ranks and needs teacher.selfHosted; "
@@ -57,11 +61,7 @@ def check_spec(spec: DistillationRunSpec) -> None:
     teacher, training = spec.teacher, spec.training
 
     if training.method == "kd" and not teacher.white_box:
-        rules.fail(
-            "training.method",
-            "kd needs the teacher's token logprobs: set teacher.logprobs.topK (an endpoint that returns "
-            "logprobs, such as vLLM) or use teacher.selfHosted; for a black-box API teacher use sft or seqkd",
-        )
+        rules.fail("training.method", KD_BLACK_BOX)
     if training.method == "kd" and training.kd.source == "topk" and teacher.logprobs is None:
         rules.fail("training.kd.source", KD_TOPK_SOURCE)
     if training.method == "kd" and training.kd.source == "online" and teacher.self_hosted is None:
