@@ -101,6 +101,34 @@ CASES = [
     ),
     # training
     Case("kd-black-box", S({"training": {"method": "kd"}}), "spec.training.method", "use sft or seqkd"),
+    Case(
+        "on-policy-black-box",
+        S({"training": {"method": "onPolicy"}}),
+        "spec.training.method",
+        "a black-box API teacher cannot score them",
+    ),
+    Case(
+        "on-policy-openai-teacher",
+        S({"teacher": {"logprobs": {"topK": 5}}, "training": {"method": "onPolicy"}}),
+        "spec.teacher.endpoint.baseURL",
+        "does not return prompt logprobs",
+        {MODEL},
+    ),
+    Case(
+        "on-policy-greedy",
+        S({"training": {"onPolicy": {"temperature": 0}}}),
+        "spec.training.onPolicy.temperature",
+    ),
+    Case(
+        "on-policy-lmbda-above-one",
+        S({"training": {"onPolicy": {"lmbda": 1.5}}}),
+        "spec.training.onPolicy.lmbda",
+    ),
+    Case(
+        "on-policy-forward-kl",
+        S({"training": {"onPolicy": {"divergence": "forwardKL"}}}),
+        "spec.training.onPolicy.divergence",
+    ),
     Case("kd-temperature-zero", S({"training": {"kd": {"temperature": 0}}}), "spec.training.kd.temperature"),
     Case("kd-alpha-zero", S({"training": {"kd": {"alpha": 0}}}), "spec.training.kd.alpha"),
     Case("kd-alpha-above-one", S({"training": {"kd": {"alpha": 1.5}}}), "spec.training.kd.alpha"),
@@ -363,6 +391,15 @@ def test_cel_rules_and_model_agree_on_cross_field_rules() -> None:
         make_run().kd().obj(),
         make_run().self_hosted().spec({"training": {"method": "kd"}}).obj(),
         make_run().storage().obj(),
+        make_run().self_hosted().spec({"training": {"method": "onPolicy"}}).obj(),
+        make_run()
+        .spec(
+            {
+                "teacher": {"endpoint": {"baseURL": "http://vllm.example:8000/v1"}, "logprobs": {"topK": 20}},
+                "training": {"method": "onPolicy", "onPolicy": {"divergence": "jsd", "topK": 50}},
+            }
+        )
+        .obj(),
         # Several training nodes: ReadWriteMany asked for, or left to the default (which is ReadWriteMany).
         make_run()
         .spec(

@@ -21,6 +21,16 @@ MULTI_NODE_RWO = (
     "use accessModes [ReadWriteMany] (a StorageClass that offers it: NFS, CephFS, Filestore, EFS, Azure Files) "
     "or set training.resources.nodes: 1"
 )
+ON_POLICY_BLACK_BOX = (
+    "onPolicy needs the teacher's log-probabilities of the student's own samples (vLLM's prompt_logprobs): "
+    "use teacher.selfHosted, or a vLLM teacher.endpoint with teacher.logprobs.topK set; a black-box API "
+    "teacher cannot score them: use sft or seqkd"
+)
+ON_POLICY_OPENAI = (
+    "the OpenAI API does not return prompt logprobs, which training.method onPolicy needs to score the "
+    "student's samples: serve the teacher with vLLM (teacher.selfHosted, or a vLLM endpoint), or use sft, "
+    "seqkd or kd"
+)
 
 
 def check_spec(spec: DistillationRunSpec) -> None:
@@ -41,6 +51,12 @@ def check_spec(spec: DistillationRunSpec) -> None:
             "online runs the teacher model on the training ranks and needs teacher.selfHosted; "
             "with an API teacher use source: topk and teacher.logprobs",
         )
+    if training.method == "onPolicy" and not teacher.white_box:
+        rules.fail("training.method", ON_POLICY_BLACK_BOX)
+    elif training.method == "onPolicy" and teacher.endpoint is not None:
+        host = urlparse(teacher.endpoint.base_url).hostname or ""
+        if host.endswith("openai.com"):
+            rules.fail("teacher.endpoint.baseURL", ON_POLICY_OPENAI)
     if training.method == "seqkd" and training.seqkd.samples > 1 and teacher.sampling.temperature == 0:
         rules.fail(
             "training.seqkd.samples",
