@@ -42,6 +42,15 @@ def test_cel_rules_and_model_agree_on_cross_field_rules() -> None:
         make_run().kd().obj(),
         make_run().self_hosted().spec({"training": {"method": "kd"}}).obj(),
         make_run().storage().obj(),
+        make_run().self_hosted().spec({"training": {"method": "onPolicy"}}).obj(),
+        make_run()
+        .spec(
+            {
+                "teacher": {"endpoint": {"baseURL": "http://vllm.example:8000/v1"}, "logprobs": {"topK": 20}},
+                "training": {"method": "onPolicy", "onPolicy": {"divergence": "jsd", "topK": 50}},
+            }
+        )
+        .obj(),
         # Several training nodes: ReadWriteMany asked for, or left to the default (which is ReadWriteMany).
         make_run()
         .spec(

@@ -69,6 +69,16 @@ FULL_ENDPOINT: dict[str, Any] = {
         "method": "kd",
         "kd": {"temperature": 2.0, "alpha": 0.5, "divergence": "jsd", "jsdBeta": 0.4, "source": "topk"},
         "seqkd": {"samples": 2, "selection": "bestLogprob"},
+        "onPolicy": {
+            "lmbda": 0.5,
+            "divergence": "jsd",
+            "beta": 0.3,
+            "temperature": 0.9,
+            "maxNewTokens": 64,
+            "samplesPerPrompt": 2,
+            "topK": 16,
+            "chunkTokens": 512,
+        },
         "dpo": {"enabled": True, "beta": 0.2, "pairs": 64, "epochs": 1.0, "learningRate": 1e-6},
         "epochs": 1.5,
         "maxSteps": 100,
@@ -163,7 +173,7 @@ FULL_SELF_HOSTED: dict[str, Any] = {
 }
 
 ALTERNATIVES = (
-    "sft", "kd", "seqkd", "forwardKL", "reverseKL", "jsd", "auto", "topk", "online", "bestLogprob", "all",
+    "sft", "kd", "seqkd", "onPolicy", "forwardKL", "reverseKL", "jsd", "auto", "topk", "online", "bestLogprob", "all",
     "cosine", "linear", "constant", "bf16", "fp16", "fp32", "ddp", "fsdp", "pytorchjob", "job",
     "exact_match", "rouge_l", "ReadWriteMany", "ReadWriteOnce", "Equal", "PreferNoSchedule", "float16", "64Gi",
 )  # fmt: skip

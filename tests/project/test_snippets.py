@@ -132,12 +132,15 @@ YAML_BLOCKS = [b for b in BLOCKS if b.lang == "yaml" and not b.mark.startswith("
 
 def _run_with(spec: dict[str, Any]) -> dict[str, Any]:
     """A valid run with ``spec`` merged in; a one-of the excerpt sets (the prompts' source, the teacher's,
-    the volume) replaces the run's own."""
+    the volume) replaces the run's own, and a method that needs the teacher's logprobs gets a self-hosted
+    teacher."""
     run = make_run("snippet", "team-a").storage()
     if "prompts" in (spec.get("data") or {}):
         run.spec({"data": {"prompts": DELETE}})
     if "selfHosted" in (spec.get("teacher") or {}):
         run.spec({"teacher": {"endpoint": DELETE}})
+    elif (spec.get("training") or {}).get("method") in ("kd", "onPolicy"):
+        run.self_hosted()  # the methods that need the teacher's logprobs: a teacher that gives them
     if "storage" in spec:
         run.spec({"storage": DELETE})
     return run.spec(spec).obj()

@@ -105,6 +105,33 @@ CASES = [
     ),
     # training
     Case("kd-black-box", S({"training": {"method": "kd"}}), "spec.training.method", "use sft or seqkd"),
+    Case(
+        "on-policy-black-box",
+        S({"training": {"method": "onPolicy"}}),
+        "spec.training.method",
+        "a black-box API teacher cannot score them",
+    ),
+    Case(
+        "on-policy-openai-teacher",
+        S({"teacher": {"logprobs": {"topK": 5}}, "training": {"method": "onPolicy"}}),
+        "spec.teacher.endpoint.baseURL",
+        "does not return prompt logprobs",
+    ),
+    Case(
+        "on-policy-greedy",
+        S({"training": {"onPolicy": {"temperature": 0}}}),
+        "spec.training.onPolicy.temperature",
+    ),
+    Case(
+        "on-policy-lmbda-above-one",
+        S({"training": {"onPolicy": {"lmbda": 1.5}}}),
+        "spec.training.onPolicy.lmbda",
+    ),
+    Case(
+        "on-policy-forward-kl",
+        S({"training": {"onPolicy": {"divergence": "forwardKL"}}}),
+        "spec.training.onPolicy.divergence",
+    ),
     Case("kd-temperature-zero", S({"training": {"kd": {"temperature": 0}}}), "spec.training.kd.temperature"),
     Case("kd-alpha-zero", S({"training": {"kd": {"alpha": 0}}}), "spec.training.kd.alpha"),
     Case("kd-alpha-above-one", S({"training": {"kd": {"alpha": 1.5}}}), "spec.training.kd.alpha"),

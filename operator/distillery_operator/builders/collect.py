@@ -8,6 +8,7 @@ from typing import Any
 from distillery_trainer.api.stage import TEACHER_API_KEY_ENV
 from distillery_trainer.collect.prompts import CONFIGMAP_MOUNT, PROMPTS_DIR_ENV
 from distillery_trainer.serve import VllmServer
+from distillery_trainer.serve.args import score_top_k
 
 from ..settings import Settings
 from .common import (
@@ -99,7 +100,9 @@ def _teacher_server(run: Run, settings: Settings) -> VllmServer:
     teacher = run.spec.teacher.self_hosted
     assert teacher is not None
     model = volume_path(teacher.model, settings)  # vLLM knows no pvc://: the path where it is mounted
-    return VllmServer.for_teacher(teacher, run.spec.teacher.logprobs, model, TEACHER_SERVED_NAME)
+    return VllmServer.for_teacher(
+        teacher, run.spec.teacher.logprobs, model, TEACHER_SERVED_NAME, score_top_k=score_top_k(run.spec)
+    )
 
 
 def teacher_deployment(run: Run, settings: Settings) -> dict[str, Any]:

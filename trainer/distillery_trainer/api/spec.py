@@ -21,6 +21,8 @@ from .validation import (
     KD_TOPK_SOURCE,
     LORA_FSDP,
     MULTI_NODE_RWO,
+    ON_POLICY_BLACK_BOX,
+    ON_POLICY_OPENAI,
     OPENAI_HOST,
     OPENAI_MAX_TOP_LOGPROBS,
     OPENAI_TOPK,
@@ -525,6 +527,57 @@ class SeqKD(ApiModel):
     )
 
 
+class OnPolicy(ApiModel):
+    """On-policy distillation, named as in TRL's ``GKDTrainer`` (Agarwal et al., GKD): at each on-policy step
+    the student samples its own answers to the step's prompts, the teacher's vLLM server scores every token
+    of them (``prompt_logprobs``, top-k), and the student is trained on the per-token divergence. The other
+    steps (``1 - lmbda`` of them) train on the collected teacher answers with the same divergence, scored
+    the same way. Teacher and student must share a tokenizer (checked before the first step)."""
+
+    lmbda: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description=(
+            "Share of steps on the student's own samples (TRL's lmbda; GKD's default is 0.5); the rest train on "
+            "the collected teacher answers. Which steps are on-policy follows from (seed, step)."
+        ),
+    )
+    divergence: Literal["reverseKL", "jsd"] = Field(
+        default="reverseKL",
+        description="KL(student||teacher), the recipe of on-policy distillation, or GKD's generalized JSD.",
+    )
+    beta: float = Field(
+        default=0.5, gt=0, lt=1, description="Beta of the generalized JSD (TRL's beta; divergence jsd)."
+    )
+    temperature: float = Field(
+        default=1.0,
+        gt=0,
+        le=10,
+        description=(
+            "The student samples at this temperature, and the loss compares both distributions softened by "
+            "it (the teacher's logprobs are requested at T = 1 and softened in the loss)."
+        ),
+    )
+    max_new_tokens: int = Field(default=128, ge=1, le=32768, description="Longest student sample, in tokens.")
+    samples_per_prompt: int = Field(
+        default=1, ge=1, le=64, description="Student samples per prompt at an on-policy step."
+    )
+    top_k: int = Field(
+        default=20,
+        ge=1,
+        le=1000,
+        alias="topK",
+        description=(
+            "Teacher log-probabilities per token (vLLM's prompt_logprobs; a self-hosted teacher is started "
+            "with --max-logprobs at least this, an endpoint teacher must allow it)."
+        ),
+    )
+    chunk_tokens: int = Field(
+        default=1024, ge=16, description="Tokens per chunk of the loss (bounds memory)."
+    )
+
+
 class DPO(ApiModel):
     """DPO after the main method: chosen = the teacher's answer, rejected = the student's baseline."""
 
@@ -569,12 +622,18 @@ class Resources(ApiModel):
 
 
 class Training(ApiModel):
-    method: Literal["sft", "kd", "seqkd"] = Field(
+    method: Literal["sft", "kd", "seqkd", "onPolicy"] = Field(
         default="sft",
-        description="sft: on teacher answers (black-box); kd: logit KD (white-box); seqkd: on selected sequences.",
+        description=(
+            "sft: on teacher answers (black-box); kd: logit KD (white-box); seqkd: on selected sequences; "
+            "onPolicy: on the student's own samples, scored token by token by the teacher's vLLM server."
+        ),
     )
     kd: KD = Field(default_factory=KD, description="Logit-KD settings (method kd).")
     seqkd: SeqKD = Field(default_factory=SeqKD, description="Sequence-KD settings (method seqkd).")
+    on_policy: OnPolicy = Field(
+        default_factory=OnPolicy, alias="onPolicy", description="On-policy settings (method onPolicy)."
+    )
     dpo: DPO = Field(default_factory=DPO, description="Optional DPO stage after the main method.")
     epochs: float = Field(default=2.0, gt=0, le=1000, description="Passes over the training split.")
     max_steps: int | None = Field(default=None, ge=1, description="Stop after this many optimizer steps.")
@@ -932,6 +991,7 @@ class Scheduling(ApiModel):
 
 _METHOD_KD = _is("training.method", " == 'kd'")
 _METHOD_SEQKD = _is("training.method", " == 'seqkd'")
+_METHOD_ON_POLICY = _is("training.method", " == 'onPolicy'")
 _EQ_TOPK, _EQ_ONLINE, _EQ_FSDP = " == 'topk'", " == 'online'", " == 'fsdp'"
 
 
@@ -966,6 +1026,17 @@ class DistillationRunSpec(ApiModel):
                 f"!has(self.student.lora) || !{_is('training.strategy', _EQ_FSDP)}",
                 LORA_FSDP,
                 ".student.lora",
+            ),
+            cel(
+                f"!{_METHOD_ON_POLICY} || has(self.teacher.logprobs) || has(self.teacher.selfHosted)",
+                ON_POLICY_BLACK_BOX,
+                ".training.method",
+            ),
+            cel(
+                f"!{_METHOD_ON_POLICY} || !has(self.teacher.endpoint) "
+                f"|| !self.teacher.endpoint.baseURL.matches('{OPENAI_HOST}')",
+                ON_POLICY_OPENAI,
+                ".teacher.endpoint.baseURL",
             ),
             cel(
                 "!has(self.storage) || !has(self.storage.pvc) || !has(self.storage.pvc.create) "

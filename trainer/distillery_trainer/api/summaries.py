@@ -44,7 +44,7 @@ class CollectionSummary(ApiModel):
 
 class TrainingProgress(ApiModel):
     state: str = Field(default="Running", description="Running, Succeeded or Failed.")
-    method: str = Field(description="sft, kd or seqkd (dpo while the DPO phase runs).")
+    method: str = Field(description="sft, kd, seqkd or onPolicy (dpo while the DPO phase runs).")
     step: int = Field(default=0, ge=0, description="Optimizer steps done.")
     total_steps: int | None = Field(default=None, ge=0, description="Steps planned.")
     epoch: float = Field(default=0.0, ge=0, description="Epochs done.")
@@ -56,3 +56,19 @@ class TrainingProgress(ApiModel):
     gpus: int = Field(default=0, ge=0, description="GPUs in use over all ranks.")
     gpu_hours: float = Field(default=0.0, ge=0, description="gpus x elapsed hours.")
     message: str | None = Field(default=None, description="Why it stopped, when it did.")
+    # onPolicy only
+    teacher_tokens_scored: int | None = Field(
+        default=None, ge=0, description="onPolicy: sequence tokens sent to the teacher to score (all ranks)."
+    )
+    teacher_scoring_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="onPolicy: seconds the ranks waited for the teacher's scores (summed over ranks), for cost.",
+    )
+    samples_per_second: float | None = Field(
+        default=None, ge=0, description="onPolicy: student samples generated per second of training."
+    )
+    divergence: float | None = Field(
+        default=None,
+        description="onPolicy: running mean of the per-token divergence (exponential, weight 0.9 on the past).",
+    )

@@ -54,6 +54,16 @@ PKG_MODEL_IN_CLUSTER = (
     "directory) on the run's volume and name it pvc://<path> (relative to the volume's root), or name a "
     "Hugging Face model id"
 )
+ON_POLICY_BLACK_BOX = (
+    "onPolicy needs the teacher's log-probabilities of the student's own samples (vLLM's prompt_logprobs): "
+    "use teacher.selfHosted, or a vLLM teacher.endpoint with teacher.logprobs.topK set; a black-box API "
+    "teacher cannot score them: use sft or seqkd"
+)
+ON_POLICY_OPENAI = (
+    "the OpenAI API does not return prompt logprobs, which training.method onPolicy needs to score the "
+    "student's samples: serve the teacher with vLLM (teacher.selfHosted, or a vLLM endpoint), or use sft, "
+    "seqkd or kd"
+)
 
 
 def check_spec(spec: DistillationRunSpec) -> None:
@@ -66,6 +76,14 @@ def check_spec(spec: DistillationRunSpec) -> None:
         rules.fail("training.kd.source", KD_TOPK_SOURCE)
     if training.method == "kd" and training.kd.source == "online" and teacher.self_hosted is None:
         rules.fail("training.kd.source", KD_ONLINE_SOURCE)
+    if training.method == "onPolicy" and not teacher.white_box:
+        rules.fail("training.method", ON_POLICY_BLACK_BOX)
+    elif (
+        training.method == "onPolicy"
+        and teacher.endpoint is not None
+        and re.search(OPENAI_HOST, teacher.endpoint.base_url)
+    ):
+        rules.fail("teacher.endpoint.baseURL", ON_POLICY_OPENAI)
     if training.method == "seqkd" and training.seqkd.samples > 1 and teacher.sampling.temperature == 0:
         rules.fail("training.seqkd.samples", SEQKD_GREEDY)
 

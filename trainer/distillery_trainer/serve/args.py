@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..api.spec import Logprobs, SelfHostedTeacher, Serving
+from ..api.spec import DistillationRunSpec, Logprobs, SelfHostedTeacher, Serving
 
 # The official vLLM OpenAI-server image, pinned (the version the CPU build on PyPI mirrors).
 VLLM_IMAGE = "vllm/vllm-openai:v0.32.0"
@@ -73,18 +73,32 @@ class VllmServer:
 
     @classmethod
     def for_teacher(
-        cls, teacher: SelfHostedTeacher, logprobs: Logprobs | None, model: str, name: str, *, gpu: bool = True
+        cls,
+        teacher: SelfHostedTeacher,
+        logprobs: Logprobs | None,
+        model: str,
+        name: str,
+        *,
+        gpu: bool = True,
+        score_top_k: int = 0,
     ) -> VllmServer:
+        """``score_top_k``: the top-k the on-policy trainer asks of ``prompt_logprobs`` (:func:`score_top_k`);
+        vLLM refuses a request for more than its ``--max-logprobs``, prompt logprobs included."""
         return cls(
             model=model,
             served_model_name=name,
             tensor_parallel_size=teacher.tensor_parallel_size,
             max_model_len=teacher.max_model_len,
             dtype=teacher.dtype,
-            max_logprobs=max(20, logprobs.top_k if logprobs else 0),
+            max_logprobs=max(20, logprobs.top_k if logprobs else 0, score_top_k),
             enforce_eager=not gpu,
             extra_args=tuple(teacher.extra_args),
         )
+
+
+def score_top_k(spec: DistillationRunSpec) -> int:
+    """The top-k of the teacher's scores the train stage asks for (on-policy), 0 when it asks for none."""
+    return spec.training.on_policy.top_k if spec.training.method == "onPolicy" else 0
 
 
 def cpu_env(kv_cache_gib: int = 1, cores: int | None = None) -> dict[str, str]:
