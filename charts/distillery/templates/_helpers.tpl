@@ -117,6 +117,7 @@ Empty values set nothing, so the operator's own default applies; the numbers are
   "DISTILLERY_VLLM_IMAGE" $w.vllmImage
   "DISTILLERY_IMAGE_PULL_POLICY" $w.imagePullPolicy
   "DISTILLERY_GPU_RESOURCE" $w.gpuResource
+  "DISTILLERY_TRAINING_RUNTIME" $w.trainingRuntime
   "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
   "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
   "DISTILLERY_STORAGE_CLASS" $w.storageClassName

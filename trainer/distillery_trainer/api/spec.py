@@ -562,7 +562,7 @@ class Training(ApiModel):
         default=None,
         description=(
             "The ClusterTrainingRuntime a TrainJob references (backend trainJob, or auto choosing it). "
-            "Default: the operator's (the chart's workloads.training.runtime, Kubeflow's torch-distributed)."
+            "Default: the operator's (the chart's workloads.trainingRuntime, Kubeflow's torch-distributed)."
         ),
     )
     image: ImageRef | None = Field(default=None, description="Trainer image. Default: the operator's.")
