@@ -215,7 +215,6 @@ class Observed:
             key=lambda p: p.name,
         )
 
-
     @classmethod
     def of(
         cls, children: Iterable[Child], pods: Iterable[Pod], live: Mapping[str, Live] | None = None
