@@ -507,12 +507,12 @@ def test_namespaced_mode_grants_roles_per_namespace_and_only_cluster_reads(
             {"kind": "ServiceAccount", "name": "distillery", "namespace": NAMESPACE}
         ]
     # The same namespaced rules as the cluster-wide role: one definition in _helpers.tpl.
-    cluster_scoped = {"customresourcedefinitions", "namespaces", "storageclasses"}
+    cluster_scoped = {"customresourcedefinitions", "namespaces", "storageclasses", "clustertrainingruntimes"}
     namespaced_part = [r for r in _rules(cluster) if not set(r["resources"]) & cluster_scoped]
     for role in roles.values():
         assert _rules(role) == namespaced_part
-    # What is left cluster-wide only reads namespaces (which exist), CRDs (Kubeflow installed later) and
-    # StorageClasses (how a pending claim binds).
+    # What is left cluster-wide only reads namespaces (which exist), CRDs (Kubeflow installed later),
+    # StorageClasses (how a pending claim binds) and ClusterTrainingRuntimes (whether a TrainJob's exists).
     reads = out.one("ClusterRole")
     for rule in _rules(reads):
         assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"get", "list", "watch"}
