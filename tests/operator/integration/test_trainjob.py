@@ -66,7 +66,10 @@ async def test_a_run_trains_through_a_trainjob_then_serves_and_evaluates(
     assert spec["runtimeRef"]["name"] == "torch-distributed"
     assert (spec["trainer"]["numNodes"], spec["trainer"]["numProcPerNode"]) == (2, 4)
     status = await cluster.wait_phase(NS, NAME, "Training")
-    assert f"TrainJob {NAME}-train" in status["message"] or "TrainJob (ClusterTrainingRuntime" in status["message"]
+    assert (
+        f"TrainJob {NAME}-train" in status["message"]
+        or "TrainJob (ClusterTrainingRuntime" in status["message"]
+    )
 
     # Rank 0 runs and prints its progress; the operator reads it from the log.
     pod = await cluster.start_trainjob(NS, NAME)
