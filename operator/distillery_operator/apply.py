@@ -7,7 +7,7 @@
   a field someone else changed. A child is (re)applied when the index shows it differing from the
   desired one, by this rule: its hash annotation differs from the manifest's, *or* the fields the
   operator's apply owns (``metadata.managedFields``) are not the manifest's fields
-  (:func:`.observe.shape_digest`) -- the API server moves a field a hand edit changed to the editor's
+  (:func:`.owned.shape_digest`) -- the API server moves a field a hand edit changed to the editor's
   manager, so a hand edit of an owned field reads as drift, while a steady child costs no API call.
   Values are compared through the hash only (the server normalizes some, which would read as drift).
   A child missing from the index is read first: force-applying over an object someone else made would
@@ -30,7 +30,8 @@ import kopf
 from .errors import translate
 from .kube import Api, ApiError
 from .naming import HASH_ANNOTATION
-from .observe import Child, child_view, shape_digest
+from .observe import Child, child_view
+from .owned import shape_digest
 from .planner import Desired
 
 

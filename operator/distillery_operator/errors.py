@@ -2,7 +2,7 @@
 (``kopf.PermanentError``). Everything that talks to the API server goes through :func:`translate`;
 :func:`reason` names what went wrong for the operator's error metric.
 
-A 422 (``Invalid``) is the API server refusing what was sent, for a reason in it (a field of the spec the
+A 422 (``Invalid``), or a 403 whose admission webhook "denied the request", is the API server refusing what was sent, for a reason in it (a field of the spec the
 child was built from): :class:`Rejected`, which the reconciler turns into a failed run with the API
 server's message when the refused request was a child's (retrying would stall the run on the same
 answer); a later spec edit, or any change of a child, reconciles the run again."""
@@ -66,8 +66,8 @@ class Rejected(kopf.PermanentError):
     """The API server refused the request as invalid (422): ``what`` was sent, ``detail`` is its answer,
     which names the field. ``reported`` once the run's status and an Event say so."""
 
-    def __init__(self, what: str, detail: str) -> None:
-        super().__init__(f"{what}: 422 {detail}: rejected by the API server")
+    def __init__(self, what: str, detail: str, status: int = 422) -> None:
+        super().__init__(f"{what}: {status} {detail}: rejected by the API server")
         self.what = what
         self.detail = detail
         self.reported = False
@@ -93,6 +93,10 @@ def _intent(exc: BaseException, what: str) -> kopf.TemporaryError | kopf.Permane
             return kopf.TemporaryError(
                 f"{detail} (conflict; retrying with the latest version)", delay=CONFLICT_DELAY
             )
+        if status == 403 and "denied the request" in _message(exc):
+            # An admission webhook refused the object (the Trainer's, for a TrainJob whose runtime does
+            # not exist): the object's fault, not the operator's permissions. Its words fail the run.
+            return Rejected(what, _message(exc), status)
         if status in (401, 403):
             return kopf.TemporaryError(
                 f"{detail}: the operator's ServiceAccount lacks this permission (see the chart's RBAC)",

@@ -1,7 +1,7 @@
 """kopf handlers, kept thin: index what exists, and ask for a reconcile when something changes.
 
 - ``@kopf.index`` keeps one small observation per run and per child (ConfigMap, Service, Job,
-  Deployment, PyTorchJob, Pod) in memory, keyed by ``(namespace, run)``, and one per
+  Deployment, PyTorchJob, TrainJob, Pod) in memory, keyed by ``(namespace, run)``, and one per
   PersistentVolumeClaim keyed by ``(namespace, claim)``, with the runs that have the operator create each
   claim (a claim's change wakes them). kopf fills the indices before any handler runs, so a restarted
   operator sees every child it made before it plans anything.
@@ -39,6 +39,7 @@ CHILD_RESOURCES = {
     "distillery_jobs": ("batch", "v1", "jobs"),
     "distillery_deployments": ("apps", "v1", "deployments"),
     "distillery_pytorchjobs": ("kubeflow.org", "v1", "pytorchjobs"),
+    "distillery_trainjobs": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"),
 }
 POD_RESOURCE = ("", "v1", "pods")
 # Claims are watched without a label selector: a run may ask for a claim that someone else created.

@@ -5,7 +5,7 @@ its own :class:`ApiError` on HTTP errors, which :mod:`.errors` maps to kopf's te
 errors. The operator's requests stay on its one event loop: no thread per call.
 
 Why hand-written, not a client library: the operator makes nine kinds of request (get, create, a merge
-patch of a run's status, a server-side apply, delete, a pod's log, discovery) on nine resources, with
+patch of a run's status, a server-side apply, delete, a pod's log, discovery) on a dozen resources, with
 kopf's credentials, on kopf's event loop. The ``kubernetes`` package was imported only for its exception
 class (its client is synchronous); ``kubernetes_asyncio``, ``lightkube`` and ``kr8s`` would each bring a
 second credentials loader and a model layer the writer does not want (it sends and reads plain dicts),
@@ -61,6 +61,8 @@ KINDS: dict[str, Kind] = {
         Kind("batch/v1", "Job", "jobs"),
         Kind("apps/v1", "Deployment", "deployments"),
         Kind("kubeflow.org/v1", "PyTorchJob", "pytorchjobs"),
+        Kind("trainer.kubeflow.org/v1alpha1", "TrainJob", "trainjobs"),
+        Kind("trainer.kubeflow.org/v1alpha1", "ClusterTrainingRuntime", "clustertrainingruntimes"),
         Kind("distillery.dev/v1alpha1", "DistillationRun", "distillationruns"),
     )
 }
@@ -95,6 +97,7 @@ class Api:
         self._server = ""
         self._discovered: dict[str, tuple[float, bool]] = {}
         self._bindings: dict[str, tuple[float, str | None]] = {}
+        self._found: dict[tuple[str, str], tuple[float, bool | None]] = {}
 
     def _connect(self) -> aiohttp.ClientSession:
         info = self._login()
@@ -249,3 +252,30 @@ class Api:
                 raise
         self._bindings[storage_class] = (time.monotonic(), mode)
         return mode
+
+    async def cluster_object_exists(self, kind: str, name: str, ttl: float) -> bool | None:
+        """Whether a cluster-scoped object (a ClusterTrainingRuntime) exists; None when it may not be
+        read. Cached for ``ttl`` seconds either way: one installed or removed later is seen then."""
+        key = (kind, name)
+        cached = self._found.get(key)
+        if cached is not None and time.monotonic() - cached[0] < ttl:
+            return cached[1]
+        found: bool | None
+        try:
+            await self.get(kind, "", name)
+            found = True
+        except ApiError as exc:
+            if exc.status == 404:
+                found = False
+            elif exc.status == 403:
+                logger.warning(
+                    "may not read %s %s (grant get on %s): TrainJobs are created without checking it",
+                    kind,
+                    name,
+                    KINDS[kind].plural,
+                )
+                found = None
+            else:
+                raise
+        self._found[key] = (time.monotonic(), found)
+        return found

@@ -31,6 +31,12 @@ INPUTS_ANNOTATION = "distillery.dev/inputs"  # of the spec sections the stage de
 GENERATION_ANNOTATION = "distillery.dev/generation"
 COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 PYTORCHJOB_CONTAINER = "pytorch"  # the name the Kubeflow training operator looks for
+# Kubeflow Trainer v2's names for the trainer's replicated job and container in its torch runtimes (a
+# run's TrainJob patches these; a runtime of another shape must use them too).
+TRAINJOB_NODE = "node"
+# On a TrainJob and on its pods: which TrainJob made a pod (the JobSet's Jobs own the pods, not the
+# TrainJob): the inputs it was made for and the run's generation.
+WORKLOAD_LABEL = "distillery.dev/workload"
 
 # Components (one per kind of child, named in the API package with the run-name rule) and their stages.
 COMPONENT_STAGE = {

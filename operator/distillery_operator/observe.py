@@ -9,7 +9,6 @@ API. The latest progress line read from a running pod's log (:mod:`.podlogs`) is
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,20 +25,18 @@ from distillery_trainer.api.status import (
 )
 from distillery_trainer.redact import scrub
 
-from .kube import FIELD_MANAGER
 from .naming import (
     COMPLETION_INDEX_ANNOTATION,
     COMPONENT_LABEL,
     GENERATION_ANNOTATION,
     HASH_ANNOTATION,
     INPUTS_ANNOTATION,
-    PYTORCHJOB_CONTAINER,
+    WORKLOAD_LABEL,
 )
+from .observe_training import STAGE_CONTAINERS, STATUS_KEYS, WORKLOADS, parse_time, replica_type
+from .owned import applied_shape
 
-PYTORCHJOB_REPLICA_TYPE_LABELS = ("training.kubeflow.org/replica-type", "pytorch-replica-type")
 COMPLETION_INDEX_LABEL = COMPLETION_INDEX_ANNOTATION  # a label too since Kubernetes 1.28
-# The stage containers' names (the builders'): the one whose log to read when a webhook added others.
-STAGE_CONTAINERS = (PYTORCHJOB_CONTAINER, "train", "collect", "evaluate")
 # A waiting container's reasons (the kubelet's words) that are trouble, and the reason the run reports.
 WAITING_TROUBLE = {
     "ErrImagePull": REASON_IMAGE_PULL_FAILED,
@@ -115,8 +112,10 @@ class Child:
     status: Mapping[str, Any] = field(default_factory=dict)
     storage_class: str | None = None  # a PersistentVolumeClaim's spec.storageClassName
     access_modes: tuple[str, ...] = ()  # a PersistentVolumeClaim's spec.accessModes
-    # Which fields the operator's server-side apply owns, as :func:`shape_digest` of them (None: none).
+    # Which fields the operator's server-side apply owns, as :func:`.owned.shape_digest` of them (None: none).
     owned: str | None = None
+    # A TrainJob's WORKLOAD_LABEL: its pods carry the same (the JobSet's Jobs own them, not the TrainJob).
+    workload: str | None = None
 
     def condition(self, type_: str) -> Mapping[str, Any] | None:
         return condition(self.status, type_)
@@ -167,10 +166,12 @@ class Pod:
     owners: tuple[str, ...] = ()
     container: str = ""  # the (first) container's name: whose log holds the stage's output
     trouble: Trouble | None = None
+    workload: str | None = None  # WORKLOAD_LABEL: the TrainJob that made it
 
     @property
     def master(self) -> bool:
-        """Whether the pod runs rank 0: the PyTorchJob's Master, or the Indexed Job's pod 0."""
+        """Whether the pod runs rank 0: the PyTorchJob's Master, or the Indexed Job's (or the TrainJob's
+        node Job's) pod 0."""
         return self.replica_type == "master" if self.replica_type else self.index in (None, 0)
 
     @property
@@ -207,9 +208,10 @@ class Observed:
         return self.children.get((kind, name))
 
     def pods_of(self, component: str, owner: Child | None = None) -> list[Pod]:
-        """The component's pods; with ``owner``, only the pods that child made (not a deleted predecessor's)."""
+        """The component's pods; with ``owner``, only the pods that child made (not a deleted predecessor's):
+        those it owns, or for a TrainJob those with its workload label."""
         return sorted(
-            (p for p in self.pods if p.component == component and (owner is None or owner.uid in p.owners)),
+            (p for p in self.pods if p.component == component and (owner is None or made_by(p, owner))),
             key=lambda p: p.name,
         )
 
@@ -220,6 +222,11 @@ class Observed:
         return cls({(c.kind, c.name): c for c in children}, tuple(pods), dict(live or {}))
 
 
+def made_by(pod: Pod, owner: Child) -> bool:
+    """Whether ``owner`` made ``pod``: it owns it, or (a TrainJob) the pod carries its workload label."""
+    return owner.uid in pod.owners or (owner.workload is not None and pod.workload == owner.workload)
+
+
 # ---------------------------------------------------------------------------------------------- parsing
 
 
@@ -228,15 +235,6 @@ def condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any] | None
         if isinstance(cond, Mapping) and cond.get("type") == type_:
             return cond
     return None
-
-
-def parse_time(value: Any) -> datetime | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def plain(value: Any) -> Any:
@@ -270,27 +268,8 @@ def child_view(body: Mapping[str, Any]) -> Child:
     keep: dict[str, Any] = {}
     if kind == "PersistentVolumeClaim" and status.get("phase"):
         keep = {"phase": status["phase"]}
-    if kind in ("Job", "PyTorchJob", "Deployment"):
-        keep = {
-            k: plain(v)
-            for k, v in status.items()
-            if k
-            in (
-                "conditions",
-                "startTime",
-                "completionTime",
-                "active",
-                "succeeded",
-                "failed",
-                "failedIndexes",
-                "completedIndexes",
-                "replicas",
-                "readyReplicas",
-                "updatedReplicas",
-                "availableReplicas",
-                "observedGeneration",
-            )
-        }
+    if kind in WORKLOADS:
+        keep = {k: plain(v) for k, v in status.items() if k in STATUS_KEYS}
     return Child(
         kind=kind,
         name=meta.get("name", ""),
@@ -309,88 +288,8 @@ def child_view(body: Mapping[str, Any]) -> Child:
         storage_class=spec.get("storageClassName") if kind == "PersistentVolumeClaim" else None,
         access_modes=tuple(spec.get("accessModes") or ()) if kind == "PersistentVolumeClaim" else (),
         owned=applied_shape(body),
+        workload=(meta.get("labels") or {}).get(WORKLOAD_LABEL) if kind in WORKLOADS else None,
     )
-
-
-# Set by the API server from the URL, or never tracked as a manager's field.
-IDENTITY = ("apiVersion", "kind")
-IDENTITY_META = ("name", "namespace")
-
-
-def applied_shape(body: Mapping[str, Any], manager: str = FIELD_MANAGER) -> str | None:
-    """:func:`shape_digest` of the part of ``body`` that ``manager``'s server-side apply owns (its
-    ``Apply`` entry in ``metadata.managedFields``); None when it has no such entry. Equal to the digest
-    of the manifest it applied until another writer takes one of those fields over (the API server
-    moves a field a writer changes to that writer's entry) or removes it."""
-    for entry in (body.get("metadata") or {}).get("managedFields") or ():
-        if (
-            entry.get("manager") == manager
-            and entry.get("operation") == "Apply"
-            and not entry.get("subresource")
-        ):
-            return shape_digest(owned_part(body, entry.get("fieldsV1") or {}))
-    return None
-
-
-def owned_part(value: Any, fields: Mapping[str, Any]) -> Any:
-    """The part of ``value`` a ``FieldsV1`` set names: ``f:<key>`` for a map's key, ``k:{...}`` (an
-    associative list's item by its keys), ``v:<json>`` (a set's item) and ``i:<n>`` (by index); a set
-    with no members (``{}``, or ``{".": {}}``) owns the whole value."""
-    members = {k: v for k, v in fields.items() if k != "."}
-    if not members:
-        return value
-    if isinstance(value, Mapping):
-        return {
-            k[2:]: owned_part(value[k[2:]], sub)
-            for k, sub in members.items()
-            if k.startswith("f:") and k[2:] in value
-        }
-    if isinstance(value, list):
-        out = []
-        for index, item in enumerate(value):
-            sub = next((s for k, s in members.items() if _names_item(k, index, item)), None)
-            if sub is not None:
-                out.append(owned_part(item, sub))
-        return out
-    return value
-
-
-def _names_item(key: str, index: int, item: Any) -> bool:
-    kind, _, raw = key.partition(":")
-    try:
-        if kind == "i":
-            return raw == str(index)
-        if kind == "v":
-            return bool(json.loads(raw) == item)
-        if kind == "k":
-            keys = json.loads(raw)
-            return isinstance(item, Mapping) and all(item.get(f) == v for f, v in keys.items())
-    except ValueError:
-        return False
-    return False
-
-
-def shape_digest(obj: Mapping[str, Any]) -> str:
-    """A digest of the shape of an object (its keys and list lengths, not its values), identity fields
-    left out. Values are the hash annotation's business: the API server normalizes some (quantities),
-    which would read as drift forever; who owns which field is what a hand edit changes."""
-    top = {k: v for k, v in obj.items() if k not in IDENTITY}
-    meta = {k: v for k, v in (top.get("metadata") or {}).items() if k not in IDENTITY_META}
-    if meta:
-        top["metadata"] = meta
-    else:
-        top.pop("metadata", None)
-    text = json.dumps(_shape(top), sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _shape(value: Any) -> Any:
-    """Keys and list lengths; a null or an empty list is no field at all (the API server drops both)."""
-    if isinstance(value, Mapping):
-        return {k: _shape(v) for k, v in value.items() if v is not None and v != []}
-    if isinstance(value, list):
-        return [_shape(v) for v in value]
-    return 0
 
 
 def pod_view(body: Mapping[str, Any]) -> Pod:
@@ -403,7 +302,6 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
         index = int(index_text) if index_text is not None else None
     except ValueError:
         index = None
-    replica_type = next((labels[k] for k in PYTORCHJOB_REPLICA_TYPE_LABELS if k in labels), None)
     containers = (body.get("spec") or {}).get("containers") or ()
     terminated: list[Terminated] = []
     for cs in status.get("containerStatuses") or ():
@@ -424,7 +322,7 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
         name=meta.get("name", ""),
         component=labels.get(COMPONENT_LABEL, ""),
         index=index,
-        replica_type=replica_type.lower() if replica_type else None,
+        replica_type=replica_type(labels),
         phase=status.get("phase"),
         terminated=tuple(terminated),
         owners=tuple(
@@ -432,6 +330,7 @@ def pod_view(body: Mapping[str, Any]) -> Pod:
         ),
         container=_stage_container(containers),
         trouble=pod_trouble(body),
+        workload=labels.get(WORKLOAD_LABEL),
     )
 
 

@@ -3,7 +3,7 @@
 Stage pods have no Kubernetes API access; their reports reach the operator as termination messages, when
 they exit. While training or collection runs, rank 0 and every shard also print a progress line to their
 log (:mod:`distillery_trainer.progress_line`), and this module reads it: ``GET pods/{name}/log?tailLines=``
-of the training master (the PyTorchJob's Master, the Indexed Job's pod 0) and of every running
+of the training master (the PyTorchJob's Master, the Indexed Job's or the TrainJob's pod 0) and of every running
 collection pod, keeping the latest line of each as a :class:`~.observe.Live` observation that the
 (pure) planner merges into the status.
 
@@ -36,7 +36,8 @@ from distillery_trainer.redact import scrub
 
 from .kube import Api, ApiError
 from .naming import COLLECT, TRAIN, child_name
-from .observe import Child, Key, Live, Observed
+from .observe import Key, Live, Observed
+from .observe_training import ended, training_child
 from .settings import Settings
 
 logger = logging.getLogger("distillery.operator")
@@ -55,27 +56,19 @@ class Target:
     stage: str  # "train" or "collect": the stage of the lines to take
 
 
-def _ended(child: Child) -> bool:
-    if child.kind == "PyTorchJob":
-        return child.is_true("Succeeded") or child.is_true("Failed")
-    return child.is_true("Complete") or child.is_true("Failed")
-
-
 def targets(run: str, observed: Observed) -> list[Target]:
     """The pods to read for a run: the running training master, and every running collection pod, of
     the stage's current child while it has not ended."""
     out: list[Target] = []
-    train = observed.child("PyTorchJob", child_name(run, TRAIN)) or observed.child(
-        "Job", child_name(run, TRAIN)
-    )
-    if train is not None and not train.deleting and not _ended(train):
+    train = training_child(observed, child_name(run, TRAIN))
+    if train is not None and not train.deleting and not ended(train):
         out += [
             Target(p.name, p.container, "train")
             for p in observed.pods_of(TRAIN, train)
             if p.running and p.master
         ]
     collect = observed.child("Job", child_name(run, COLLECT))
-    if collect is not None and not collect.deleting and not _ended(collect):
+    if collect is not None and not collect.deleting and not ended(collect):
         out += [
             Target(p.name, p.container, "collect") for p in observed.pods_of(COLLECT, collect) if p.running
         ]

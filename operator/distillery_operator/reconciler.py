@@ -39,8 +39,9 @@ from . import apply, errors
 from .expectations import Expectations
 from .kube import Api
 from .metrics import OperatorMetrics
-from .naming import claim_name, claim_to_create
+from .naming import TRAIN, child_name, claim_name, claim_to_create
 from .observe import Child, Key, Observed, Pod, RunView, child_view
+from .observe_training import ended, training_child
 from .planner import Capabilities, Plan, plan, prior_status, rejected
 from .podlogs import LiveProgress, targets
 from .settings import Settings
@@ -58,6 +59,7 @@ CHILD_INDICES = (
     "distillery_jobs",
     "distillery_deployments",
     "distillery_pytorchjobs",
+    "distillery_trainjobs",
 )
 MAX_DELAY = 60.0  # the longest wait before retrying an API error
 MAX_BUG_DELAY = 300.0  # the longest wait before retrying after a bug (an unexpected exception)
@@ -210,8 +212,11 @@ class Reconciler:
         follow = self.live.poll(
             key, view.namespace, targets(view.name, observed), {p.name for p in observed.pods}
         )
+        trainjob = await self._discover("trainer.kubeflow.org/v1alpha1", "trainjobs")
         caps = Capabilities(
             pytorchjob=await self._discover("kubeflow.org/v1", "pytorchjobs"),
+            trainjob=trainjob,
+            runtimes=await self._runtimes(view, observed) if trainjob else {},
             binding_modes=await self._binding_modes(view, observed),
         )
         result = plan(view, observed, self.clock(), settings=self.settings, caps=caps)
@@ -233,6 +238,29 @@ class Reconciler:
 
             raise translate(exc, f"get StorageClass {found.storage_class}") from exc
         return {found.storage_class: mode} if mode is not None else {}
+
+    async def _runtimes(self, view: RunView, observed: Observed) -> dict[str, bool]:
+        """Whether the ClusterTrainingRuntime the run's TrainJob references (or would) exists, while its
+        training is to come or runs as a TrainJob: a missing one is a status message, not a TrainJob
+        that never starts. Not looked up for a run whose training is done or uses another kind."""
+        training = view.spec.get("training") or {}
+        if training.get("backend") in ("pyTorchJob", "job"):
+            return {}
+        train = training_child(observed, child_name(view.name, TRAIN))
+        if train is not None and (train.kind != "TrainJob" or ended(train)):
+            return {}
+        if (view.status.get("training") or {}).get("state") == "Succeeded":
+            return {}
+        name = training.get("runtime") or self.settings.training_runtime
+        try:
+            found = await self.api.cluster_object_exists(
+                "ClusterTrainingRuntime", name, self.settings.discovery_ttl_seconds
+            )
+        except Exception as exc:
+            from .errors import translate
+
+            raise translate(exc, f"get ClusterTrainingRuntime {name}") from exc
+        return {name: found} if found is not None else {}
 
     async def _discover(self, api_version: str, plural: str) -> bool:
         try:

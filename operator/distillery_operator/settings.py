@@ -77,7 +77,12 @@ class Settings:
     # How long a finished Job may wait for its pods' termination messages before the stage goes on
     # (or, for the evaluation, fails) without them.
     results_grace_seconds: float = 30.0
-    # How long the answer to "is Kubeflow's PyTorchJob installed?" is trusted.
+    # The ClusterTrainingRuntime a TrainJob references when the run names none (training.runtime): the
+    # one Kubeflow Trainer ships for PyTorch distributed training.
+    training_runtime: str = "torch-distributed"
+    # How long the answers to "does the cluster serve TrainJobs, PyTorchJobs?" and "does this
+    # ClusterTrainingRuntime exist?" are trusted: Kubeflow installed after the operator started is seen
+    # within this time.
     discovery_ttl_seconds: float = 300.0
     # While training or collection runs, the operator reads the tail of rank 0's (or every shard's) log
     # at most this often per run for the live progress in the status; 0 turns it off (then progress
@@ -93,7 +98,7 @@ class Settings:
     evaluation_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "2Gi"}}
     )
-    # Every training pod (the PyTorchJob's master and workers, or the Indexed Job's pods), when the run sets
+    # Every training pod (the TrainJob's nodes, the PyTorchJob's master and workers, or the Indexed Job's pods), when the run sets
     # no training.resources.cpu / .memory (each replaces the default's request and limit of its kind).
     training_resources: Mapping[str, Mapping[str, str]] = field(
         default_factory=lambda: {"requests": {"cpu": "4", "memory": "32Gi"}}
@@ -140,6 +145,7 @@ class Settings:
             ("gpu_resource", "GPU_RESOURCE"),
             ("storage_class", "STORAGE_CLASS"),
             ("shm_size", "SHM_SIZE"),
+            ("training_runtime", "TRAINING_RUNTIME"),
         ):
             if (value := get(var)) is not None:
                 values[attr] = value

@@ -67,7 +67,7 @@ def test_short_spec_gets_documented_defaults() -> None:
     )
     assert not spec.training.dpo.enabled and spec.training.dpo.beta == 0.1
     assert spec.training.resources.gpu_resource is None  # the operator's default (nvidia.com/gpu) applies
-    assert spec.training.backend == "pytorchjob"
+    assert spec.training.backend == "auto" and spec.training.runtime is None
     assert (spec.serving.engine, spec.serving.replicas, spec.serving.keep) == ("vllm", 1, True)
     assert spec.evaluation.min_quality_retention == 0.9
     assert spec.evaluation.metrics == ["exact_match", "token_f1", "rouge_l"]
@@ -152,3 +152,15 @@ def test_model_objects_compare_by_value() -> None:
     a = parse_run(make_run().obj())
     b = DistillationRun.model_validate(a.to_dict())
     assert a == b
+
+
+def test_a_run_stored_with_the_old_backend_spelling_still_parses_as_auto() -> None:
+    """`pytorchjob` was the default before trainJob: a PyTorchJob where served, else an Indexed Job,
+    which is what `auto` does on a cluster without Trainer v2. New specs use the new words (the CRD's enum)."""
+    old = parse_run(make_run().spec({"training": {"backend": "pytorchjob"}}).obj()).spec
+    assert old.training.backend == "auto"
+    for word in ("auto", "trainJob", "pyTorchJob", "job"):
+        run = make_run().spec({"training": {"backend": word}}).obj()
+        assert parse_run(run).spec.training.backend == word
+        assert not schema_errors(run), word
+    assert schema_errors(make_run().spec({"training": {"backend": "kubeflow"}}).obj())

@@ -12,6 +12,7 @@ GPU_KUEUE: dict[str, Any] = {
         "vllmImage": "registry.example/vllm-openai:v0.32.0",
         "imagePullPolicy": "Always",
         "gpuResource": "amd.com/gpu",
+        "trainingRuntime": "torch-tuned",
         "nodeSelector": {"node.kubernetes.io/instance-type": "p5.48xlarge"},
         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "priorityClassName": "batch-high",

@@ -272,6 +272,7 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
     defaults = rendered(k8s_tools, tmp_path).env()
     assert defaults == {
         "DISTILLERY_GPU_RESOURCE": "nvidia.com/gpu",
+        "DISTILLERY_TRAINING_RUNTIME": "torch-distributed",
         "DISTILLERY_IMAGE_PULL_POLICY": "IfNotPresent",
         **DEADLINES,
         **RESOURCE_ENV,
@@ -305,6 +306,7 @@ def test_workload_defaults_reach_the_operator_as_its_settings(k8s_tools: Tools, 
         "DISTILLERY_VLLM_IMAGE": "registry.example/vllm-openai:v0.32.0",
         "DISTILLERY_IMAGE_PULL_POLICY": "Always",
         "DISTILLERY_GPU_RESOURCE": "amd.com/gpu",
+        "DISTILLERY_TRAINING_RUNTIME": "torch-tuned",
         "DISTILLERY_NODE_SELECTOR": '{"node.kubernetes.io/instance-type":"p5.48xlarge"}',
         "DISTILLERY_TOLERATIONS": '[{"effect":"NoSchedule","key":"nvidia.com/gpu","operator":"Exists"}]',
         "DISTILLERY_PRIORITY_CLASS": "batch-high",
@@ -505,12 +507,12 @@ def test_namespaced_mode_grants_roles_per_namespace_and_only_cluster_reads(
             {"kind": "ServiceAccount", "name": "distillery", "namespace": NAMESPACE}
         ]
     # The same namespaced rules as the cluster-wide role: one definition in _helpers.tpl.
-    cluster_scoped = {"customresourcedefinitions", "namespaces", "storageclasses"}
+    cluster_scoped = {"customresourcedefinitions", "namespaces", "storageclasses", "clustertrainingruntimes"}
     namespaced_part = [r for r in _rules(cluster) if not set(r["resources"]) & cluster_scoped]
     for role in roles.values():
         assert _rules(role) == namespaced_part
-    # What is left cluster-wide only reads namespaces (which exist), CRDs (Kubeflow installed later) and
-    # StorageClasses (how a pending claim binds).
+    # What is left cluster-wide only reads namespaces (which exist), CRDs (Kubeflow installed later),
+    # StorageClasses (how a pending claim binds) and ClusterTrainingRuntimes (whether a TrainJob's exists).
     reads = out.one("ClusterRole")
     for rule in _rules(reads):
         assert set(rule["resources"]) <= cluster_scoped and set(rule["verbs"]) <= {"get", "list", "watch"}

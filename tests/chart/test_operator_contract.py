@@ -48,6 +48,7 @@ def test_every_variable_the_chart_sets_is_a_setting_the_operator_reads(
     settings = Settings.from_env(env)
     assert settings.queue_name == "team-a-gpus"
     assert settings.storage_class == "fast-rwx"
+    assert settings.training_runtime == "torch-tuned"
     assert settings.trainer_image == "registry.example/distillery-trainer:0.1.0"
     assert settings.vllm_image == "registry.example/vllm-openai:v0.32.0"
     assert dict(settings.node_selector) == {"node.kubernetes.io/instance-type": "p5.48xlarge"}

@@ -29,6 +29,7 @@ Grant = tuple[str, str, str]  # (verb, group, resource)
 UNEXERCISED: dict[Grant, str] = {
     ("get", "batch", "jobs"): "apply.ensure reads a Job back after a 409 Conflict",
     ("get", "kubeflow.org", "pytorchjobs"): "apply.ensure reads a PyTorchJob back after a 409 Conflict",
+    ("get", "trainer.kubeflow.org", "trainjobs"): "apply.ensure reads a TrainJob back after a 409 Conflict",
     ("get", "", "persistentvolumeclaims"): "apply.ensure reads a run's claim back after a 409 Conflict",
     # Never a request of the operator's: the API server's OwnerReferencesPermissionEnforcement admission
     # plugin (OpenShift) checks that whoever creates a child whose owner reference sets

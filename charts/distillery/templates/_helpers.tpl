@@ -117,6 +117,7 @@ Empty values set nothing, so the operator's own default applies; the numbers are
   "DISTILLERY_VLLM_IMAGE" $w.vllmImage
   "DISTILLERY_IMAGE_PULL_POLICY" $w.imagePullPolicy
   "DISTILLERY_GPU_RESOURCE" $w.gpuResource
+  "DISTILLERY_TRAINING_RUNTIME" $w.trainingRuntime
   "DISTILLERY_PRIORITY_CLASS" $w.priorityClassName
   "DISTILLERY_QUEUE_NAME" $w.kueue.queueName
   "DISTILLERY_STORAGE_CLASS" $w.storageClassName
@@ -181,7 +182,7 @@ checks these rules against every request the operator makes in its integration t
   verbs: [update]
 # The children of a run: created, read back when creating finds one already there, and watched.
 # The stage configuration and the serving objects are patched when the spec changes; Jobs and
-# PyTorchJobs are immutable, so a changed stage deletes and recreates them. ConfigMaps go with
+# PyTorchJobs and TrainJobs are immutable, so a changed stage deletes and recreates them. ConfigMaps go with
 # their run (owner references): never deleted by the operator.
 - apiGroups: [""]
   resources: [configmaps]
@@ -197,6 +198,10 @@ checks these rules against every request the operator makes in its integration t
   verbs: [get, list, watch, create, delete]
 - apiGroups: [kubeflow.org]
   resources: [pytorchjobs]
+  verbs: [get, list, watch, create, delete]
+# Kubeflow Trainer v2's TrainJobs, the same way (immutable: a changed stage deletes and recreates one).
+- apiGroups: [trainer.kubeflow.org]
+  resources: [trainjobs]
   verbs: [get, list, watch, create, delete]
 # The claim a run asks the operator to create (storage.pvc.create): created once, read back when
 # creating finds one already there, watched (every claim: a run may name one someone else made).
@@ -222,9 +227,9 @@ checks these rules against every request the operator makes in its integration t
   verbs: [create]
 {{- end }}
 
-{{/* Cluster-scoped reads: kopf follows the cluster's resources (and, namespaced, its namespaces); the operator reads StorageClasses. */}}
+{{/* Cluster-scoped reads: kopf follows the cluster's resources (and, namespaced, its namespaces); the operator reads StorageClasses and ClusterTrainingRuntimes. */}}
 {{- define "distillery.rules.cluster" -}}
-# kopf notices CRDs installed after it started (Kubeflow's PyTorchJob).
+# kopf notices CRDs installed after it started (Kubeflow's PyTorchJob, Trainer v2's TrainJob).
 - apiGroups: [apiextensions.k8s.io]
   resources: [customresourcedefinitions]
   verbs: [list, watch]
@@ -232,6 +237,11 @@ checks these rules against every request the operator makes in its integration t
 # first pod that uses it (WaitForFirstConsumer: start the pods, which bind it)?
 - apiGroups: [storage.k8s.io]
   resources: [storageclasses]
+  verbs: [get]
+# Before creating a TrainJob: does the ClusterTrainingRuntime it references exist (a missing one is a
+# status message instead of a TrainJob that never starts)?
+- apiGroups: [trainer.kubeflow.org]
+  resources: [clustertrainingruntimes]
   verbs: [get]
 {{- if include "distillery.namespaced" . }}
 # kopf learns which of the watched namespaces exist.

@@ -24,6 +24,10 @@ class Capabilities:
     """What the cluster offers, from discovery."""
 
     pytorchjob: bool = True
+    trainjob: bool = False  # Kubeflow Trainer v2's TrainJob (trainer.kubeflow.org/v1alpha1)
+    # Whether the ClusterTrainingRuntimes the reconciler looked up exist; a name missing here is unknown
+    # (not looked up, or not readable): the TrainJob is created and the Trainer says the rest.
+    runtimes: Mapping[str, bool] = field(default_factory=dict)
     # The volumeBindingMode of StorageClasses the reconciler looked up (Immediate, WaitForFirstConsumer,
     # or CLASS_NOT_FOUND); a class missing here is unknown (not looked up, or not readable).
     binding_modes: Mapping[str, str] = field(default_factory=dict)
@@ -32,8 +36,8 @@ class Capabilities:
 @dataclass(frozen=True)
 class Desired:
     manifest: dict[str, Any]
-    # Mutable children (ConfigMap, Service, Deployment) are patched when they differ; Jobs and
-    # PyTorchJobs are only created (their pod templates are immutable: a change restarts the stage).
+    # Mutable children (ConfigMap, Service, Deployment) are patched when they differ; Jobs, PyTorchJobs
+    # and TrainJobs are only created (their pod templates are immutable: a change restarts the stage).
     mutable: bool
     # Exclusive children must belong to the run; a non-exclusive one (the PersistentVolumeClaim) found
     # under its name is used as it is, whoever made it.

@@ -1,22 +1,37 @@
-"""Train: the student, as a Kubeflow PyTorchJob or, without Kubeflow (or with ``training.backend: job``),
-an Indexed Job with a headless rendezvous Service. Rank 0's progress line (while it runs) and its
-report (once it ended) fill the training status.
+"""Train: the student, as a Kubeflow Trainer v2 TrainJob, a Kubeflow v1 PyTorchJob, or an Indexed Job
+with a headless rendezvous Service (``training.backend``; ``auto`` takes the first the cluster serves,
+in that order). Rank 0's progress line (while it runs) and its report (once it ended) fill the training
+status. The kind is chosen when the child is created: an existing child is followed whatever it is.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from distillery_trainer.api.status import REASON_RETRYING
+from distillery_trainer.api.status import (
+    REASON_BACKEND_UNAVAILABLE,
+    REASON_RETRYING,
+    REASON_RUNTIME_NOT_FOUND,
+)
 
 from .. import status as derive
-from ..builders.train import pytorch_job, rendezvous_service, train_job
+from ..builders.train import pytorch_job, rendezvous_service, runtime_name, train_job, trainjob
 from ..naming import TRAIN
 from ..observe import parse_time
+from ..observe_training import (
+    PYTORCHJOB_API,
+    TRAINJOB_API,
+    failed,
+    finish_time,
+    succeeded,
+    suspended,
+    training_child,
+)
 from . import stalls
 from .model import Outcome
 
 if TYPE_CHECKING:
+    from ..observe import Child
     from .walk import Walk
 
 
@@ -24,7 +39,7 @@ def train(w: Walk) -> Outcome:
     st = w.st.training
     res = w.spec.training.resources
     name = w.run.child(TRAIN)
-    child = w.observed.child("PyTorchJob", name) or w.observed.child("Job", name)
+    child = training_child(w.observed, name)
     if (held := stalls.held(w, "train")) is not None:
         return held
     if (held := w.superseded("train", child, "Service")) is not None:
@@ -32,21 +47,14 @@ def train(w: Walk) -> Outcome:
     if child is None or child.deleting:
         if child is None and st.state == "Succeeded":
             return Outcome.DONE
-        backend = "job" if w.spec.training.backend == "job" or not w.caps.pytorchjob else "pytorchjob"
-        what = "PyTorchJob" if backend == "pytorchjob" else "Indexed Job"
-        w.start("train", f"starting: {what}, {res.nodes} node(s) x {res.gpus_per_node} GPU(s)")
-        if backend == "pytorchjob":
-            return w.create_or_wait("train", child, pytorch_job(w.run, w.settings, w.fp["train"]))
-        if child is None:  # the Indexed Job's workers find rank 0 through its Service
-            w.want(rendezvous_service(w.run, w.settings), mutable=True)
-        return w.create_or_wait("train", child, train_job(w.run, w.settings, w.fp["train"]))
+        return _create(w, child)
 
     pods = w.observed.pods_of(TRAIN, child)
-    done = child.is_true("Succeeded") if child.kind == "PyTorchJob" else child.is_true("Complete")
+    done = succeeded(child)
     # Rank 0's log only while the training runs; once it ended, its termination message is the report.
-    running = not done and not child.is_true("Failed")
+    running = not done and not failed(child)
     progress = derive.training_progress(pods, w.observed.live if running else None)
-    if done or child.is_true("Failed"):
+    if done or failed(child):
         w.drop("Service", name)  # the Indexed Job's rendezvous Service has served its purpose
     elif child.kind == "Job":
         w.want(rendezvous_service(w.run, w.settings), mutable=True)
@@ -64,7 +72,7 @@ def train(w: Walk) -> Outcome:
             st.gpu_hours = round(progress.gpu_hours, 4)
     started = parse_time(child.status.get("startTime")) or st.start_time
     if done:
-        finished = parse_time(child.status.get("completionTime"))
+        finished = finish_time(child)
         if progress is None and w.waiting_for_reports(finished):
             st.message = f"{child.kind} {name} succeeded; reading rank 0's report"
             return Outcome.RUNNING
@@ -77,9 +85,21 @@ def train(w: Walk) -> Outcome:
         loss = f", loss {st.loss:.4g}" if st.loss is not None else ""
         st.message = f"{st.step} steps{loss}, {st.gpu_hours or 0:.2f} GPU-hours"
         return Outcome.DONE
-    if child.is_true("Failed"):
+    if failed(child):
         rank0 = f"rank 0: {progress.message}" if progress is not None and progress.message else ""
         return stalls.failed(w, "train", child, pods, rank0)
+    if suspended(child):
+        # Kueue holds a workload suspended until its queue admits it (or preempts it: suspended again).
+        cond = child.condition("Suspended") or {}
+        queue = f" in queue {child_queue}" if (child_queue := _queue(w)) else ""
+        why = f" ({cond['message']})" if cond.get("message") else ""
+        w.stage_status("train").message = f"queued: {child.kind} {name} is suspended{queue}{why}"
+        return Outcome.RUNNING
+    if child.kind == "TrainJob" and (missing := _missing_runtime(w)) is not None and not pods:
+        w.stage_status("train").message = missing
+        w.degraded = (REASON_RUNTIME_NOT_FOUND, missing)
+        w.requeue(w.settings.discovery_ttl_seconds)
+        return Outcome.RUNNING
     total = f"/{st.total}" if st.total else ""
     loss = f", loss {st.loss:.4g}" if st.loss is not None else ""
     w.start(
@@ -96,6 +116,69 @@ def train(w: Walk) -> Outcome:
         )
     # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it).
     return stalls.stalled(w, "train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
+
+
+def _create(w: Walk, previous: Child | None) -> Outcome:
+    """The training child of the kind ``training.backend`` chooses among those the cluster serves."""
+    res = w.spec.training.resources
+    kind, problem = _backend(w)
+    if problem is not None:
+        return w.fail("train", problem, reason=REASON_BACKEND_UNAVAILABLE)
+    if kind == "TrainJob" and (missing := _missing_runtime(w)) is not None:
+        # Not created: without its runtime a TrainJob never starts and says nothing (no webhook) or is
+        # refused (the Trainer's webhook). The runtime may be installed yet: looked up again in a while.
+        st = w.stage_status("train")
+        st.message = missing
+        w.degraded = (REASON_RUNTIME_NOT_FOUND, missing)
+        w.requeue(w.settings.discovery_ttl_seconds)
+        return Outcome.RUNNING
+    what = {"TrainJob": "TrainJob", "PyTorchJob": "PyTorchJob", "Job": "Indexed Job"}[kind]
+    via = f" (ClusterTrainingRuntime {runtime_name(w.run, w.settings)})" if kind == "TrainJob" else ""
+    w.start("train", f"starting: {what}{via}, {res.nodes} node(s) x {res.gpus_per_node} GPU(s)")
+    fp = w.fp["train"]
+    if kind == "TrainJob":
+        return w.create_or_wait("train", previous, trainjob(w.run, w.settings, fp, w.view.generation))
+    if kind == "PyTorchJob":
+        return w.create_or_wait("train", previous, pytorch_job(w.run, w.settings, fp))
+    if previous is None:  # the Indexed Job's workers find rank 0 through its Service
+        w.want(rendezvous_service(w.run, w.settings), mutable=True)
+    return w.create_or_wait("train", previous, train_job(w.run, w.settings, fp))
+
+
+def _backend(w: Walk) -> tuple[str, str | None]:
+    """(the kind to create, None) or (_, why the run cannot train as its spec says)."""
+    choice = w.spec.training.backend
+    caps = w.caps
+    if choice == "auto":
+        return ("TrainJob" if caps.trainjob else "PyTorchJob" if caps.pytorchjob else "Job"), None
+    if choice == "trainJob" and not caps.trainjob:
+        return "TrainJob", (
+            f"training.backend is trainJob, but the cluster does not serve {TRAINJOB_API} TrainJobs: "
+            "install Kubeflow Trainer v2 (docs/install.md), or set training.backend to auto"
+        )
+    if choice == "pyTorchJob" and not caps.pytorchjob:
+        return "PyTorchJob", (
+            f"training.backend is pyTorchJob, but the cluster does not serve {PYTORCHJOB_API} "
+            "PyTorchJobs (Kubeflow's v1 training operator): install it, or set training.backend to auto"
+        )
+    return {"trainJob": "TrainJob", "pyTorchJob": "PyTorchJob", "job": "Job"}[choice], None
+
+
+def _missing_runtime(w: Walk) -> str | None:
+    """Why the run's TrainJob cannot start, when its ClusterTrainingRuntime is known not to exist."""
+    runtime = runtime_name(w.run, w.settings)
+    if w.caps.runtimes.get(runtime, True):
+        return None
+    named = "the run's training.runtime" if w.spec.training.runtime else "the operator's default"
+    return (
+        f"waiting: ClusterTrainingRuntime {runtime} ({named}) does not exist; install Kubeflow "
+        "Trainer's runtimes (docs/install.md), or name one that exists (`kubectl get "
+        "clustertrainingruntimes`) in training.runtime or the chart's workloads.trainingRuntime"
+    )
+
+
+def _queue(w: Walk) -> str | None:
+    return w.spec.scheduling.queue_name or w.settings.queue_name
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

@@ -54,7 +54,7 @@ from . import collect, evaluate, serve, train
 from .model import Capabilities, Desired, Event, Outcome, Plan, prior_status
 from .storage import claim_modes
 
-DEFAULT_CAPS = Capabilities()  # a cluster with the PyTorchJob CRD, StorageClasses not looked up
+DEFAULT_CAPS = Capabilities()  # a cluster with the PyTorchJob CRD (not Trainer v2), nothing looked up
 
 
 def plan(
@@ -318,6 +318,7 @@ class Walk:
         """Later stages' children exist only while every earlier stage is done."""
         after = {s.name for s in later(BY_NAME[stage])[1:]}
         if "train" in after:
+            self.drop("TrainJob", self.run.child(TRAIN))
             self.drop("PyTorchJob", self.run.child(TRAIN))
             self.drop("Job", self.run.child(TRAIN))
             self.drop("Service", self.run.child(TRAIN))

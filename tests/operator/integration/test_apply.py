@@ -14,7 +14,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from distillery_operator.observe import applied_shape, shape_digest
+from distillery_operator.owned import applied_shape, shape_digest
 
 from tests.support.kube.cluster import Cluster, path
 from tests.support.kube.fixtures import StartOperator

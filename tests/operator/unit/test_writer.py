@@ -35,6 +35,9 @@ class FakeApi:
         self.fail: dict[Any, list[BaseException]] = {}  # by verb, or by (verb, kind)
         self.version = 0
         self.gate: asyncio.Event | None = None
+        # A cluster with Kubeflow's v1 training operator, not Trainer v2 (what these tests were written for).
+        self.unserved: set[str] = {"trainer.kubeflow.org/v1alpha1/trainjobs"}
+        self.missing: set[tuple[str, str]] = set()  # cluster-scoped objects that do not exist
 
     def _maybe_fail(self, verb: str, kind: str = "") -> None:
         for key in ((verb, kind), verb):
@@ -99,7 +102,11 @@ class FakeApi:
         return {}
 
     async def has_resource(self, api_version: str, plural: str, ttl: float) -> bool:
-        return True
+        return f"{api_version}/{plural}" not in self.unserved
+
+    async def cluster_object_exists(self, kind: str, name: str, ttl: float) -> bool | None:
+        self.calls.append(("get", kind, name))
+        return (kind, name) not in self.missing
 
     async def close(self) -> None:
         pass

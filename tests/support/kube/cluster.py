@@ -1,5 +1,6 @@
 """A test cluster: the emulator over real HTTP, the operator as a real process, and the controllers the
-emulator lacks (Job, PyTorchJob, Deployment), played by the test through the same HTTP API.
+emulator lacks (Job, PyTorchJob, Kubeflow Trainer's TrainJob, Deployment), played by the test through the
+same HTTP API.
 
 The test side writes only over HTTP (so the operator sees real watch events) and reads the emulator's
 store directly (assertions need no round trip).
@@ -33,17 +34,20 @@ PATHS = {
     "Job": ("batch/v1", "jobs"),
     "Deployment": ("apps/v1", "deployments"),
     "PyTorchJob": ("kubeflow.org/v1", "pytorchjobs"),
+    "TrainJob": ("trainer.kubeflow.org/v1alpha1", "trainjobs"),
+    "ClusterTrainingRuntime": ("trainer.kubeflow.org/v1alpha1", "clustertrainingruntimes"),
     "DistillationRun": ("distillery.dev/v1alpha1", "distillationruns"),
     "PersistentVolumeClaim": ("v1", "persistentvolumeclaims"),
 }
-CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment", "PyTorchJob")
+CHILD_KINDS = ("ConfigMap", "Service", "Job", "Deployment", "PyTorchJob", "TrainJob")
+CLUSTER_SCOPED = ("ClusterTrainingRuntime",)
 RUN_LABEL = "distillery.dev/run"
 
 
 def path(kind: str, namespace: str, name: str | None = None, sub: str | None = None) -> str:
     api_version, plural = PATHS[kind]
     root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
-    out = f"{root}/namespaces/{namespace}/{plural}"
+    out = f"{root}/{plural}" if kind in CLUSTER_SCOPED else f"{root}/namespaces/{namespace}/{plural}"
     return out + (f"/{name}" if name else "") + (f"/{sub}" if sub else "")
 
 
@@ -399,6 +403,73 @@ class Cluster:
                     {"type": "Running", "status": "False"},
                     {"type": "Succeeded", "status": "True", "reason": "PyTorchJobSucceeded"},
                 ],
+            },
+        )
+
+    # Kubeflow Trainer v2 (the TrainJob controller and JobSet, played: the pods of the TrainJob's JobSet
+    # carry the labels its runtimePatches ask for; its conditions are Complete, Failed and Suspended).
+
+    async def create_runtime(self, name: str) -> None:
+        """A ClusterTrainingRuntime, as Kubeflow Trainer's manifests install it (the parts that matter)."""
+        runtime = {
+            "apiVersion": "trainer.kubeflow.org/v1alpha1",
+            "kind": "ClusterTrainingRuntime",
+            "metadata": {"name": name, "labels": {"trainer.kubeflow.org/framework": "torch"}},
+            "spec": {"mlPolicy": {"numNodes": 1, "torch": {}}},
+        }
+        await self.request("POST", path("ClusterTrainingRuntime", ""), runtime)
+
+    def node_labels(self, namespace: str, run: str) -> dict[str, str]:
+        """The labels of the TrainJob's node pods: its runtime patch's, and JobSet's own."""
+        obj = self.get("TrainJob", namespace, f"{run}-train")
+        assert obj is not None, f"TrainJob {namespace}/{run}-train does not exist"
+        (patch,) = obj["spec"]["runtimePatches"]
+        (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+        labels = dict(node["template"]["spec"]["template"]["metadata"]["labels"])
+        return {
+            **labels,
+            "jobset.sigs.k8s.io/jobset-name": f"{run}-train",
+            "jobset.sigs.k8s.io/replicatedjob-name": "node",
+            "trainer.kubeflow.org/trainjob-ancestor-step": "trainer",
+        }
+
+    async def start_trainjob(self, namespace: str, run: str) -> str:
+        """Play the Trainer and JobSet: rank 0's pod (completion index 0 of the node Job) runs."""
+        index = {"batch.kubernetes.io/job-completion-index": "0"}
+        name = pod_name(f"{run}-train-node-0-0")
+        await self.start_pod(
+            namespace,
+            name,
+            {**self.node_labels(namespace, run), **index},
+            container="node",
+            annotations=index,
+        )
+        return name
+
+    async def trainjob_conditions(self, namespace: str, run: str, *conditions: dict[str, Any]) -> None:
+        """The TrainJob controller writes its conditions."""
+        stamped = [{"lastTransitionTime": now(), **c} for c in conditions]
+        await self.patch_status("TrainJob", namespace, f"{run}-train", {"conditions": stamped})
+
+    async def finish_trainjob(self, namespace: str, run: str, progress: dict[str, Any]) -> None:
+        """Rank 0 reports and the TrainJob completes (its JobSet did)."""
+        index = {"batch.kubernetes.io/job-completion-index": "0"}
+        await self.create_pod(
+            namespace,
+            pod_name(f"{run}-train-node-0-0"),
+            {**self.node_labels(namespace, run), **index},
+            message=progress,
+            annotations=index,
+            container="node",
+        )
+        await self.trainjob_conditions(
+            namespace,
+            run,
+            {
+                "type": "Complete",
+                "status": "True",
+                "reason": "JobSetCompleted",
+                "message": "jobset completed",
             },
         )
 

@@ -720,8 +720,9 @@ class ApiServer(kmock.KubernetesEmulator):
             patch.extend({"op": "add", "path": f"/metadata/{k}", "value": v} for k, v in stamp.items())
 
 
-def declare_resources(server: ApiServer, *, pytorchjobs: bool = True) -> None:
-    """The built-in resources, the DistillationRun CRD's resource and (optionally) Kubeflow's PyTorchJob."""
+def declare_resources(server: ApiServer, *, pytorchjobs: bool = True, trainjobs: bool = False) -> None:
+    """The built-in resources, the DistillationRun CRD's resource and (optionally) Kubeflow's PyTorchJob
+    (v1) and Kubeflow Trainer v2's TrainJob with its cluster-scoped ClusterTrainingRuntime."""
     # kmock's load_bundled() reads this file with a deprecated importlib API (a warning, an error here).
     bundled = importlib.resources.files("kmock._internal").joinpath("resources.json.gz").read_bytes()
     server.resources.load_data(gzip.decompress(bundled))
@@ -737,4 +738,11 @@ def declare_resources(server: ApiServer, *, pytorchjobs: bool = True) -> None:
     if pytorchjobs:
         server.resources["kubeflow.org/v1/pytorchjobs"] = kmock.ResourceInfo(
             kind="PyTorchJob", singular="pytorchjob", namespaced=True, verbs=verbs, subresources={"status"}
+        )
+    if trainjobs:
+        server.resources["trainer.kubeflow.org/v1alpha1/trainjobs"] = kmock.ResourceInfo(
+            kind="TrainJob", singular="trainjob", namespaced=True, verbs=verbs, subresources={"status"}
+        )
+        server.resources["trainer.kubeflow.org/v1alpha1/clustertrainingruntimes"] = kmock.ResourceInfo(
+            kind="ClusterTrainingRuntime", singular="clustertrainingruntime", namespaced=False, verbs=verbs
         )

@@ -30,10 +30,14 @@ WATCHED = (
 async def cluster(tmp_path, request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
     marker = request.node.get_closest_marker("kubeflow")
     pytorchjobs = marker.args[0] if marker else True
+    trainer = request.node.get_closest_marker("trainer")
     async with ApiServer() as api, kmock.Server(api) as server:
-        declare_resources(api, pytorchjobs=pytorchjobs)
+        declare_resources(api, pytorchjobs=pytorchjobs, trainjobs=trainer is not None)
         api.namespaces |= NAMESPACES
         found = Cluster(api, server, tmp_path)
+        # Kubeflow Trainer installed: its TrainJob CRD and the runtimes it ships (or those the marker names).
+        for runtime in trainer.kwargs.get("runtimes", ("torch-distributed",)) if trainer else ():
+            await found.create_runtime(runtime)
         try:
             yield found
         finally:

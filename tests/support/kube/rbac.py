@@ -22,6 +22,9 @@ OPERATOR_RBAC: dict[str, set[str]] = {
     "batch/jobs": CHILD_VERBS,
     "apps/deployments": CHILD_VERBS,
     "kubeflow.org/pytorchjobs": CHILD_VERBS,
+    "trainer.kubeflow.org/trainjobs": CHILD_VERBS,
+    # Whether the runtime a TrainJob references exists (cluster-scoped, read-only).
+    "trainer.kubeflow.org/clustertrainingruntimes": {"get"},
     # The claim a run has the operator create: created, read back after a 409, watched; never changed.
     "persistentvolumeclaims": {"get", "list", "watch", "create"},
     # How a pending claim binds (cluster-scoped, read-only).

@@ -78,6 +78,7 @@ EXECUTION: tuple[str, ...] = (
     # the collection against it when it ends (:func:`collection_failures`).
     "collection.maxFailedFraction",
     "training.backend",
+    "training.runtime",  # which ClusterTrainingRuntime runs torchrun, not what it trains
     "training.deadlineSeconds",
     "serving.replicas",
     "serving.keep",

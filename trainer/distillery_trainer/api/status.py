@@ -45,6 +45,10 @@ REASON_SERVING = "Serving"
 REASON_EVALUATING = "Evaluating"
 REASON_COLLECTION_FAILED = "CollectionFailed"
 REASON_TRAINING_FAILED = "TrainingFailed"
+# training.backend names a kind the cluster does not serve (trainJob without Kubeflow Trainer v2, ...).
+REASON_BACKEND_UNAVAILABLE = "TrainingBackendUnavailable"
+# The ClusterTrainingRuntime a TrainJob would reference does not exist: the run waits, Degraded.
+REASON_RUNTIME_NOT_FOUND = "TrainingRuntimeNotFound"
 REASON_SERVING_FAILED = "ServingFailed"
 REASON_EVALUATION_FAILED = "EvaluationFailed"
 REASON_QUALITY_GATE_PASSED = "QualityGatePassed"
