@@ -244,7 +244,7 @@ class Reconciler:
         training is to come or runs as a TrainJob: a missing one is a status message, not a TrainJob
         that never starts. Not looked up for a run whose training is done or uses another kind."""
         training = view.spec.get("training") or {}
-        if training.get("backend") in ("pyTorchJob", "job"):
+        if training.get("backend") in ("pytorchjob", "job"):
             return {}
         train = training_child(observed, child_name(view.name, TRAIN))
         if train is not None and (train.kind != "TrainJob" or ended(train)):

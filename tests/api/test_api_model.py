@@ -154,13 +154,12 @@ def test_model_objects_compare_by_value() -> None:
     assert a == b
 
 
-def test_a_run_stored_with_the_old_backend_spelling_still_parses_as_auto() -> None:
-    """`pytorchjob` was the default before trainJob: a PyTorchJob where served, else an Indexed Job,
-    which is what `auto` does on a cluster without Trainer v2. New specs use the new words (the CRD's enum)."""
-    old = parse_run(make_run().spec({"training": {"backend": "pytorchjob"}}).obj()).spec
-    assert old.training.backend == "auto"
-    for word in ("auto", "trainJob", "pyTorchJob", "job"):
+def test_the_training_backends_are_the_designs_words() -> None:
+    """auto | trainjob | pytorchjob | job (DESIGN.md); anything else is refused by the model and the CRD."""
+    assert parse_run(make_run().obj()).spec.training.backend == "auto"
+    for word in ("auto", "trainjob", "pytorchjob", "job"):
         run = make_run().spec({"training": {"backend": word}}).obj()
         assert parse_run(run).spec.training.backend == word
         assert not schema_errors(run), word
     assert schema_errors(make_run().spec({"training": {"backend": "kubeflow"}}).obj())
+    assert schema_errors(make_run().spec({"training": {"backend": "trainJob"}}).obj())

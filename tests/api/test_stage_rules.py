@@ -103,7 +103,7 @@ FULL_ENDPOINT: dict[str, Any] = {
             "cpu": "4",
             "memory": "32Gi",
         },
-        "backend": "trainJob",
+        "backend": "pytorchjob",
         "runtime": "torch-distributed",
         "image": "ghcr.io/example/trainer:1.0",
         "deadlineSeconds": 604800,
@@ -175,7 +175,7 @@ FULL_SELF_HOSTED: dict[str, Any] = {
 
 ALTERNATIVES = (
     "sft", "kd", "seqkd", "onPolicy", "forwardKL", "reverseKL", "jsd", "auto", "topk", "online", "bestLogprob", "all",
-    "cosine", "linear", "constant", "bf16", "fp16", "fp32", "ddp", "fsdp", "pytorchjob", "job",
+    "cosine", "linear", "constant", "bf16", "fp16", "fp32", "ddp", "fsdp", "trainjob", "job",
     "exact_match", "rouge_l", "ReadWriteMany", "ReadWriteOnce", "Equal", "PreferNoSchedule", "float16", "64Gi",
 )  # fmt: skip
 

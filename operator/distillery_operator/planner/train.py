@@ -151,17 +151,17 @@ def _backend(w: Walk) -> tuple[str, str | None]:
     caps = w.caps
     if choice == "auto":
         return ("TrainJob" if caps.trainjob else "PyTorchJob" if caps.pytorchjob else "Job"), None
-    if choice == "trainJob" and not caps.trainjob:
+    if choice == "trainjob" and not caps.trainjob:
         return "TrainJob", (
-            f"training.backend is trainJob, but the cluster does not serve {TRAINJOB_API} TrainJobs: "
+            f"training.backend is trainjob, but the cluster does not serve {TRAINJOB_API} TrainJobs: "
             "install Kubeflow Trainer v2 (docs/install.md), or set training.backend to auto"
         )
-    if choice == "pyTorchJob" and not caps.pytorchjob:
+    if choice == "pytorchjob" and not caps.pytorchjob:
         return "PyTorchJob", (
-            f"training.backend is pyTorchJob, but the cluster does not serve {PYTORCHJOB_API} "
+            f"training.backend is pytorchjob, but the cluster does not serve {PYTORCHJOB_API} "
             "PyTorchJobs (Kubeflow's v1 training operator): install it, or set training.backend to auto"
         )
-    return {"trainJob": "TrainJob", "pyTorchJob": "PyTorchJob", "job": "Job"}[choice], None
+    return {"trainjob": "TrainJob", "pytorchjob": "PyTorchJob", "job": "Job"}[choice], None
 
 
 def _missing_runtime(w: Walk) -> str | None:

@@ -204,7 +204,7 @@ async def test_an_explicit_pytorchjob_backend_is_kept_beside_trainer_v2(
     cluster: Cluster, start_operator: StartOperator
 ) -> None:
     await start_operator()
-    await cluster.apply_run(run(backend="pyTorchJob"))
+    await cluster.apply_run(run(backend="pytorchjob"))
     await cluster.wait_for(lambda: cluster.get("Job", NS, f"{NAME}-collect"), "the collection Job")
     started = now()
     await cluster.finish_collection(NS, NAME, summaries(2))

@@ -49,7 +49,7 @@ def test_auto_takes_the_first_kind_the_cluster_serves(caps: Capabilities, kind: 
 
 @pytest.mark.parametrize(
     ("backend", "caps", "kind"),
-    [("trainJob", BOTH, "TrainJob"), ("pyTorchJob", BOTH, "PyTorchJob"), ("job", BOTH, "Job")],
+    [("trainjob", BOTH, "TrainJob"), ("pytorchjob", BOTH, "PyTorchJob"), ("job", BOTH, "Job")],
 )
 def test_an_explicit_backend_the_cluster_serves_is_used(backend: str, caps: Capabilities, kind: str) -> None:
     assert trained_by(at_training(caps, backend=backend)) == {kind}
@@ -58,8 +58,8 @@ def test_an_explicit_backend_the_cluster_serves_is_used(backend: str, caps: Capa
 @pytest.mark.parametrize(
     ("backend", "caps", "words"),
     [
-        ("trainJob", V1_ONLY, "trainer.kubeflow.org/v1alpha1 TrainJobs"),
-        ("pyTorchJob", TRAINER_ONLY, "PyTorchJobs"),
+        ("trainjob", V1_ONLY, "trainer.kubeflow.org/v1alpha1 TrainJobs"),
+        ("pytorchjob", TRAINER_ONLY, "PyTorchJobs"),
     ],
 )
 def test_an_explicit_backend_the_cluster_does_not_serve_fails_the_run(
@@ -183,7 +183,7 @@ def test_a_failed_trainjob_fails_the_stage_with_its_message() -> None:
 
 
 def test_a_suspended_trainjob_shows_as_queued() -> None:
-    world = at_training(BOTH, backend="trainJob")
+    world = at_training(BOTH, backend="trainjob")
     world.set_status(
         "TrainJob",
         "train",

@@ -32,8 +32,6 @@ from .validation import (
 
 # ---------------------------------------------------------------------------------------------- helpers
 
-# training.backend as runs stored before trainJob and auto existed may still hold it.
-LEGACY_BACKENDS = {"pytorchjob": "auto"}
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 SECRET_KEY = r"^[-._a-zA-Z0-9]+$"
@@ -664,20 +662,20 @@ class Training(ApiModel):
     )
     seed: int = Field(default=42, description="Seed for data order and initialisation.")
     resources: Resources = Field(default_factory=Resources, description="Nodes and GPUs for training.")
-    backend: Literal["auto", "trainJob", "pyTorchJob", "job"] = Field(
+    backend: Literal["auto", "trainjob", "pytorchjob", "job"] = Field(
         default="auto",
         description=(
             "What trains in a cluster: auto (a Kubeflow Trainer v2 TrainJob where the cluster serves "
             "trainer.kubeflow.org TrainJobs, else a Kubeflow v1 PyTorchJob where it serves those, else an "
-            "Indexed Job), trainJob, pyTorchJob or job (an Indexed Job and a headless Service). An explicit "
-            "choice the cluster does not serve fails the run. How the stage runs, not what it makes: "
+            "Indexed Job), trainjob, pytorchjob or job (an Indexed Job and a headless Service). An explicit "
+            "choice the cluster does not serve fails the run (before this field had auto and trainjob, pytorchjob was the default and fell back to an Indexed Job: set auto for that). How the stage runs, not what it makes: "
             "editing it restarts nothing."
         ),
     )
     runtime: Name | None = Field(
         default=None,
         description=(
-            "The ClusterTrainingRuntime a TrainJob references (backend trainJob, or auto choosing it). "
+            "The ClusterTrainingRuntime a TrainJob references (backend trainjob, or auto choosing it). "
             "Default: the operator's (the chart's workloads.trainingRuntime, Kubeflow's torch-distributed)."
         ),
     )
@@ -690,13 +688,6 @@ class Training(ApiModel):
             "Default: the operator's (the chart's workloads.deadlines.trainSeconds, 7 days)."
         ),
     )
-
-    @field_validator("backend", mode="before")
-    @classmethod
-    def _legacy_backend(cls, value: Any) -> Any:
-        # Runs stored before trainJob existed say `pytorchjob` (then the default): a PyTorchJob where
-        # Kubeflow v1 is served, else an Indexed Job, which is what `auto` does on such clusters.
-        return LEGACY_BACKENDS.get(value, value) if isinstance(value, str) else value
 
 
 class Serving(ApiModel):

@@ -45,7 +45,7 @@ REASON_SERVING = "Serving"
 REASON_EVALUATING = "Evaluating"
 REASON_COLLECTION_FAILED = "CollectionFailed"
 REASON_TRAINING_FAILED = "TrainingFailed"
-# training.backend names a kind the cluster does not serve (trainJob without Kubeflow Trainer v2, ...).
+# training.backend names a kind the cluster does not serve (trainjob without Kubeflow Trainer v2, ...).
 REASON_BACKEND_UNAVAILABLE = "TrainingBackendUnavailable"
 # The ClusterTrainingRuntime a TrainJob would reference does not exist: the run waits, Degraded.
 REASON_RUNTIME_NOT_FOUND = "TrainingRuntimeNotFound"
