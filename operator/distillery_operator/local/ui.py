@@ -89,9 +89,16 @@ class Ui:
             parts.append(f"loss {loss:.3f}")
         if getattr(st, "failed", 0):
             parts.append(f"{st.failed} failed")  # type: ignore[attr-defined]
+        if retries := self._retries(st):
+            parts.append(retries)
         if st.eta_seconds is not None:
             parts.append(f"ETA {st.eta_seconds:.0f}s")
         return ", ".join(parts)
+
+    @staticmethod
+    def _retries(st: StageStatus) -> str:
+        retries, last = getattr(st, "retries", 0), getattr(st, "last_error", None)
+        return f"{retries} retries" + (f" (last: {last})" if last else "") if retries else ""
 
     def progress(self, stage: str, st: StageStatus) -> None:
         if self._bar is not None:
@@ -100,7 +107,7 @@ class Ui:
                 self.tasks[stage],
                 total=st.total,
                 completed=st.done,
-                note=f"loss {loss:.3f}" if loss is not None else "",
+                note=f"loss {loss:.3f}" if loss is not None else self._retries(st),
             )
             return
         now = time.monotonic()

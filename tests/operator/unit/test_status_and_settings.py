@@ -215,3 +215,24 @@ def test_the_local_final_table_shows_the_score_before_training(tmp_path: Path) -
         "r", DistillationRunStatus(phase="Succeeded", results=Results(student_score=0.9)), tmp_path / "s.json"
     )
     assert "before training" not in buf.getvalue()  # not measured: no row
+
+
+def test_retries_and_the_last_error_of_the_shards_reach_the_status_and_the_local_progress() -> None:
+    """While requests are retried, the collection's status (and `distillery run`'s progress line) says
+    how many and the last error, from the shards' summaries and their running pods' progress lines."""
+    from distillery_operator.local.ui import Ui
+    from distillery_operator.status import apply_collection
+    from distillery_trainer.api.status import CollectionStatus
+
+    finished = CollectionSummary(
+        shard=0, shards=2, total=5, done=5, retries=1, last_error="HTTP 429: slow down"
+    )
+    running = CollectionSummary(
+        shard=1, shards=2, total=5, done=0, retries=6, last_error="HTTP 503: overloaded"
+    )
+    st = CollectionStatus(state="Running")
+    apply_collection(st, [finished], 2, [running])
+    assert (st.retries, st.last_error, st.done, st.total) == (7, "HTTP 503: overloaded", 5, 10)
+    assert Ui().progress_line("collect", st) == "5/10, 7 retries (last: HTTP 503: overloaded)"
+    apply_collection(st, [finished, running.model_copy(update={"retries": 0, "last_error": None})], 2)
+    assert (st.retries, st.last_error) == (1, "HTTP 429: slow down")

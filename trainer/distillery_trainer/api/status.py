@@ -127,6 +127,10 @@ class CollectionStatus(StageStatus):
     input_tokens: int = Field(default=0, ge=0, description="Teacher input tokens.")
     output_tokens: int = Field(default=0, ge=0, description="Teacher output tokens.")
     cached: int = Field(default=0, ge=0, description="Answers served from the cache.")
+    retries: int = Field(default=0, ge=0, description="Requests retried (429, 5xx, timeouts), all shards.")
+    last_error: str | None = Field(
+        default=None, max_length=300, description="The latest error a retried request met, as it was."
+    )
 
 
 class TrainingStatus(StageStatus):
