@@ -9,6 +9,7 @@ from typing import Any
 
 from distillery_trainer.api.stages import STAGES
 from distillery_trainer.api.status import DistillationRunStatus, Latency, StageStatus
+from distillery_trainer.cost import worth_it
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -154,8 +155,12 @@ class Ui:
                 table.add_row(
                     "serving per month", _usd(c.serving_usd_per_month), _usd(c.teacher_usd_per_month)
                 )
+                if c.break_even_requests_per_month is not None:
+                    table.add_row("break-even (requests a month)", f"{c.break_even_requests_per_month:,}", "")
         self.console.print(table)
         self.console.print(status.message or "")
+        if r is not None and r.cost is not None and (sentence := worth_it(r.cost)):
+            self.console.print(sentence, highlight=False, markup=False)
         if r is not None and r.report:
             self.console.print(f"Report: {r.report}")
         self.console.print(f"Status: {status_file}")

@@ -236,3 +236,31 @@ def test_retries_and_the_last_error_of_the_shards_reach_the_status_and_the_local
     assert Ui().progress_line("collect", st) == "5/10, 7 retries (last: HTTP 503: overloaded)"
     apply_collection(st, [finished, running.model_copy(update={"retries": 0, "last_error": None})], 2)
     assert (st.retries, st.last_error) == (1, "HTTP 429: slow down")
+
+
+def test_the_local_summary_says_whether_the_student_is_worth_it(tmp_path: Path) -> None:
+    """`distillery run`'s final table has the break-even traffic, and the summary says which is cheaper
+    at the spec's traffic, in words."""
+    import io
+
+    from distillery_operator.local.ui import Ui
+    from distillery_trainer.api.status import CostResults, DistillationRunStatus, Results
+    from rich.console import Console
+
+    buf = io.StringIO()
+    cost = CostResults(
+        serving_usd_per_month=1460.0,
+        teacher_usd_per_month=1088.71,
+        requests_per_month=270_000,
+        student_to_teacher_cost=1.341,
+        break_even_requests_per_month=362_080,
+        teacher_usd_per_million_output_tokens=13.33,
+        student_usd_per_million_output_tokens=17.88,
+    )
+    Ui(Console(file=buf, width=400, force_terminal=False)).summary(
+        "r", DistillationRunStatus(phase="Succeeded", results=Results(cost=cost)), tmp_path / "s.json"
+    )
+    out = buf.getvalue()
+    assert "break-even (requests a month)" in out and "362,080" in out
+    assert "the teacher API is cheaper: $1,089 a month against $1,460 for the student" in out
+    assert "The student is cheaper above 362,080 requests a month." in out

@@ -135,7 +135,11 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
         "trainingUSD": 1.0,
         "servingUSDPerMonth": 1460.0,
         "teacherUSDPerMonth": 325.0,
-        "savingsRatio": 0.223,
+        "requestsPerMonth": 100000,
+        "studentToTeacherCost": 4.492,  # 1460 / 325: the student costs 4.49x the API at this traffic
+        "breakEvenRequestsPerMonth": 449231,  # 1460 / $0.00325 a request, rounded up
+        "teacherUSDPerMillionOutputTokens": 16.25,  # $0.00325 / 200 output tokens
+        "studentUSDPerMillionOutputTokens": 73.0,  # 1460 / (100k x 200 output tokens)
     }
     assert res["latencyMs"]["p95"] >= res["latencyMs"]["p50"] > 0 and res["errors"] == 0
     assert "unreachable" in doc["latency"]["teacherNote"] and "teacherLatencyMs" not in res
@@ -143,6 +147,7 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
     assert len(message.encode()) <= 4096 and Results.model_validate(json.loads(message)).samples == 6
     report = Path(res["report"]).read_text()
     assert "FAILED" in report and "0.818" in report
+    assert "the teacher API is cheaper" in report and "cheaper above 449,231 requests a month" in report
     for png in ("latency.png", "retention_by_category.png", "loss.png"):
         assert (tmp_path / "eval" / png).read_bytes().startswith(b"\x89PNG")
 

@@ -8,9 +8,9 @@ defined with the stages, in :mod:`.stages`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel
 
@@ -168,6 +168,15 @@ class Interval(ApiModel):
 
 
 class CostResults(ApiModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_savings_ratio(cls, data: Any) -> Any:
+        """``savingsRatio`` (teacher / student, which read like a saving when the student cost more) was
+        renamed ``studentToTeacherCost`` (inverted): a report or status written before is still read."""
+        if isinstance(data, dict) and ("savingsRatio" in data or "savings_ratio" in data):
+            data = {k: v for k, v in data.items() if k not in ("savingsRatio", "savings_ratio")}
+        return data
+
     collection_usd: float | None = Field(
         default=None, ge=0, description="Teacher API spend of the collection."
     )
@@ -178,8 +187,32 @@ class CostResults(ApiModel):
     teacher_usd_per_month: float | None = Field(
         default=None, ge=0, description="The teacher API at the same traffic (cost.requestsPerMonth)."
     )
-    savings_ratio: float | None = Field(
-        default=None, ge=0, description="teacherUSDPerMonth / servingUSDPerMonth."
+    requests_per_month: int | None = Field(
+        default=None, ge=0, description="The traffic the monthly figures are for (cost.requestsPerMonth)."
+    )
+    student_to_teacher_cost: float | None = Field(
+        default=None,
+        ge=0,
+        description="servingUSDPerMonth / teacherUSDPerMonth: what the student costs as a multiple of the "
+        "teacher API at that traffic; below 1 the student is cheaper, above 1 dearer.",
+    )
+    break_even_requests_per_month: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests a month above which the student (a fixed monthly cost) is cheaper than the "
+        "teacher API (a price per request): servingUSDPerMonth / the teacher's price of an average request.",
+    )
+    teacher_usd_per_million_output_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="The teacher API's price per million output tokens of the average request, its input "
+        "tokens included.",
+    )
+    student_usd_per_million_output_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="The student's price per million output tokens at requestsPerMonth (its monthly cost "
+        "spread over that traffic's output tokens; it falls as traffic grows).",
     )
 
 
