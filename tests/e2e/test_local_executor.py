@@ -128,6 +128,17 @@ def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     assert types["Progressing"]["status"] == "False"
     assert ("Succeeded" in types) != ("Failed" in types)
     assert "quality retention" in out
+    # What produced the student, beside it: a model card Hugging Face reads and the provenance file
+    # whose digest the status holds, completed by the evaluation with its figures.
+    from distillery_trainer import provenance
+    from distillery_trainer.layout import RunLayout
+
+    layout = RunLayout(root)
+    record = provenance.read(layout)
+    assert record is not None and record.device == "cpu" and record.evaluation is not None
+    assert record.evaluation["qualityRetention"] == results["qualityRetention"]
+    assert results["provenanceDigest"] == provenance.digest_of(layout)
+    assert "model-index" in provenance.parse_card((layout.student_dir / "README.md").read_text())
 
 
 @pytest.mark.parametrize(

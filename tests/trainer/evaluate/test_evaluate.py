@@ -101,10 +101,25 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
             },
         )
         term = tmp_path / "termination-log"
+        student_dir = load_stage_config(cfg).artifacts
+        (Path(student_dir) / "student").mkdir(parents=True, exist_ok=True)  # what training saved
+        (Path(student_dir) / "student" / "config.json").write_text("{}")
         out = evaluate(load_stage_config(cfg), termination_path=str(term))
     assert out.exit_code == 0
     doc = read_results(tmp_path)
     res = doc["results"]
+    # The model card and the provenance beside the student, their digest in the status's results.
+    from distillery_trainer import provenance
+    from distillery_trainer.layout import RunLayout
+
+    layout = RunLayout(Path(student_dir))
+    record = provenance.read(layout)
+    assert record is not None and record.evaluation is not None
+    assert record.evaluation["qualityRetention"] == res["qualityRetention"]
+    assert res["provenanceDigest"] == provenance.digest_of(layout) is not None
+    assert Results.model_validate(json.loads(term.read_text())).provenance_digest == res["provenanceDigest"]
+    card = provenance.parse_card((layout.student_dir / "README.md").read_text())
+    assert card["model-index"][0]["results"][0]["metrics"][0]["type"] == "quality_retention"
     # By hand: each answer's score is the mean of its two positions, so the bias cancels;
     # retention = sum(STUDENT) / sum(TEACHER) = 40.5 / 49.5 over questions 0-5 (6 has no verdict).
     assert res["qualityRetention"] == pytest.approx(40.5 / 49.5, abs=1e-6)

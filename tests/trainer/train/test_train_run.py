@@ -218,7 +218,7 @@ def test_two_collections_of_the_same_prompts_in_other_orders_train_the_same_stud
     on the prompts' ids and the seed only, not on that order."""
     training = {**TRAINING, "method": "kd", "maxSteps": 8, "learningRate": 3e-3}
     training["kd"] = {"temperature": 2.0, "alpha": 0.5, "source": "topk"}
-    students = []
+    students, records = [], []
     for name, reorder in [("finished-one-way", False), ("finished-another-way", True)]:
         root = new_run(tmp_path, collected, name)
         if reorder:
@@ -228,6 +228,11 @@ def test_two_collections_of_the_same_prompts_in_other_orders_train_the_same_stud
         config = tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}})
         check_ok(tiny.run_train(config))
         students.append(weights(root / "student"))
+        records.append(json.loads((root / "student" / "provenance.json").read_text()))
+    # what produced them, beside them: the same prompts (digest), seed and spec, trained on the CPU
+    assert records[0]["prompts"] == records[1]["prompts"] and records[0]["seed"] == 7
+    assert records[0]["specDigest"] == records[1]["specDigest"] and records[0]["device"] == "cpu"
+    assert records[0]["packages"]["torch"] and records[0]["training"]["step"] == 8
     a, b = students
     assert a.keys() == b.keys()
     for name in a:

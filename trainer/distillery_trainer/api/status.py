@@ -251,6 +251,13 @@ class Results(ApiModel):
     )
     cost: CostResults | None = Field(default=None, description="What it cost, and what it saves.")
     report: str | None = Field(default=None, max_length=4096, description="Where the full report lies.")
+    provenance_digest: str | None = Field(
+        default=None,
+        max_length=80,
+        description="sha256 of student/provenance.json: what produced the student (spec digest, teacher, "
+        "base model, prompts, seed, package versions, device) and every figure of its evaluation; "
+        "student/README.md is the same as a Hugging Face model card.",
+    )
 
 
 class DistillationRunStatus(ApiModel):
