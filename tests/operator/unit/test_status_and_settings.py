@@ -44,6 +44,8 @@ def test_reports_are_read_from_termination_messages_even_cut_to_4_kib() -> None:
     cut = compact(big)  # what the evaluation pod writes: the biggest field dropped, "truncated" added
     found = results([pod("eval", cut)])
     assert isinstance(found, Results) and found.quality_retention == 0.91 and found.report is None
+    assert found.provenance_digest == "sha256:" + "ab" * 32  # the student's provenance, into the status
+    assert len(cut.encode()) <= 4096
     assert failure_detail(pods) == "pod failed exited 1 (Error): OSError: disk full"
     assert lenient(Results, {"qualityRetention": "not a number"}) is None
 
