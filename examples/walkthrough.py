@@ -19,6 +19,8 @@ from typing import Any
 
 import kmock
 from distillery_trainer.api.resource import load_yaml
+from distillery_trainer.api.status import CostResults
+from distillery_trainer.cost import worth_it
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: the tests' emulator
 
@@ -41,6 +43,8 @@ def show(title: str, status: dict[str, Any]) -> None:
             f"   results: retention {res.get('qualityRetention')}, p95 {res['latencyMs']['p95']} ms, gate {res.get('gatePassed')}"
         )
         print(f"   cost: {json.dumps(res.get('cost'))}")
+        if res.get("cost") and (sentence := worth_it(CostResults.model_validate(res["cost"]))):
+            print(f"   {sentence}")
     if status.get("endpoint"):
         print(f"   endpoint: {status['endpoint']}")
 

@@ -144,9 +144,9 @@ def _execute(spec_file: Path, workdir: Path, keep_serving: bool) -> int:
     except StageFailed as err:
         ui.failed(str(err))
         if err.log is not None:
-            from .local.process import tail
+            from .local.process import human_tail
 
-            ui.console.print(tail(err.log), highlight=False, markup=False)
+            ui.console.print(human_tail(err.log), highlight=False, markup=False)
         return 1
     except KeyboardInterrupt:
         ui.failed("interrupted; every stage process was stopped. Run the same command again to resume.")

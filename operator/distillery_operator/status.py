@@ -172,6 +172,8 @@ def apply_collection(
     status.cached = sum(s.cached for s in every)
     status.input_tokens = sum(s.input_tokens for s in every)
     status.output_tokens = sum(s.output_tokens for s in every)
+    status.retries = sum(s.retries for s in every)
+    status.last_error = next((s.last_error for s in reversed(every) if s.last_error), None)
     status.total = sum(s.total for s in every) if len(every) == shards else None
 
 

@@ -32,3 +32,9 @@ def test_the_walkthrough_ends_in_the_verdict(retention: str, verdict: str) -> No
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert verdict in out.stdout and "== Events" in out.stdout
+    # the README's case, said plainly: one always-on GPU against the teacher API at 270k requests a month
+    assert (
+        "At 270,000 requests a month (cost.requestsPerMonth) the teacher API is cheaper: $1,089 a month "
+        "against $1,460 for the student" in out.stdout
+    )
+    assert "The student is cheaper above 362,080 requests a month." in out.stdout

@@ -66,6 +66,7 @@ def results(retention: float = 0.91, p95: float = 900.0) -> dict[str, Any]:
         teacher_latency_ms=Latency(p50=2100.0, p95=4200.0, p99=5100.0),
         throughput_tokens_per_sec=880.0,
         errors=0,
+        provenance_digest="sha256:" + "ab" * 32,
     ).to_dict()
     data["truncated"] = False  # what termination.compact adds: the operator must ignore it
     return data

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from distillery_trainer.api import load_run, parse_run
+from distillery_trainer.api.status import CostResults
 from distillery_trainer.api.summaries import CollectionSummary
 from distillery_trainer.cost import run_cost, serving_usd_per_month, tokens_usd
 
@@ -39,15 +42,61 @@ def test_seed_case_orders_of_magnitude() -> None:
     assert cost.serving_usd_per_month == pytest.approx(1 * 1 * 2.0 * 730)
     per_request = (1500 * 2.5 + 300 * 10) / 1e6
     assert cost.teacher_usd_per_month == pytest.approx(per_request * 270000, rel=1e-3)
-    assert cost.savings_ratio == pytest.approx(
-        cost.teacher_usd_per_month / cost.serving_usd_per_month, rel=1e-3
+    assert cost.student_to_teacher_cost == pytest.approx(
+        cost.serving_usd_per_month / cost.teacher_usd_per_month, rel=1e-3
     )
+
+
+def test_the_walkthroughs_case_gives_the_break_even_traffic_and_both_prices_per_million_tokens() -> None:
+    """The README's case (examples/run.yaml, the walkthrough's shard reports): one always-on GPU at
+    $1,460 a month against $1,089 for the teacher API at 270k requests. The figures say plainly that the
+    teacher is cheaper at that traffic, and from which traffic on the student is."""
+    from distillery_trainer.cost import worth_it
+
+    from tests.support.reports import summaries
+
+    spec = load_run(EXAMPLES / "run.yaml").spec
+    shards = [CollectionSummary.model_validate(s) for s in summaries(8)]
+    cost = run_cost(spec, shards, gpu_hours=2.5)
+    answered = 8 * (1500 - 2 - 10)  # done - cached: the requests the teacher was paid for
+    per_request = 8 * (1500 * 400 * 2.5 + 1500 * 300 * 10) / 1e6 / answered  # $0.00403
+    out_per_request = 8 * 1500 * 300 / answered  # 302 output tokens
+    assert cost.serving_usd_per_month == 1460.0 and cost.teacher_usd_per_month == pytest.approx(1088.71)
+    assert cost.requests_per_month == 270_000
+    assert cost.student_to_teacher_cost == pytest.approx(1.341)  # the student costs 1.34x the API
+    assert cost.break_even_requests_per_month == math.ceil(1460 / per_request) == 362_080
+    assert cost.teacher_usd_per_million_output_tokens == pytest.approx(
+        per_request / out_per_request * 1e6, abs=0.01
+    )
+    assert cost.teacher_usd_per_million_output_tokens == pytest.approx(13.33)
+    assert cost.student_usd_per_million_output_tokens == pytest.approx(
+        1460 / (270_000 * out_per_request) * 1e6, abs=0.01
+    )
+    assert cost.student_usd_per_million_output_tokens == pytest.approx(17.88)
+    assert worth_it(cost) == (
+        "At 270,000 requests a month (cost.requestsPerMonth) the teacher API is cheaper: $1,089 a month "
+        "against $1,460 for the student (the student costs 1.34× as much); per million output tokens "
+        "$17.88 (student) against $13.33 (teacher). The student is cheaper above 362,080 requests a month."
+    )
+    spec.cost.requests_per_month = 1_000_000
+    busy = run_cost(spec, shards, None)
+    assert busy.break_even_requests_per_month == 362_080 and busy.student_to_teacher_cost < 1
+    old = {
+        "servingUSDPerMonth": 1460.0,
+        "teacherUSDPerMonth": 1088.71,
+        "savingsRatio": 0.746,
+    }  # before the rename
+    assert CostResults.model_validate(old).student_to_teacher_cost is None
+    assert worth_it(busy).startswith(
+        "At 1,000,000 requests a month (cost.requestsPerMonth) the student is cheaper"
+    )  # type: ignore[union-attr]
 
 
 def test_cached_answers_do_not_count_as_traffic_and_nothing_is_invented() -> None:
     spec = parse_run(make_run().obj()).spec
     cost = run_cost(spec, [], gpu_hours=None)
     assert cost.collection_usd is None and cost.training_usd is None and cost.teacher_usd_per_month is None
+    assert cost.break_even_requests_per_month is None and cost.student_to_teacher_cost is None
     assert cost.serving_usd_per_month == serving_usd_per_month(1, 1, 2.0)
     cached = [CollectionSummary(shard=0, shards=1, total=5, done=5, cached=5)]
     assert run_cost(spec, cached, None).teacher_usd_per_month is None

@@ -41,6 +41,7 @@ from __future__ import annotations
 import email.utils
 import random
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,24 @@ def transient_kind(exc: BaseException) -> str | None:
         # disconnected servers, truncated bodies; a ClientResponseError carries a status instead
         if isinstance(exc, aiohttp.ClientError) and not isinstance(exc, aiohttp.ClientResponseError):
             return "connection"
+    return None
+
+
+def unreachable(exc: BaseException, url: str) -> str | None:
+    """Why ``url`` cannot be reached at all, in words, when ``exc`` (or what caused it) is a refused
+    connection (``"connection refused to URL"``) or a name no resolver knows (``"unknown host HOST"``);
+    None for anything else (a timeout, a reset, an HTTP error: load, not configuration)."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ConnectionRefusedError):
+            return f"connection refused to {url}"
+        if isinstance(cur, socket.gaierror):
+            from urllib.parse import urlparse
+
+            return f"unknown host {urlparse(url).hostname or url} ({url})"
+        cur = cur.__cause__ or cur.__context__
     return None
 
 

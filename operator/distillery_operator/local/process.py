@@ -33,6 +33,13 @@ def tail(path: Path, lines: int = 12) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
+def human_tail(path: Path, lines: int = 12) -> str:
+    """The last ``lines`` lines a person should read: ``distillery-progress {json}`` lines (for the
+    operator) left out, anything shaped like a key masked."""
+    kept = [ln for ln in tail(path, 400).splitlines() if ln.strip() and not is_progress_line(ln)]
+    return scrub("\n".join(kept[-lines:]))
+
+
 def last_error_line(path: Path) -> str:
     """The most telling line of a failed process's log: its last line logged at ERROR level, else its last
     error-looking line, else its last line; anything shaped like a key masked (it goes into the status)."""

@@ -20,6 +20,7 @@ from distillery_trainer.api.status import Results
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.layout import RunLayout, atomic_write, atomic_write_json
 from distillery_trainer.models import VOLUME_ROOT_ENV
+from distillery_trainer.progress_line import latest_collection
 
 from ..status import apply_collection, conditions
 from .servers import Served
@@ -106,6 +107,29 @@ def collection_summaries(layout: RunLayout, shards: int) -> list[CollectionSumma
         if path.exists():
             out.append(CollectionSummary.model_validate_json(path.read_text()))
     return out
+
+
+def live_collection(lr: LocalRun, shards: int) -> list[CollectionSummary]:
+    """The running shards' latest progress lines (their logs, this attempt's part): retries and the last
+    error show there before any answer reaches a summary file."""
+    out = []
+    for i in range(shards):
+        try:
+            text = (lr.logs / f"collect-{i:05d}.log").read_text(errors="replace")
+        except OSError:
+            continue
+        found = latest_collection(text[text.rfind("\n$ ") + 1 :])  # after the line that started it
+        if found is not None:
+            out.append(found)
+    return out
+
+
+def _with_live(found: list[CollectionSummary], live: list[CollectionSummary]) -> list[CollectionSummary]:
+    newest = {s.shard: s for s in found}
+    for s in live:
+        if s.shard not in newest or s.requests > newest[s.shard].requests:
+            newest[s.shard] = s
+    return [newest[k] for k in sorted(newest)]
 
 
 def count_lines(path: Path) -> int:
@@ -210,6 +234,8 @@ def observe(lr: LocalRun) -> None:
     spec, layout, status = lr.run.spec, lr.layout, lr.status
     summaries = collection_summaries(layout, spec.collection.shards)
     c = status.collection
+    if c.state == "Running":
+        summaries = _with_live(summaries, live_collection(lr, spec.collection.shards))
     if summaries:
         apply_collection(c, summaries, spec.collection.shards)
     if c.state == "Running" and len(summaries) < spec.collection.shards:

@@ -9,6 +9,7 @@ from typing import Any
 
 from distillery_trainer.api.stages import STAGES
 from distillery_trainer.api.status import DistillationRunStatus, Latency, StageStatus
+from distillery_trainer.cost import worth_it
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -89,9 +90,16 @@ class Ui:
             parts.append(f"loss {loss:.3f}")
         if getattr(st, "failed", 0):
             parts.append(f"{st.failed} failed")  # type: ignore[attr-defined]
+        if retries := self._retries(st):
+            parts.append(retries)
         if st.eta_seconds is not None:
             parts.append(f"ETA {st.eta_seconds:.0f}s")
         return ", ".join(parts)
+
+    @staticmethod
+    def _retries(st: StageStatus) -> str:
+        retries, last = getattr(st, "retries", 0), getattr(st, "last_error", None)
+        return f"{retries} retries" + (f" (last: {last})" if last else "") if retries else ""
 
     def progress(self, stage: str, st: StageStatus) -> None:
         if self._bar is not None:
@@ -100,7 +108,7 @@ class Ui:
                 self.tasks[stage],
                 total=st.total,
                 completed=st.done,
-                note=f"loss {loss:.3f}" if loss is not None else "",
+                note=f"loss {loss:.3f}" if loss is not None else self._retries(st),
             )
             return
         now = time.monotonic()
@@ -147,8 +155,12 @@ class Ui:
                 table.add_row(
                     "serving per month", _usd(c.serving_usd_per_month), _usd(c.teacher_usd_per_month)
                 )
+                if c.break_even_requests_per_month is not None:
+                    table.add_row("break-even (requests a month)", f"{c.break_even_requests_per_month:,}", "")
         self.console.print(table)
         self.console.print(status.message or "")
+        if r is not None and r.cost is not None and (sentence := worth_it(r.cost)):
+            self.console.print(sentence, highlight=False, markup=False)
         if r is not None and r.report:
             self.console.print(f"Report: {r.report}")
         self.console.print(f"Status: {status_file}")

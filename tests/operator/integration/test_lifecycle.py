@@ -60,6 +60,11 @@ async def test_example_run_reaches_succeeded_with_retention_p95_and_cost(
     expected = run_cost(spec, [CollectionSummary.model_validate(s) for s in summaries(8)], 2.5).to_dict()
     assert res["cost"] == expected
     assert res["cost"]["trainingUSD"] == 5.0 and res["cost"]["servingUSDPerMonth"] == 1460.0
+    assert (
+        res["cost"]["breakEvenRequestsPerMonth"] == 362_080 and res["cost"]["studentToTeacherCost"] == 1.341
+    )
+    # the digest of the student's provenance, from the evaluation pod's termination message
+    assert res["provenanceDigest"] == "sha256:" + "ab" * 32
     assert status["collection"]["done"] == 8 * 1498 and status["collection"]["inputTokens"] == 8 * 600_000
     assert status["training"]["gpuHours"] == 2.5 and status["training"]["step"] == 300
     assert status["serving"]["readyReplicas"] == 1

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import EXAMPLES, REPO
@@ -119,3 +120,34 @@ def test_validate_checks_the_platform_policy_only_when_given_one(tmp_path: Path)
     )
     out = _distillery("validate", "--policy", str(values), str(f))
     assert out.returncode == 0, out.stderr
+
+
+def test_a_failed_stage_shows_the_human_lines_of_its_log_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`distillery run` prints the tail of a failed stage's log: the `distillery-progress {json}` lines in
+    it are for the operator, not for a person."""
+    from distillery_operator import cli
+    from distillery_operator.local import executor
+    from distillery_operator.local.process import StageFailed
+    from distillery_trainer.api.summaries import CollectionSummary
+    from distillery_trainer.progress_line import format_line
+
+    progress = format_line("collect", CollectionSummary(shard=0, shards=1, total=8, done=0))
+    log = tmp_path / "collect.log"
+    log.write_text(
+        "INFO starting shard 0\n"
+        + f"{progress}\n" * 20
+        + "ERROR connection refused to http://127.0.0.1:9/v1\n"
+        + f"2026-01-01T00:00:00 {progress}\n",
+        encoding="utf-8",
+    )
+
+    def execute(*args: object, **kwargs: object) -> None:
+        raise StageFailed("collect", "exit code 1: ERROR connection refused", log)
+
+    monkeypatch.setattr(executor, "execute", execute)
+    assert cli._execute(tmp_path / "run.yaml", tmp_path, keep_serving=False) == 1
+    err = capsys.readouterr().err
+    assert "INFO starting shard 0" in err and "connection refused to http://127.0.0.1:9/v1" in err
+    assert "distillery-progress" not in err and '"stage"' not in err

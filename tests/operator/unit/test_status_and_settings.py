@@ -44,6 +44,8 @@ def test_reports_are_read_from_termination_messages_even_cut_to_4_kib() -> None:
     cut = compact(big)  # what the evaluation pod writes: the biggest field dropped, "truncated" added
     found = results([pod("eval", cut)])
     assert isinstance(found, Results) and found.quality_retention == 0.91 and found.report is None
+    assert found.provenance_digest == "sha256:" + "ab" * 32  # the student's provenance, into the status
+    assert len(cut.encode()) <= 4096
     assert failure_detail(pods) == "pod failed exited 1 (Error): OSError: disk full"
     assert lenient(Results, {"qualityRetention": "not a number"}) is None
 
@@ -215,3 +217,52 @@ def test_the_local_final_table_shows_the_score_before_training(tmp_path: Path) -
         "r", DistillationRunStatus(phase="Succeeded", results=Results(student_score=0.9)), tmp_path / "s.json"
     )
     assert "before training" not in buf.getvalue()  # not measured: no row
+
+
+def test_retries_and_the_last_error_of_the_shards_reach_the_status_and_the_local_progress() -> None:
+    """While requests are retried, the collection's status (and `distillery run`'s progress line) says
+    how many and the last error, from the shards' summaries and their running pods' progress lines."""
+    from distillery_operator.local.ui import Ui
+    from distillery_operator.status import apply_collection
+    from distillery_trainer.api.status import CollectionStatus
+
+    finished = CollectionSummary(
+        shard=0, shards=2, total=5, done=5, retries=1, last_error="HTTP 429: slow down"
+    )
+    running = CollectionSummary(
+        shard=1, shards=2, total=5, done=0, retries=6, last_error="HTTP 503: overloaded"
+    )
+    st = CollectionStatus(state="Running")
+    apply_collection(st, [finished], 2, [running])
+    assert (st.retries, st.last_error, st.done, st.total) == (7, "HTTP 503: overloaded", 5, 10)
+    assert Ui().progress_line("collect", st) == "5/10, 7 retries (last: HTTP 503: overloaded)"
+    apply_collection(st, [finished, running.model_copy(update={"retries": 0, "last_error": None})], 2)
+    assert (st.retries, st.last_error) == (1, "HTTP 429: slow down")
+
+
+def test_the_local_summary_says_whether_the_student_is_worth_it(tmp_path: Path) -> None:
+    """`distillery run`'s final table has the break-even traffic, and the summary says which is cheaper
+    at the spec's traffic, in words."""
+    import io
+
+    from distillery_operator.local.ui import Ui
+    from distillery_trainer.api.status import CostResults, DistillationRunStatus, Results
+    from rich.console import Console
+
+    buf = io.StringIO()
+    cost = CostResults(
+        serving_usd_per_month=1460.0,
+        teacher_usd_per_month=1088.71,
+        requests_per_month=270_000,
+        student_to_teacher_cost=1.341,
+        break_even_requests_per_month=362_080,
+        teacher_usd_per_million_output_tokens=13.33,
+        student_usd_per_million_output_tokens=17.88,
+    )
+    Ui(Console(file=buf, width=400, force_terminal=False)).summary(
+        "r", DistillationRunStatus(phase="Succeeded", results=Results(cost=cost)), tmp_path / "s.json"
+    )
+    out = buf.getvalue()
+    assert "break-even (requests a month)" in out and "362,080" in out
+    assert "the teacher API is cheaper: $1,089 a month against $1,460 for the student" in out
+    assert "The student is cheaper above 362,080 requests a month." in out

@@ -332,3 +332,53 @@ def test_the_same_inputs_resume_and_set_nothing_aside(tmp_path: Path) -> None:
         out = run_collect(config)
         assert out.returncode == 0 and server.count("ok") == asked  # nothing asked twice
     assert "set aside" not in out.stderr and not (tmp_path / "run" / "superseded").exists()
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])  # closed again when the block ends: nothing listens there
+
+
+@pytest.mark.parametrize("where", ["closed port", "unknown host"])
+def test_an_unreachable_teacher_fails_in_seconds_naming_the_cause(tmp_path: Path, where: str) -> None:
+    """A wrong baseURL is a configuration error, not load: the first requests cannot connect and none
+    ever has, so the shard stops at once (exit 2) saying why, instead of retrying for minutes and then
+    calling it a timeout."""
+    if where == "closed port":
+        url = f"http://127.0.0.1:{_closed_port()}/v1"
+        cause = f"connection refused to {url}"
+    else:
+        url = "http://nonexistent.invalid/v1"
+        cause = "unknown host nonexistent.invalid"
+    spec = {"collection": {"concurrency": 4, "maxRetries": 8, "timeoutSeconds": 30}}
+    cfg = stage_config(tmp_path, url, write_prompts(tmp_path / "p.jsonl", _texts(20)), spec=spec)
+    started = time.monotonic()
+    out = run_collect(cfg)
+    took = time.monotonic() - started
+    assert out.returncode == 2, out.stderr
+    assert took < 15, took  # the process's start-up included; the retries alone took over a minute
+    assert cause in out.stderr and "check teacher.endpoint.baseURL" in out.stderr
+    s = summary(tmp_path / "run" / "collect")
+    assert cause in s["stopped"] and s["done"] == 0 and s["retries"] == 0
+
+
+def test_retries_and_the_last_error_show_in_the_progress_while_they_happen(tmp_path: Path) -> None:
+    """Errors of a reachable teacher are retried (a teacher that has answered once is reachable: a later
+    refused connection is load), and the progress shows how many retries and the last error."""
+    faults = Faults(rate_500=0.3)
+    with FakeOpenAI(FakeOpenAIConfig(faults=faults, seed=3, latency=lambda rng: 0.01)) as server:
+        cfg = stage_config(
+            tmp_path,
+            server.base_url,
+            write_prompts(tmp_path / "p.jsonl", _texts(60)),
+            spec={"collection": {"concurrency": 4, "maxRetries": 10}},
+        )
+        out = run_collect(cfg, "--progress-interval", "0.2")
+    assert out.returncode == 0, out.stderr
+    s = summary(tmp_path / "run" / "collect")
+    assert s["retries"] > 0 and s["lastError"].startswith("HTTP 500"), s
+    assert f"{s['retries']} retries (last: HTTP 500" in out.stderr
+    assert '"lastError":"HTTP 500' in out.stderr  # the progress line the operator and `distillery run` read

@@ -226,3 +226,60 @@ def test_retry_after_headers_and_what_each_error_means() -> None:
     request = httpx2.Request("POST", "http://teacher/v1/chat/completions")
     assert classify(openai.APITimeoutError(request)).action == RETRY
     assert classify(json.JSONDecodeError("x", "", 0)).kind == "malformed"
+
+
+def test_a_refused_connection_stops_the_shard_only_while_the_teacher_has_never_answered(
+    tmp_path: Path,
+) -> None:
+    """Before any answer, a refused connection is a wrong baseURL (stop, saying so); after one, the
+    teacher is there and a refused connection is a restart or load: retried like any dropped one."""
+    from distillery_trainer.collect.collector import Collector, Settings
+    from distillery_trainer.collect.prompts import Prompt
+    from distillery_trainer.collect.store import ShardStore
+    from distillery_trainer.collect.teacher import RequestSpec
+    from distillery_trainer.layout import RunLayout
+
+    url = "http://127.0.0.1:9/v1"
+
+    class Teacher:
+        base_url = url
+
+        def __init__(self, answers_first: int) -> None:
+            self.left = answers_first
+
+        async def complete(self, body: dict[str, object]) -> object:
+            if self.left > 0:
+                self.left -= 1
+                return {"choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}], "usage": {}}
+            try:
+                raise ConnectionRefusedError(111, "Connect call failed")
+            except ConnectionRefusedError as exc:
+                raise openai.APIConnectionError(request=httpx2.Request("POST", url)) from exc
+
+    def collector(name: str, teacher: Teacher) -> Collector:
+        layout = RunLayout(tmp_path / name)
+        layout.collect_dir.mkdir(parents=True)
+        settings = Settings(
+            request=RequestSpec(model="m", temperature=0.0, top_p=1.0, max_tokens=8),
+            model_identity="m",
+            endpoint=url,
+            concurrency=1,
+            max_retries=2,
+            backoff=Backoff(base=0.001, cap=0.001),
+        )
+        return Collector(settings, teacher, ShardStore(layout, 0, None))  # type: ignore[arg-type]
+
+    prompts = [Prompt(f"p{i}", [{"role": "user", "content": f"q{i}"}], "train") for i in range(3)]
+    never = collector("never", Teacher(0))
+    asyncio.run(never.run(prompts))
+    assert (
+        never.fatal
+        == f"connection refused to {url}: the teacher cannot be reached — check teacher.endpoint.baseURL"
+    )
+    assert never.counters.requests == 1 and never.counters.retries == 0
+
+    once = collector("once", Teacher(1))
+    counters = asyncio.run(once.run(prompts))
+    assert once.fatal is None
+    assert (counters.done, counters.failed, counters.retries) == (1, 2, 4)
+    assert counters.last_error is not None and counters.last_error.startswith("connection error")

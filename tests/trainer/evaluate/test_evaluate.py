@@ -101,10 +101,25 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
             },
         )
         term = tmp_path / "termination-log"
+        student_dir = load_stage_config(cfg).artifacts
+        (Path(student_dir) / "student").mkdir(parents=True, exist_ok=True)  # what training saved
+        (Path(student_dir) / "student" / "config.json").write_text("{}")
         out = evaluate(load_stage_config(cfg), termination_path=str(term))
     assert out.exit_code == 0
     doc = read_results(tmp_path)
     res = doc["results"]
+    # The model card and the provenance beside the student, their digest in the status's results.
+    from distillery_trainer import provenance
+    from distillery_trainer.layout import RunLayout
+
+    layout = RunLayout(Path(student_dir))
+    record = provenance.read(layout)
+    assert record is not None and record.evaluation is not None
+    assert record.evaluation["qualityRetention"] == res["qualityRetention"]
+    assert res["provenanceDigest"] == provenance.digest_of(layout) is not None
+    assert Results.model_validate(json.loads(term.read_text())).provenance_digest == res["provenanceDigest"]
+    card = provenance.parse_card((layout.student_dir / "README.md").read_text())
+    assert card["model-index"][0]["results"][0]["metrics"][0]["type"] == "quality_retention"
     # By hand: each answer's score is the mean of its two positions, so the bias cancels;
     # retention = sum(STUDENT) / sum(TEACHER) = 40.5 / 49.5 over questions 0-5 (6 has no verdict).
     assert res["qualityRetention"] == pytest.approx(40.5 / 49.5, abs=1e-6)
@@ -135,7 +150,11 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
         "trainingUSD": 1.0,
         "servingUSDPerMonth": 1460.0,
         "teacherUSDPerMonth": 325.0,
-        "savingsRatio": 0.223,
+        "requestsPerMonth": 100000,
+        "studentToTeacherCost": 4.492,  # 1460 / 325: the student costs 4.49x the API at this traffic
+        "breakEvenRequestsPerMonth": 449231,  # 1460 / $0.00325 a request, rounded up
+        "teacherUSDPerMillionOutputTokens": 16.25,  # $0.00325 / 200 output tokens
+        "studentUSDPerMillionOutputTokens": 73.0,  # 1460 / (100k x 200 output tokens)
     }
     assert res["latencyMs"]["p95"] >= res["latencyMs"]["p50"] > 0 and res["errors"] == 0
     assert "unreachable" in doc["latency"]["teacherNote"] and "teacherLatencyMs" not in res
@@ -143,6 +162,7 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
     assert len(message.encode()) <= 4096 and Results.model_validate(json.loads(message)).samples == 6
     report = Path(res["report"]).read_text()
     assert "FAILED" in report and "0.818" in report
+    assert "the teacher API is cheaper" in report and "cheaper above 449,231 requests a month" in report
     for png in ("latency.png", "retention_by_category.png", "loss.png"):
         assert (tmp_path / "eval" / png).read_bytes().startswith(b"\x89PNG")
 

@@ -41,7 +41,7 @@ def answer(i: int, response: str = "bcd", finish: str = "stop", **kw: object) ->
 # ---------------------------------------------------------------------------------------------- shards
 
 
-def test_read_answers_train_split_only_in_shard_order(tmp_path: Path) -> None:
+def test_read_answers_train_split_only_in_id_order(tmp_path: Path) -> None:
     layout = RunLayout(tmp_path)
     layout.collect_dir.mkdir(parents=True)
     lines = lambda rows: "\n".join(json.dumps(r) for r in rows) + "\n"  # noqa: E731
@@ -63,6 +63,27 @@ def test_read_answers_train_split_only_in_shard_order(tmp_path: Path) -> None:
     layout.shard_file(2).write_text('{"id": "z", "messages": []}\n')
     with pytest.raises(DataError, match=r"shard-00002.jsonl:1: missing response"):
         read_answers(layout)
+
+
+def test_answers_are_read_in_the_order_of_their_ids_not_the_order_the_teacher_finished(
+    tmp_path: Path,
+) -> None:
+    """A shard's lines are in the teacher's finishing order; two collections of the same prompts that
+    finished in other orders give training the same sequence of answers."""
+    base = {"messages": messages("x"), "finish_reason": "stop", "usage": {}, "split": "train"}
+    rows = [{**base, "id": f"p{i}", "response": str(i)} for i in range(6)]
+    rows += [
+        {**base, "id": "p2", "response": "2b", "sample": 1},
+        {**base, "id": "p2", "response": "2a", "sample": 0},
+    ]
+    orders = []
+    for name, shard0 in [("a", rows), ("b", rows[::-1])]:
+        layout = RunLayout(tmp_path / name)
+        layout.collect_dir.mkdir(parents=True)
+        layout.shard_file(0).write_text("\n".join(json.dumps(r) for r in shard0) + "\n")
+        orders.append([(a.id, a.sample, a.response) for a in read_answers(layout)])
+    assert orders[0] == orders[1]
+    assert [r for _, _, r in orders[0]] == ["0", "1", "2", "2a", "2b", "3", "4", "5"]
 
 
 def test_seqkd_selection() -> None:

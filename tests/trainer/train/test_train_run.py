@@ -211,6 +211,34 @@ def test_killed_run_resumes_and_ends_where_an_uninterrupted_one_does(
     assert "already finished" in again.stderr
 
 
+def test_two_collections_of_the_same_prompts_in_other_orders_train_the_same_student_bit_for_bit(
+    tmp_path: Path, student_dir: Path, collected: Path
+) -> None:
+    """A shard's lines are in the order the teacher finished them (its timing): the student must depend
+    on the prompts' ids and the seed only, not on that order."""
+    training = {**TRAINING, "method": "kd", "maxSteps": 8, "learningRate": 3e-3}
+    training["kd"] = {"temperature": 2.0, "alpha": 0.5, "source": "topk"}
+    students, records = [], []
+    for name, reorder in [("finished-one-way", False), ("finished-another-way", True)]:
+        root = new_run(tmp_path, collected, name)
+        if reorder:
+            for shard in sorted((root / "collect").glob("shard-*.jsonl")):
+                lines = shard.read_text().splitlines()
+                shard.write_text("\n".join(lines[1::2][::-1] + lines[0::2]) + "\n")
+        config = tiny.stage_config(root, student_dir, training, teacher={"logprobs": {"topK": TOP_K}})
+        check_ok(tiny.run_train(config))
+        students.append(weights(root / "student"))
+        records.append(json.loads((root / "student" / "provenance.json").read_text()))
+    # what produced them, beside them: the same prompts (digest), seed and spec, trained on the CPU
+    assert records[0]["prompts"] == records[1]["prompts"] and records[0]["seed"] == 7
+    assert records[0]["specDigest"] == records[1]["specDigest"] and records[0]["device"] == "cpu"
+    assert records[0]["packages"]["torch"] and records[0]["training"]["step"] == 8
+    a, b = students
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), (name, (a[name] - b[name]).abs().max().item())
+
+
 # ---------------------------------------------------------------------------------------------- guards
 
 

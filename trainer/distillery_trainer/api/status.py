@@ -8,9 +8,9 @@ defined with the stages, in :mod:`.stages`.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import ApiModel
 
@@ -131,6 +131,10 @@ class CollectionStatus(StageStatus):
     input_tokens: int = Field(default=0, ge=0, description="Teacher input tokens.")
     output_tokens: int = Field(default=0, ge=0, description="Teacher output tokens.")
     cached: int = Field(default=0, ge=0, description="Answers served from the cache.")
+    retries: int = Field(default=0, ge=0, description="Requests retried (429, 5xx, timeouts), all shards.")
+    last_error: str | None = Field(
+        default=None, max_length=300, description="The latest error a retried request met, as it was."
+    )
 
 
 class TrainingStatus(StageStatus):
@@ -168,6 +172,15 @@ class Interval(ApiModel):
 
 
 class CostResults(ApiModel):
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_savings_ratio(cls, data: Any) -> Any:
+        """``savingsRatio`` (teacher / student, which read like a saving when the student cost more) was
+        renamed ``studentToTeacherCost`` (inverted): a report or status written before is still read."""
+        if isinstance(data, dict) and ("savingsRatio" in data or "savings_ratio" in data):
+            data = {k: v for k, v in data.items() if k not in ("savingsRatio", "savings_ratio")}
+        return data
+
     collection_usd: float | None = Field(
         default=None, ge=0, description="Teacher API spend of the collection."
     )
@@ -178,8 +191,32 @@ class CostResults(ApiModel):
     teacher_usd_per_month: float | None = Field(
         default=None, ge=0, description="The teacher API at the same traffic (cost.requestsPerMonth)."
     )
-    savings_ratio: float | None = Field(
-        default=None, ge=0, description="teacherUSDPerMonth / servingUSDPerMonth."
+    requests_per_month: int | None = Field(
+        default=None, ge=0, description="The traffic the monthly figures are for (cost.requestsPerMonth)."
+    )
+    student_to_teacher_cost: float | None = Field(
+        default=None,
+        ge=0,
+        description="servingUSDPerMonth / teacherUSDPerMonth: what the student costs as a multiple of the "
+        "teacher API at that traffic; below 1 the student is cheaper, above 1 dearer.",
+    )
+    break_even_requests_per_month: int | None = Field(
+        default=None,
+        ge=0,
+        description="Requests a month above which the student (a fixed monthly cost) is cheaper than the "
+        "teacher API (a price per request): servingUSDPerMonth / the teacher's price of an average request.",
+    )
+    teacher_usd_per_million_output_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="The teacher API's price per million output tokens of the average request, its input "
+        "tokens included.",
+    )
+    student_usd_per_million_output_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="The student's price per million output tokens at requestsPerMonth (its monthly cost "
+        "spread over that traffic's output tokens; it falls as traffic grows).",
     )
 
 
@@ -218,6 +255,13 @@ class Results(ApiModel):
     )
     cost: CostResults | None = Field(default=None, description="What it cost, and what it saves.")
     report: str | None = Field(default=None, max_length=4096, description="Where the full report lies.")
+    provenance_digest: str | None = Field(
+        default=None,
+        max_length=80,
+        description="sha256 of student/provenance.json: what produced the student (spec digest, teacher, "
+        "base model, prompts, seed, package versions, device) and every figure of its evaluation; "
+        "student/README.md is the same as a Hugging Face model card.",
+    )
 
 
 class DistillationRunStatus(ApiModel):

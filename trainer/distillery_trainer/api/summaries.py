@@ -35,6 +35,11 @@ class CollectionSummary(ApiModel):
     failure_examples: dict[str, str] = Field(
         default_factory=dict, description="One recorded reason per failure kind (at most 160 characters)."
     )
+    last_error: str | None = Field(
+        default=None,
+        max_length=300,
+        description="The latest error of a request that was retried (429, 5xx, a timeout...), as it was.",
+    )
     stopped: str | None = Field(
         default=None,
         max_length=1024,

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from tenacity import RetryCallState
 
 from ..data.topk import entry_key
-from ..retry import Backoff, TransientError, error_of, retrying
+from ..retry import Backoff, TransientError, error_of, retrying, unreachable
 from .cache import AnswerCache, cache_key
 from .prompts import Prompt
 from .ratelimit import RateLimiter
@@ -79,6 +79,7 @@ class Counters:
     processed: int = 0  # answered or failed, flushed or not (for the progress display)
     processed_failed: int = 0
     processed_cached: int = 0
+    last_error: str | None = None  # the latest error a request met that is retried (for the progress)
 
 
 def build_record(
@@ -163,6 +164,7 @@ class Collector:
         self.rng = rng or random.Random()
         self.counters = Counters()
         self.fatal: str | None = None
+        self.reached = False  # the teacher has answered a request (with anything, an error included)
         self._keys: dict[str, str] = {}
         self._hits: set[str] = set()
         self._request_shape = {
@@ -220,15 +222,29 @@ class Collector:
         except Exception as exc:  # noqa: BLE001 - classify() re-raises what it does not know
             verdict = classify(exc)
             self.limiter.settle(estimate, 0)
+            if not self.reached and (cause := unreachable(exc, self._url())):
+                # No request has ever reached the teacher and this one could not connect: a wrong
+                # baseURL (or a teacher that is not running), not load. Retrying would only hide it.
+                fix = (
+                    "check teacher.endpoint.baseURL" if s.endpoint else "is the self-hosted teacher serving?"
+                )
+                raise FatalError(f"{self.redact(cause)}: the teacher cannot be reached — {fix}") from None
+            if verdict.kind not in ("timeout", "connection"):
+                self.reached = True
             reason = self.redact(verdict.reason)
             if verdict.action == FATAL:
                 raise FatalError(reason) from None
             if verdict.action == FAIL:
                 return Failure(prompt.id, verdict.kind, reason, False, verdict.status, attempts)
+            self.counters.last_error = reason[:300]
             raise _Again(verdict, reason) from None
+        self.reached = True
         self.limiter.settle(estimate, completion.prompt_tokens + completion.completion_tokens)
         self.counters.unmapped_tokens += completion.unmapped_tokens
         return completion
+
+    def _url(self) -> str:
+        return str(getattr(self.teacher, "base_url", None) or self.settings.endpoint or "the teacher")
 
     async def _one(self, prompt: Prompt) -> Record | Failure:
         s = self.settings

@@ -35,9 +35,10 @@ def describe(
     left = total - before - counters.processed
     eta = f", eta {_duration(left / rate)}" if rate > 0 and left > 0 else ""
     pct = 100.0 * (before + counters.processed) / total if total else 100.0
+    last = f" (last: {counters.last_error})" if counters.retries and counters.last_error else ""
     return (
         f"shard {shard}/{shards}: {done}/{total} answered ({pct:.1f}%), {failed} failed, "
-        f"{counters.processed_cached} cached, {counters.requests} requests, {counters.retries} retries, "
+        f"{counters.processed_cached} cached, {counters.requests} requests, {counters.retries} retries{last}, "
         f"{rate:.1f} prompts/s{eta}"
     )
 
@@ -117,7 +118,8 @@ class Progress:
                         self._task_id,
                         completed=self.before + c.processed,
                         status=f"{self.before_failed + c.processed_failed} failed, {c.processed_cached} cached, "
-                        f"{c.retries} retries",
+                        f"{c.retries} retries"
+                        + (f" (last: {c.last_error})" if c.retries and c.last_error else ""),
                     )
                     await asyncio.sleep(0.2)
             finally:

@@ -145,6 +145,7 @@ def make_summary(
         cost_usd=round(tokens_usd(input_tokens, output_tokens, opts.config.spec.teacher.pricing), 6),
         wall_seconds=round(wall, 3),
         prompts_per_second=round(done / wall, 3) if wall > 0 else 0.0,
+        last_error=c.last_error,
     )
 
 

@@ -81,7 +81,12 @@ def parse_line(raw: str, where: str, shard: int) -> Answer:
 
 
 def read_answers(layout: RunLayout, split: str = "train") -> list[Answer]:
-    """Every answer of ``split`` in shard order (then line order); empty answers are left out."""
+    """Every answer of ``split`` ordered by (prompt id, sample); empty answers are left out.
+
+    A shard's lines are in the order the teacher finished them, which depends on its timing: ordering by
+    the prompts' ids makes what training sees (and so the student, with the seed) a function of the
+    collection's content only.
+    """
     out: list[Answer] = []
     for shard in shard_indices(layout):
         path = layout.shard_file(shard)
@@ -92,6 +97,7 @@ def read_answers(layout: RunLayout, split: str = "train") -> list[Answer]:
                 answer = parse_line(raw, f"{path}:{n}", shard)
                 if answer.split == split and answer.response.strip():
                     out.append(answer)
+    out.sort(key=lambda a: (a.id, -1 if a.sample is None else a.sample))
     return out
 
 

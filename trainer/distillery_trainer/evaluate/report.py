@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..api.status import CostResults
+from ..cost import worth_it
 from ..layout import RunLayout, atomic_write
 
 REPORT_NAME = "report.md"
@@ -233,17 +235,21 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
     lines += [
         "## Cost",
         "",
-        "| collection | training | serving / month | teacher API / month | ratio |",
-        "|---|---|---|---|---|",
+        "| collection | training | student / month | teacher API / month | student ÷ teacher | break-even (requests / month) |",
+        "|---|---|---|---|---|---|",
     ]
+    even = cost.get("breakEvenRequestsPerMonth")
     lines.append(
         "| "
         + " | ".join(
             f"${cost[k]:,.2f}" if cost.get(k) is not None else "—"
             for k in ("collectionUSD", "trainingUSD", "servingUSDPerMonth", "teacherUSDPerMonth")
         )
-        + f" | {_fmt(cost.get('savingsRatio'), 2)}× |"
+        + f" | {_fmt(cost.get('studentToTeacherCost'), 2)}× | {f'{even:,}' if even is not None else '—'} |"
     )
+    sentence = worth_it(CostResults.model_validate(cost)) if cost else None
+    if sentence:
+        lines += ["", sentence]
     lines.append("")
     points = loss_history(layout)
     if len(points) >= 2:

@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .. import outputs
+from .. import outputs, provenance
 from ..api.base import API_GROUP, API_VERSION
 from ..api.spec import DistillationRunSpec, Evaluation, Load
 from ..api.stage import StageConfig
@@ -340,6 +340,10 @@ async def evaluate_async(
     atomic_write(layout.eval_dir / "items.jsonl", "".join(json.dumps(r) + "\n" for r in out.rows))
     out.doc["results"] = out.results.to_dict()
     out.results.report = str(write_report(layout, out.doc, out.examples))
+    if layout.student_dir.is_dir():  # the model card and provenance beside the student, completed
+        out.results.provenance_digest = provenance.record_evaluation(
+            layout, config.run, config.spec, out.results, out.doc["gate"]
+        )
     out.doc["results"] = out.results.to_dict()
     atomic_write_json(layout.results_file, scrub_obj(out.doc))
     write_termination_message(out.results.to_dict(), termination_path)
