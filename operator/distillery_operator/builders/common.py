@@ -179,13 +179,23 @@ COLOCATED: dict[str, tuple[str, ...]] = {
     SERVE: (SERVE, EVAL),
     EVAL: (SERVE, EVAL),
 }
+# With a teacher that scores the training (on-policy), the training's pods join the teacher's group.
+TEACHER_AND_TRAINING = (TEACHER, COLLECT, TRAIN)
 HOSTNAME = "kubernetes.io/hostname"
+
+
+def teacher_in_training(spec: DistillationRunSpec) -> bool:
+    """Whether the self-hosted teacher's server is needed during the training too: ``onPolicy`` scores
+    the student's samples with it at every step (an endpoint teacher is not the operator's to keep)."""
+    return spec.training.method == "onPolicy" and spec.teacher.self_hosted is not None
 
 
 def colocation(run: Run, component: str) -> dict[str, Any] | None:
     """The ``affinity`` that keeps ``component``'s pods on the node of the pods that share the claim with
     them, when the claim is single-node (ReadWriteOnce); None otherwise."""
     group = COLOCATED.get(component)
+    if teacher_in_training(run.spec) and component in TEACHER_AND_TRAINING:
+        group = TEACHER_AND_TRAINING
     if group is None or not run.single_node_claim:
         return None
     term = {

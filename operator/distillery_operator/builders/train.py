@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillery_trainer.api.stage import TEACHER_API_KEY_ENV
+
 from ..naming import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER
 from ..settings import Settings
 from .common import (
@@ -26,8 +28,10 @@ from .common import (
     metadata,
     pod_spec,
     resources,
+    secret_env,
     selector,
     stage_command,
+    teacher_in_training,
     volume_mounts,
 )
 
@@ -38,12 +42,16 @@ def nproc_per_node(run: Run) -> int:
 
 def _container(run: Run, settings: Settings, name: str, command: list[str]) -> dict[str, Any]:
     res = run.spec.training.resources
+    env = base_env(run, settings) + hf_token_env(run)  # the student (and an online teacher) may be gated
+    endpoint = run.spec.teacher.endpoint
+    if run.spec.training.method == "onPolicy" and endpoint is not None and endpoint.api_key_secret_ref:
+        # On-policy steps call the teacher's endpoint to score the student's samples, as collection does.
+        env.append(secret_env(TEACHER_API_KEY_ENV, endpoint.api_key_secret_ref))
     return {
         "name": name,
         "image": run.spec.training.image or settings.trainer_image,
         "command": command,
-        "env": base_env(run, settings)
-        + hf_token_env(run),  # the student (and an online teacher) may be gated
+        "env": env,
         "resources": resources(
             cpu=res.cpu,
             memory=res.memory,
@@ -57,7 +65,15 @@ def _container(run: Run, settings: Settings, name: str, command: list[str]) -> d
 def _template(run: Run, settings: Settings, container: dict[str, Any], restart_policy: str) -> dict[str, Any]:
     return {
         "metadata": {"labels": labels(run, TRAIN)},
-        "spec": pod_spec(run, settings, [container], restart_policy=restart_policy, shm=True),
+        # An on-policy training on a single-node claim goes to the node of the teacher that scores it.
+        "spec": pod_spec(
+            run,
+            settings,
+            [container],
+            restart_policy=restart_policy,
+            shm=True,
+            component=TRAIN if teacher_in_training(run.spec) else None,
+        ),
     }
 
 

@@ -1,6 +1,8 @@
 """Train: the student, as a Kubeflow PyTorchJob or, without Kubeflow (or with ``training.backend: job``),
 an Indexed Job with a headless rendezvous Service. Rank 0's progress line (while it runs) and its
-report (once it ended) fill the training status.
+report (once it ended) fill the training status. An on-policy training scores the student's samples with
+the self-hosted teacher's server: it is kept through the training (started again for a restarted one, the
+Job waiting until it is ready) and torn down once the training ended (:mod:`.teacher`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from typing import TYPE_CHECKING
 from distillery_trainer.api.status import REASON_RETRYING
 
 from .. import status as derive
+from ..builders.common import teacher_in_training
 from ..builders.train import pytorch_job, rendezvous_service, train_job
-from ..naming import TRAIN
+from ..naming import TEACHER, TRAIN
 from ..observe import parse_time
+from . import teacher
 from .model import Outcome
 
 if TYPE_CHECKING:
@@ -24,16 +28,23 @@ def train(w: Walk) -> Outcome:
     res = w.spec.training.resources
     name = w.run.child(TRAIN)
     child = w.observed.child("PyTorchJob", name) or w.observed.child("Job", name)
+    scoring = teacher_in_training(w.spec)  # the self-hosted teacher scores the student's samples
     if (held := w.held("train")) is not None:
+        teacher.teardown(w)
         return held
     if (held := w.superseded("train", child, "Service")) is not None:
+        if scoring:
+            teacher.want(w)  # the restarted training needs it again
         return held
     if child is None or child.deleting:
         if child is None and st.state == "Succeeded":
+            teacher.teardown(w)
             return Outcome.DONE
         backend = "job" if w.spec.training.backend == "job" or not w.caps.pytorchjob else "pytorchjob"
         what = "PyTorchJob" if backend == "pytorchjob" else "Indexed Job"
         w.start("train", f"starting: {what}, {res.nodes} node(s) x {res.gpus_per_node} GPU(s)")
+        if scoring and (waiting := teacher.ready(w, "train")) is not None:
+            return waiting
         if backend == "pytorchjob":
             return w.create_or_wait("train", child, pytorch_job(w.run, w.settings, w.fp["train"]))
         if child is None:  # the Indexed Job's workers find rank 0 through its Service
@@ -47,6 +58,7 @@ def train(w: Walk) -> Outcome:
     progress = derive.training_progress(pods, w.observed.live if running else None)
     if done or child.is_true("Failed"):
         w.drop("Service", name)  # the Indexed Job's rendezvous Service has served its purpose
+        teacher.teardown(w)
     elif child.kind == "Job":
         w.want(rendezvous_service(w.run, w.settings), mutable=True)
     if done and st.state == "Succeeded":
@@ -93,8 +105,15 @@ def train(w: Walk) -> Outcome:
             REASON_RETRYING,
             f"{child.kind} {name} is restarting failed pods. {derive.failure_detail(pods)}".strip(),
         )
-    # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it).
-    return w.stalled("train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
+    # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it), and so
+    # would the teacher that scores it.
+    troubled = [*pods, *w.observed.pods_of(TEACHER)] if scoring else pods
+    if (stalled := w.stalled("train", troubled, (child.kind, name), ("Service", name))) is not None:
+        teacher.teardown(w)
+        return stalled
+    if scoring:
+        teacher.want(w)
+    return Outcome.RUNNING
 
 
 def _rounded(value: float | None, digits: int) -> float | None:
