@@ -4,7 +4,8 @@ It runs the operator's stages as local processes with the same stage CLIs, the s
 same artifact layout as in a cluster:
 
     collect   `distillery-trainer collect` per shard (a self-hosted teacher is served by vLLM meanwhile)
-    train     `distillery-trainer train` (under torchrun with one process per GPU; one process on a CPU)
+    train     `distillery-trainer train` (under torchrun with one process per GPU; one process on a CPU;
+              an on-policy training has the self-hosted teacher served again, to score its samples)
     serve     the student on vLLM (the CPU build without a GPU), kept up while evaluating
     evaluate  `distillery-trainer evaluate` against the student (and the teacher, for latency)
 
@@ -39,7 +40,9 @@ from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
 from distillery_trainer.layout import RunLayout, atomic_write, atomic_write_json
 from distillery_trainer.models import VOLUME_ROOT_ENV
+from distillery_trainer.serve.args import score_top_k
 
+from ..builders.common import teacher_in_training
 from ..status import apply_collection, conditions
 from . import process
 from .process import StageFailed
@@ -282,6 +285,7 @@ def teacher_served(lr: LocalRun, stage: str) -> Iterator[None]:
         stage=stage,
         teacher=sh,
         logprobs=lr.run.spec.teacher.logprobs,
+        score_top_k=score_top_k(lr.run.spec),
     ) as served:
         lr.teacher = served
         try:
@@ -355,6 +359,13 @@ def gpu_count() -> int:
 
 
 def run_train(lr: LocalRun) -> None:
+    # An on-policy training scores the student's samples with the teacher: a self-hosted one is served
+    # for the duration and the stage config names it, as for collection.
+    with teacher_served(lr, "train") if teacher_in_training(lr.run.spec) else _nothing():
+        _train(lr)
+
+
+def _train(lr: LocalRun) -> None:
     config = lr.write_config()
     wanted = lr.run.spec.training.resources.gpus_per_node
     nproc = min(wanted, gpu_count()) if wanted > 0 else 0
