@@ -327,3 +327,35 @@ def run_train(
         timeout=timeout,
         env=full_env,
     )
+
+
+def prompt_logprobs(model_dir: Path) -> Any:
+    """vLLM's ``prompt_logprobs`` computed by a real model (fp32, on the CPU): for a fake teacher server.
+    Entry ``i`` is the distribution of token ``i`` given the tokens before it (top-k and token ``i``)."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    lock = threading.Lock()
+
+    def score(ids: list[int], k: int) -> list[dict[str, Any] | None]:
+        with lock, torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+        out: list[dict[str, Any] | None] = [None]
+        for i in range(1, len(ids)):
+            row = logp[i - 1]
+            top = torch.topk(row, k)
+            entry = {
+                str(int(t)): {"logprob": float(v), "rank": r + 1, "decoded_token": ""}
+                for r, (v, t) in enumerate(zip(top.values, top.indices, strict=True))
+            }
+            token = ids[i]
+            if str(token) not in entry:
+                rank = int((row > row[token]).sum()) + 1
+                entry[str(token)] = {"logprob": float(row[token]), "rank": rank, "decoded_token": ""}
+            out.append(entry)
+        return out
+
+    return score

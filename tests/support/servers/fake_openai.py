@@ -3,7 +3,9 @@
 Real HTTP on loopback (aiohttp, in its own thread and event loop), so the code under test uses the
 official ``openai`` client exactly as against OpenAI or vLLM. It answers ``POST /v1/chat/completions``
 (plain and streaming, ``n`` samples, ``logprobs``/``top_logprobs``, ``return_tokens_as_token_ids``),
-``GET /v1/models`` and ``GET /health``, and counts everything it saw.
+``GET /v1/models`` and ``GET /health``, and counts everything it saw. With ``prompt_logprobs`` set it also
+answers vLLM's scoring request, ``POST /v1/completions`` with token-id prompts and ``prompt_logprobs``
+(on-policy distillation), from whatever computes them (a real tiny model: :func:`tests.support.tiny.prompt_logprobs`).
 
 Faults, drawn per request from a seeded generator: 429 with ``Retry-After``, 500, a response slower than
 the client's timeout, a dropped connection, malformed JSON. Prompts containing ``TOO_LONG_MARKER`` get a
@@ -72,6 +74,9 @@ class FakeOpenAIConfig:
     vocab_size: int = 1000
     # log-probability of the sampled token at (word, position, sample): lets a test make one sample "best"
     logprob: Callable[[str, int, int], float] = lambda word, pos, sample: -0.1
+    # vLLM's prompt_logprobs of a token-id prompt for top-k: one entry per token, None first
+    prompt_logprobs: Callable[[list[int], int], list[dict[str, Any] | None]] | None = None
+    model_root: str | None = None  # reported as the served model's "root" (vLLM: the directory it loaded)
 
 
 class FakeOpenAI:
@@ -102,6 +107,7 @@ class FakeOpenAI:
             asyncio.set_event_loop(loop)
             app = web.Application()
             app.router.add_post("/v1/chat/completions", self._chat)
+            app.router.add_post("/v1/completions", self._completions)
             app.router.add_get("/v1/models", self._models)
             app.router.add_get("/health", self._health)
             self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -144,7 +150,33 @@ class FakeOpenAI:
         return web.Response(text="ok")
 
     async def _models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": self.config.model, "object": "model"}]})
+        model: dict[str, Any] = {"id": self.config.model, "object": "model"}
+        if self.config.model_root:
+            model["root"] = self.config.model_root
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def _completions(self, request: web.Request) -> web.Response:
+        """vLLM's scoring request: token ids in, their prompt_logprobs out (429/500 faults drawn as for chat)."""
+        with self._lock:
+            self.stats["completions"] += 1
+        body = await request.json()
+        prompt, k = body.get("prompt"), body.get("prompt_logprobs")
+        if self.config.prompt_logprobs is None or not isinstance(k, int):
+            return self._error(400, "prompt_logprobs are not supported here", "invalid_request_error")
+        if not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
+            return self._error(400, "this fake scores token-id prompts only", "invalid_request_error")
+        fault = self._draw()
+        if fault in ("429", "500"):
+            with self._lock:
+                self.stats[fault] += 1
+            return self._error(int(fault), "try again", "server_error")
+        entries = await asyncio.to_thread(self.config.prompt_logprobs, prompt, k)
+        with self._lock:
+            self.stats["scored_tokens"] += len(prompt)
+        choice = {"index": 0, "text": "", "finish_reason": "length", "prompt_logprobs": entries}
+        if body.get("return_token_ids"):
+            choice["prompt_token_ids"] = prompt
+        return web.json_response({"id": "cmpl-x", "object": "text_completion", "choices": [choice]})
 
     def _draw(self) -> str | None:
         f = self.config.faults

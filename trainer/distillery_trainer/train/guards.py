@@ -86,12 +86,15 @@ def check_text_agrees(decoded: str, response: str, key: str) -> None:
         )
 
 
-def check_online_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
+def check_online_tokenizer(
+    teacher_tokenizer: Any, student_tokenizer: Any, what: str = "training.kd.source online"
+) -> None:
+    """The teacher's tokenizer must be the student's (online KD, and on-policy: ``what`` names the setting)."""
     teacher, student = tokenizer_identity(teacher_tokenizer), tokenizer_identity(student_tokenizer)
     if teacher["vocab_sha256"] != student["vocab_sha256"]:
         raise TokenizerMismatch(
-            f"training.kd.source online: the teacher's tokenizer {_describe(teacher)} differs from the "
-            f"student's {_describe(student)}; logit KD needs one tokenizer: {KD_ALTERNATIVE}"
+            f"{what}: the teacher's tokenizer {_describe(teacher)} differs from the "
+            f"student's {_describe(student)}; the teacher's token scores need one tokenizer: {KD_ALTERNATIVE}"
         )
 
 

@@ -1,7 +1,7 @@
 """One training run, every rank: data → guards → models → steps (with checkpoints and progress) → the
 student on disk → DPO when asked.
 
-One hand-written loop serves sft, seqkd and kd (top-k or online teacher), so every method gets the same
+One hand-written loop serves sft, seqkd, kd (top-k or online teacher) and onPolicy (:mod:`.onpolicy`), so every method gets the same
 per-token loss (:mod:`.losses`), exact resume (weights, optimizer, RNG and data position from the step), a
 time budget, the NaN guard and rank-0-only writes. TRL's trainers were the model for its shape; its DPO
 trainer runs the optional DPO phase (:mod:`.dpo`).
@@ -26,7 +26,7 @@ from ..data.shards import DataError, read_answers, select_seqkd
 from ..data.topk import TopKReader, shard_files
 from ..layout import RunLayout, atomic_write_json
 from ..models import materialize
-from . import checkpoint
+from . import checkpoint, onpolicy
 from .baseline import write_baseline
 from .batching import make_plan
 from .distributed import DistEnv
@@ -43,7 +43,7 @@ from .modeling import (
     wrap,
 )
 from .progress import ProgressReporter
-from .steps import make_optimizer, run_steps
+from .steps import make_optimizer, pad_token_id, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +181,25 @@ class TrainingRun:
             jsd_beta=kd.jsd_beta,
             chunk_tokens=kd.chunk_tokens,
         )
+        if t.method == "onPolicy":
+            loss_config = onpolicy.loss_config(t.on_policy)
         objective = Objective(student, loss_config)
         module = wrap(objective, t.strategy, env, compute)
+        policy = None
+        if t.method == "onPolicy":
+            scorer = onpolicy.make_scorer(self.cfg)
+            onpolicy.check_teacher_tokenizer(self.cfg, scorer, tokenizer)
+            policy = onpolicy.OnPolicySteps(
+                t.on_policy,
+                seed=t.seed,
+                env=env,
+                examples=examples,
+                chat=chat,
+                scorer=scorer,
+                pad_id=pad_token_id(tokenizer),
+                vocab=objective.vocab,
+                fsdp=env.distributed and t.strategy == "fsdp",
+            )
         teacher = None
         vocab = None
         if teacher_path is not None:
@@ -205,6 +222,8 @@ class TrainingRun:
             start, elapsed0 = int(state["step"]), float(state.get("elapsedSeconds", 0.0))
             tokens_done = float(state.get("tokens", 0.0))
             finished = bool(state.get("finished"))
+            if policy is not None:
+                policy.restore(state)
             log.info("resuming from %s (step %d of %d)", last, start, total)
             self.reporter.update(force=True, step=start, elapsed_seconds=elapsed0, loss=state.get("loss"))
 
@@ -225,6 +244,7 @@ class TrainingRun:
                 elapsed0,
                 tokens_done,
                 chat,
+                policy,
             )
             state = {
                 "elapsedSeconds": elapsed,
@@ -233,6 +253,7 @@ class TrainingRun:
                 "method": t.method,
                 "loss": self.reporter.progress.loss,
                 "message": stop_message,
+                **(policy.state() if policy is not None else {}),
             }
             checkpoint.save(self.layout.checkpoints_dir, step, module, optimizer, state, env)
             log.info(

@@ -26,7 +26,6 @@ from .distributed import DistEnv
 from .losses import (
     DenseTeacher,
     DistillConfig,
-    LossParts,
     Teacher,
     TopKTeacher,
     distill_loss,
@@ -127,8 +126,17 @@ class Objective(nn.Module):
         return int(base_model(self.student).get_output_embeddings().weight.shape[0])
 
     def forward(
-        self, batch: Batch, teacher: Teacher | None, normalizer: float, vocab: int | None = None
-    ) -> LossParts:
+        self,
+        batch: Batch,
+        teacher: Teacher | None,
+        normalizer: float,
+        vocab: int | None = None,
+        generate: dict[str, Any] | None = None,
+    ) -> Any:
+        """The loss parts (:class:`LossParts`); with ``generate``, the student's ``generate(**generate)``
+        instead (on-policy samples under FSDP: the root's forward gathers its parameters for the call)."""
+        if generate is not None:
+            return self.student.generate(**generate)
         model = base_model(self.student)
         if self.fused:
             hidden = final_hidden(model, batch.input_ids, batch.attention_mask, batch.position_ids)

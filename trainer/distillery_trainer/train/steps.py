@@ -25,6 +25,7 @@ from .schedule import lr_factor, run_fraction
 
 if TYPE_CHECKING:
     from .loop import TrainingRun
+    from .onpolicy import OnPolicySteps
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def run_steps(
     elapsed0: float,
     tokens_done: float,
     chat: ChatFormat,
+    policy: OnPolicySteps | None = None,
 ) -> tuple[int, float, float, str | None]:
     t, env = run.training, run.env
     pad_id = pad_token_id(chat.tokenizer)
@@ -61,12 +63,16 @@ def run_steps(
             group["lr"] = lr
         step_start = time.monotonic()
         micro = plan.step(step)
-        normalizer = max(plan.supervised_tokens(micro), 1) / env.world_size
         mine = plan.rank_share(micro, env.rank)
+        if policy is not None:  # the step's samples (or answers), scored by the teacher's server
+            batches, normalizer, _ = policy.batches(step, mine, module, _autocast(env.device, compute))
+        else:
+            normalizer = max(plan.supervised_tokens(micro), 1) / env.world_size
+            batches = [collate(examples, mb, pad_id, plan.packing) for mb in mine]
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, kd, ce, input tokens
-        for j, mb in enumerate(mine):
-            batch = collate(examples, mb, pad_id, plan.packing).to(env.device)
-            with _sync(module, last=j == len(mine) - 1), _autocast(env.device, compute):
+        for j, batch in enumerate(batches):
+            batch = batch.to(env.device)
+            with _sync(module, last=j == len(batches) - 1), _autocast(env.device, compute):
                 signal = (
                     online_teacher(teacher, batch, vocab or 0) if teacher is not None else topk_teacher(batch)
                 )
@@ -98,7 +104,9 @@ def run_steps(
         eta = (total - step) * per_step
         if t.max_seconds:
             eta = min(eta, max(t.max_seconds - elapsed, 0.0))
+        extra = policy.observe(kd, now - step_start) if policy is not None else {}
         run.reporter.update(
+            **extra,
             step=step,
             epoch=round(plan.epoch_progress(step), 4),
             loss=loss,
@@ -121,6 +129,7 @@ def run_steps(
                 "finished": False,
                 "method": t.method,
                 "loss": loss,
+                **(policy.state() if policy is not None else {}),
             }
             checkpoint.save(run.layout.checkpoints_dir, step, module, optimizer, state, env)
     return step, elapsed, tokens_done, stop_message

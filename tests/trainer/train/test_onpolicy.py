@@ -1,0 +1,252 @@
+"""On-policy distillation: the loss on the teacher's scores of a sample against a direct computation (values
+and gradients, reverse KL and JSD, masked prompt tokens, the off-policy share), and the student's samples."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from distillery_trainer.api.spec import OnPolicy
+from distillery_trainer.train.distributed import DistEnv
+from distillery_trainer.train.examples import ChatFormat, Example
+from distillery_trainer.train.losses import TopKTeacher, distill_loss_from_logits
+from distillery_trainer.train.modeling import Objective
+from distillery_trainer.train.onpolicy import (
+    OnPolicySteps,
+    is_on_policy_step,
+    loss_config,
+    sample,
+    scored_batch,
+)
+from distillery_trainer.train.scoring import Scores, ScoringStats, parse_prompt_logprobs
+
+V, K, PAD = 11, 3, 0
+
+
+def teacher_logprobs(context: list[int]) -> torch.Tensor:
+    """A fixed 'teacher' over V tokens that depends on the previous token (float64, T = 1)."""
+    gen = torch.Generator().manual_seed(1000 + context[-1])
+    return torch.log_softmax(torch.randn(V, generator=gen, dtype=torch.float64) * 2.0, -1)
+
+
+def vllm_choice(seq: list[int], k: int) -> dict[str, Any]:
+    """What vLLM answers for ``seq`` with prompt_logprobs k: top-k and the token itself, by rank."""
+    entries: list[Any] = [None]
+    for i in range(1, len(seq)):
+        lp = teacher_logprobs(seq[:i])
+        order = torch.argsort(lp, descending=True).tolist()
+        keep = set(order[:k]) | {seq[i]}
+        entries.append(
+            {str(t): {"logprob": float(lp[t]), "rank": order.index(t) + 1, "decoded_token": ""} for t in keep}
+        )
+    return {"prompt_logprobs": entries, "prompt_token_ids": seq}
+
+
+@dataclass
+class FakeScorer:
+    """The teacher's server without HTTP: vLLM's answer parsed by the real parser."""
+
+    k: int = K
+    stats: ScoringStats = field(default_factory=ScoringStats)
+    seen: list[tuple[list[int], list[int]]] = field(default_factory=list)
+
+    def score(self, pairs: Any) -> list[Scores]:
+        out = []
+        for p, a in pairs:
+            seq = [*p, *a]
+            self.seen.append((list(p), list(a)))
+            out.append(parse_prompt_logprobs(vllm_choice(seq, self.k), seq, len(p), self.k))
+            self.stats.tokens += len(seq)
+        return out
+
+
+PAIRS = [([1, 2, 3], [4, 5, 6, 7]), ([8, 9], [10, 4, 2])]
+
+
+def direct_loss(logits: torch.Tensor, pairs: Any, op: OnPolicy) -> torch.Tensor:
+    """The on-policy loss written out token by token (see train/onpolicy.py's docstring)."""
+    t, beta = op.temperature, op.beta
+    total, n = logits.new_zeros(()), 0
+    for b, (prompt, answer) in enumerate(pairs):
+        seq = [*prompt, *answer]
+        for j, token in enumerate(answer):
+            pos = len(prompt) + j - 1  # the position whose logits predict answer[j]
+            lp = teacher_logprobs(seq[: pos + 1]).float().double()  # the scores travel as float32
+            support = sorted(set(torch.argsort(lp, descending=True)[:K].tolist()) | {token})
+            q = torch.softmax(lp[support] / t, -1)
+            p_full = torch.softmax(logits[b, pos] / t, -1)
+            if op.divergence == "reverseKL":
+                p = p_full[support] / p_full[support].sum()
+                d = (p * (p.log() - q.log())).sum()
+            else:
+                s = torch.cat([p_full[support], (1 - p_full[support].sum()).reshape(1)])
+                qq = torch.cat([q, q.new_zeros(1)])
+                m = beta * qq + (1 - beta) * s
+                kl_t = (qq[:-1] * (qq[:-1].log() - m[:-1].log())).sum()
+                kl_s = (s * (s.log() - m.log())).sum()
+                d = beta * kl_t + (1 - beta) * kl_s
+            total = total + d
+            n += 1
+    return total * t * t / n
+
+
+@pytest.mark.parametrize(
+    "op",
+    [
+        OnPolicy(divergence="reverseKL", temperature=1.0),
+        OnPolicy(divergence="reverseKL", temperature=0.7),
+        OnPolicy(divergence="jsd", beta=0.3, temperature=1.5),
+    ],
+    ids=["reverse-kl", "reverse-kl-softened", "jsd"],
+)
+def test_the_loss_is_the_direct_computation_with_prompt_tokens_masked(op: OnPolicy) -> None:
+    scorer = FakeScorer()
+    batch = scored_batch(PAIRS, scorer.score(PAIRS), PAD, V)
+    assert batch.labels.tolist() == [4, 5, 6, 7, 10, 4, 2]  # the answers' tokens only
+    width = batch.input_ids.shape[1]
+    torch.manual_seed(0)
+    logits = torch.randn(len(PAIRS), width, V, dtype=torch.float64, requires_grad=True)
+    teacher = TopKTeacher(batch.topk_ids, batch.topk_logprobs.double())
+    rows = logits.reshape(-1, V).index_select(0, batch.select)
+    parts = distill_loss_from_logits(rows, batch.labels, teacher=teacher, config=loss_config(op))
+    (grad,) = torch.autograd.grad(parts.total, logits)
+
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ref = direct_loss(ref_logits, PAIRS, op)
+    (ref_grad,) = torch.autograd.grad(ref, ref_logits)
+    assert float(parts.ce) == 0.0  # alpha = 1: no cross-entropy on the student's own samples
+    assert float(parts.total.detach()) == pytest.approx(float(ref.detach()), rel=1e-9, abs=1e-12)
+    assert torch.allclose(grad, ref_grad, atol=1e-10), (grad - ref_grad).abs().max()
+    for b, (prompt, answer) in enumerate(PAIRS):  # prompt positions (but the last) and the end: no gradient
+        assert grad[b, : len(prompt) - 1].abs().max() == 0
+        assert grad[b, len(prompt) + len(answer) - 1 :].abs().max() == 0
+        assert grad[b, len(prompt) - 1 : len(prompt) + len(answer) - 1].abs().sum(-1).min() > 0
+
+
+def test_the_sampled_token_outside_the_teacher_top_k_still_counts() -> None:
+    """The sample's own token gets the teacher's judgement even when it is not in its top-k (k = 1)."""
+    s = FakeScorer(k=1).score(PAIRS)[0]
+    assert s.ids.shape == (4, 2)
+    for j, token in enumerate(PAIRS[0][1]):
+        row = s.ids[j].tolist()
+        assert token in row if np.isfinite(s.logprobs[j, 1]) else token == row[0]
+
+
+def test_which_steps_are_on_policy_follows_from_the_seed_and_lmbda() -> None:
+    draws = [is_on_policy_step(7, s, 0.3) for s in range(4000)]
+    assert abs(sum(draws) / len(draws) - 0.3) < 0.03
+    assert draws == [is_on_policy_step(7, s, 0.3) for s in range(4000)]  # a resumed run agrees
+    assert draws != [is_on_policy_step(8, s, 0.3) for s in range(4000)]
+    assert not any(is_on_policy_step(7, s, 0.0) for s in range(500))
+    assert all(is_on_policy_step(7, s, 1.0) for s in range(500))
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+class _Tok:
+    pad_token_id, eos_token_id, chat_template = PAD, 2, "x"
+
+
+def _examples() -> list[Example]:
+    return [Example(np.array([*p, *a], dtype=np.int64), len(p)) for p, a in PAIRS]
+
+
+class _Student(torch.nn.Module):
+    """A bigram 'student' with ``generate``: enough for the step's plumbing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(V, V)
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+        out = input_ids
+        for _ in range(3):
+            probs = torch.softmax(self.table(out[:, -1]), -1)
+            out = torch.cat([out, torch.multinomial(probs, 1)], 1)
+        return out
+
+
+def test_off_policy_steps_train_on_the_collected_answers_scored_by_the_teacher() -> None:
+    scorer = FakeScorer()
+    steps = OnPolicySteps(
+        OnPolicy(lmbda=0.0),
+        seed=1,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=scorer,  # type: ignore[arg-type]
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+    )
+    objective = Objective(_Student(), loss_config(OnPolicy()))
+    batches, normalizer, on = steps.batches(0, [[[0], [1]]], objective)
+    assert not on and normalizer == 7.0
+    assert scorer.seen == [(list(p), list(a)) for p, a in PAIRS]
+    assert batches[0].labels.tolist() == [4, 5, 6, 7, 10, 4, 2]
+    assert steps.tokens_scored == sum(len(p) + len(a) for p, a in PAIRS) and steps.samples == 0
+
+
+def test_on_policy_steps_train_on_the_students_samples() -> None:
+    scorer = FakeScorer()
+    op = OnPolicy(lmbda=1.0, samples_per_prompt=2, max_new_tokens=3)
+    steps = OnPolicySteps(
+        op,
+        seed=1,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=scorer,  # type: ignore[arg-type]
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+    )
+    torch.manual_seed(0)
+    objective = Objective(_Student(), loss_config(op))
+    before = torch.random.get_rng_state()
+    batches, normalizer, on = steps.batches(0, [[[0], [1]]], objective)
+    assert torch.equal(torch.random.get_rng_state(), before)  # sampling leaves the training's RNG alone
+    assert on and [p for p, _ in scorer.seen] == [[1, 2, 3], [1, 2, 3], [8, 9], [8, 9]]
+    samples = [a for _, a in scorer.seen]
+    assert all(1 <= len(a) <= 3 and (2 not in a[:-1]) for a in samples)  # cut after the end token
+    assert batches[0].labels.tolist() == [t for a in samples for t in a]
+    assert normalizer == sum(len(a) for a in samples) and steps.samples == 4
+    again = FakeScorer()
+    steps.scorer = again  # type: ignore[assignment]
+    steps.batches(0, [[[0], [1]]], objective)
+    assert [a for _, a in again.seen] == samples  # same (seed, step, rank): same samples
+    steps.batches(1, [[[0], [1]]], objective)
+    assert [a for _, a in again.seen[4:]] != samples
+
+
+def test_samples_of_a_real_student_stop_at_the_end_of_turn(student_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(student_dir)
+    model = AutoModelForCausalLM.from_pretrained(student_dir)
+    chat = ChatFormat(tok, [tok.eos_token_id])
+    prompts = [
+        chat.prompt([{"role": "user", "content": "abcde"}]),
+        chat.prompt([{"role": "user", "content": "fg"}]),
+    ]
+    objective = Objective(model, loss_config(OnPolicy()))
+    op = OnPolicy(max_new_tokens=12, samples_per_prompt=3, temperature=1.0)
+    kw: dict[str, Any] = dict(
+        op=op, end_ids=chat.end_ids, pad_id=tok.pad_token_id, device=torch.device("cpu"), fsdp=False
+    )
+    first = sample(objective, prompts, seed=5, **kw)
+    assert len(first) == 6 and first == sample(objective, prompts, seed=5, **kw)
+    assert first != sample(objective, prompts, seed=6, **kw)
+    for s in first:
+        assert 1 <= len(s) <= 12 and all(t not in chat.end_ids for t in s[:-1])
+    assert objective.training  # back to training mode
+    assert math.isfinite(float(model.lm_head.weight.detach().sum()))

@@ -1,0 +1,378 @@
+"""On-policy distillation (``training.method: onPolicy``): the student samples its own answers, the teacher's
+vLLM server scores every token of them (:mod:`.scoring`), and the student is trained on the per-token
+divergence from the teacher (Agarwal et al., GKD; the reverse-KL recipe of 2025 on-policy distillation).
+
+**Which steps are on-policy.** A share ``lmbda`` of the steps: step ``s`` is on-policy when a generator
+seeded with ``(training.seed, s)`` draws below ``lmbda`` (:func:`is_on_policy_step`), so every rank agrees
+without talking and a resumed run makes the same choice. The other steps are off-policy: the step's
+collected teacher answers, as written by the teacher, scored by the teacher's server the same way. Both use
+the data plan's micro-batches (:mod:`.batching`), so the prompts of step ``s`` are the same either way.
+
+**Samples.** At an on-policy step each rank samples ``samplesPerPrompt`` answers to each prompt of its own
+micro-batches from the *current* student weights with transformers' ``generate`` (temperature
+``onPolicy.temperature``, no top-k/top-p, at most ``maxNewTokens``, cut after the first end-of-turn token,
+which is kept and trained on, as TRL's GKD masks after EOS), with the RNG forked and seeded from
+``(seed, step, rank, micro-batch)``: the training's own RNG stream is untouched and a resumed run samples
+exactly what the uninterrupted one did. Under DDP the student is sampled from ``module.module`` (no
+collective); under FSDP through the wrapped module's forward (the root's parameters are gathered, each
+layer's as it runs) with ``synced_gpus`` so ranks whose samples end early keep stepping with the others.
+vLLM for the student's samples (on a GPU, weights synced each step) is not done: plain ``generate``
+everywhere.
+
+**The loss, precisely.** For each supervised token ``x_i`` (a sample token at an on-policy step, a collected
+answer token at an off-policy step; prompt and padding positions have no row at all), with ``z_i`` the
+student's logits at the position before it and ``(K_i, l_i)`` the teacher's scores (its top-k ids and
+logprobs at T = 1, plus ``x_i`` itself when outside the top-k)::
+
+    q_i = softmax(l_i / T) over K_i                           (the teacher, renormalised over K_i)
+    reverseKL:  D_i = KL( softmax(z_i / T)|K_i  ||  q_i )    (the student restricted to K_i, renormalised)
+    jsd:        D_i = JSD_beta( q_i , [softmax(z_i / T) on K_i, its mass elsewhere as one tail bucket] )
+    loss = T^2 * sum_i D_i / (supervised tokens of the step, all ranks)
+
+that is :func:`.losses.distill_loss` with a :class:`.losses.TopKTeacher` and ``alpha = 1`` (no
+cross-entropy: the samples are the student's own, and GKD's off-policy share uses the same divergence on the
+teacher's sequences). With k = V both are the exact divergences. Reverse KL leaves the student's mass
+outside ``K_i`` unpenalised (the teacher's tail is unknown from its top-k), but every token the student
+samples is in ``K_i`` with the teacher's judgement of it, so mass on tokens the teacher finds unlikely is
+pushed down as soon as they are sampled.
+
+**Reuse of TRL** (1.16, in the environment). ``GKDTrainer`` gives the recipe and the names (``lmbda``,
+``beta``, ``temperature``, ``max_new_tokens``), its generate-then-mask-after-EOS and its generalized JSD,
+whose formula :mod:`.divergences` implements chunk by chunk on top-k scores. Its trainer is not used: it is
+a transformers ``Trainer`` that holds the teacher model in the training process (the point here is the
+teacher behind vLLM), picks on-policy batches with an unseeded ``random.random()`` (a resumed run would not
+make the same choices), samples with the global RNG, and computes the loss on full ``[B, T, V]`` logits of
+both models; the stage's contract (progress lines and files, exact resume from the step, torchrun DDP/FSDP,
+LoRA, the chunked loss, the NaN guard) is the loop of :mod:`.steps`, which every method shares. TRL's
+``VLLMClient.get_sequence_logprobs`` sends the scoring request :mod:`.scoring` sends, but with ``requests``
+outside the project's retry rules, truncating each position to top-k (the sampled token reported apart) and
+without checking that the answer is aligned to the tokens sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..api.spec import OnPolicy
+from .batching import Batch, MicroBatch, _rows
+from .examples import ChatFormat, Example
+from .guards import TokenizerMismatch, check_online_tokenizer
+from .losses import DistillConfig
+from .modeling import unwrap
+from .scoring import Scores, TeacherScorer
+
+if TYPE_CHECKING:
+    from ..api.stage import StageConfig
+    from .distributed import DistEnv
+
+log = logging.getLogger(__name__)
+
+EMA = 0.9  # weight of the past in the running divergence
+
+
+def loss_config(op: OnPolicy) -> DistillConfig:
+    """The divergence of :mod:`.losses` on the teacher's scores, ``alpha = 1`` (see the module's docstring)."""
+    return DistillConfig(
+        temperature=op.temperature,
+        alpha=1.0,
+        divergence=op.divergence,
+        jsd_beta=op.beta,
+        chunk_tokens=op.chunk_tokens,
+    )
+
+
+def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
+    """Whether (0-based) ``step`` trains on the student's samples: a draw seeded by (seed, step) < lmbda."""
+    return random.Random(f"distillery-on-policy:{seed}:{step}").random() < lmbda
+
+
+def sample_seed(seed: int, step: int, rank: int, micro: int) -> int:
+    digest = hashlib.sha256(f"distillery-sample:{seed}:{step}:{rank}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def scored_batch(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], scores: Sequence[Scores], pad_id: int, vocab: int
+) -> Batch:
+    """One micro-batch of (prompt, answer) sequences and the teacher's scores of each answer: rows are the
+    answer tokens only (the prompt is masked), in the order of the labels."""
+    if len(pairs) != len(scores):
+        raise ValueError(f"{len(pairs)} sequences but {len(scores)} scores")
+    seqs = [[np.asarray([*p, *a], dtype=np.int64)] for p, a in pairs]
+    ids, mask, pos, select, labels = _rows(seqs, [[len(p)] for p, _ in pairs], pad_id, packed=False)
+    for (_, answer), s in zip(pairs, scores, strict=True):
+        if len(s) != len(answer):
+            raise ValueError(f"{len(s)} score rows for an answer of {len(answer)} tokens")
+    top_ids = torch.from_numpy(np.concatenate([s.ids for s in scores]))
+    top_lp = torch.from_numpy(np.concatenate([s.logprobs for s in scores]))
+    used = torch.isfinite(top_lp)
+    if bool(used.any()) and int(top_ids[used].max()) >= vocab:
+        raise TokenizerMismatch(
+            f"training.method onPolicy: the teacher scored token id {int(top_ids[used].max())}, beyond the "
+            f"student's vocabulary of {vocab}: the two tokenizers differ (they must be the same)"
+        )
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        select=select,
+        labels=labels,
+        topk_ids=top_ids,
+        topk_logprobs=top_lp,
+        tokens=sum(len(p) + len(a) for p, a in pairs),
+    )
+
+
+def cut_at_end(tokens: Sequence[int], end_ids: set[int]) -> list[int]:
+    """A sample up to and including its first end token (what follows is generate's padding)."""
+    out: list[int] = []
+    for t in tokens:
+        out.append(int(t))
+        if t in end_ids:
+            break
+    return out
+
+
+def sample(
+    module: nn.Module,
+    prompts: Sequence[Sequence[int]],
+    *,
+    op: OnPolicy,
+    end_ids: set[int],
+    pad_id: int,
+    seed: int,
+    device: torch.device,
+    fsdp: bool,
+    autocast: contextlib.AbstractContextManager[Any] | None = None,
+) -> list[list[int]]:
+    """``op.samplesPerPrompt`` samples of the current student for each prompt (prompt-major order)."""
+    from transformers import GenerationConfig
+
+    rows = [list(p) for p in prompts for _ in range(op.samples_per_prompt)]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, r in enumerate(rows):  # left padding: every row's next token is at the same column
+        ids[b, width - len(r) :] = torch.tensor(r)
+        mask[b, width - len(r) :] = 1
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=op.temperature,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=op.max_new_tokens,
+        eos_token_id=sorted(end_ids) or None,
+        pad_token_id=pad_id,
+        use_cache=True,
+    )
+    request = {
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "generation_config": config,
+        "synced_gpus": fsdp,
+    }
+    training = module.training
+    module.eval()  # no dropout (LoRA's included) in the samples
+    try:
+        with torch.no_grad(), _forked_rng(device, seed), autocast or contextlib.nullcontext():
+            if fsdp:  # through the FSDP root's forward: its parameters are gathered for the whole call
+                out = module(None, None, 0.0, generate=request)
+            else:
+                out = unwrap(module).student.generate(**request)
+    finally:
+        module.train(training)
+    return [cut_at_end(row, end_ids) for row in out[:, width:].tolist()]
+
+
+@contextlib.contextmanager
+def _forked_rng(device: torch.device, seed: int) -> Iterator[None]:
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+# ---------------------------------------------------------------------------------------------- the steps
+
+
+def make_scorer(cfg: StageConfig) -> TeacherScorer:
+    """The client of the teacher's server the stage config resolves (the spec's endpoint, or the self-hosted
+    teacher's Service / local port), with the collection's timeout and retries."""
+    served = cfg.teacher_endpoint()
+    collection = cfg.spec.collection
+    return TeacherScorer(
+        served.base_url,
+        served.model,
+        cfg.spec.training.on_policy.top_k,
+        cfg.teacher_api_key(),
+        timeout=collection.timeout_seconds,
+        max_retries=collection.max_retries,
+    )
+
+
+def check_teacher_tokenizer(cfg: StageConfig, scorer: TeacherScorer, student_tokenizer: Any) -> None:
+    """The teacher's tokenizer must be the student's (as for online KD): the one its server loaded (the
+    ``root`` vLLM reports, when readable here), else the self-hosted model's or a hub id endpoint model's.
+    When none can be loaded the run goes on, and every score is checked to lie within the student's
+    vocabulary (:func:`scored_batch`)."""
+    from ..collect.identity import candidates, resolve
+
+    teacher = cfg.spec.teacher
+    tried = candidates(
+        None,
+        _served_root(scorer, cfg),
+        teacher.self_hosted.model if teacher.self_hosted else None,
+        teacher.endpoint.model if teacher.endpoint else None,
+    )
+    tokenizer, identity = resolve(tried, scorer.model)
+    if tokenizer is None:
+        log.warning(
+            "training.method onPolicy: the teacher's tokenizer could not be loaded here (%s); only its "
+            "token ids' range is checked",
+            identity.get("note"),
+        )
+        return
+    check_online_tokenizer(tokenizer, student_tokenizer, "training.method onPolicy")
+
+
+def _served_root(scorer: TeacherScorer, cfg: StageConfig) -> str | None:
+    import json
+    import urllib.request
+
+    url = scorer.url.removesuffix("/completions") + "/models"
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {cfg.teacher_api_key()}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:  # noqa: S310 - the run's own teacher URL
+            data = json.loads(resp.read())
+        for model in data.get("data") or []:
+            if model.get("id") == scorer.model and isinstance(model.get("root"), str):
+                return str(model["root"])
+    except (OSError, ValueError) as exc:
+        log.info("could not ask the teacher for its model's root (%s)", exc)
+    return None
+
+
+class OnPolicySteps:
+    """What an on-policy (or off-policy) step trains on: the rank's micro-batches, each a :class:`Batch`
+    of (prompt, answer) sequences with the teacher's scores; its loss normaliser; the progress figures."""
+
+    def __init__(
+        self,
+        op: OnPolicy,
+        *,
+        seed: int,
+        env: DistEnv,
+        examples: Sequence[Example],
+        chat: ChatFormat,
+        scorer: TeacherScorer,
+        pad_id: int,
+        vocab: int,
+        fsdp: bool,
+    ) -> None:
+        self.op, self.seed, self.env = op, seed, env
+        self.examples, self.chat, self.scorer = examples, chat, scorer
+        self.pad_id, self.vocab, self.fsdp = pad_id, vocab, fsdp
+        # progress over the whole run, all ranks (restored on resume)
+        self.tokens_scored = 0
+        self.scoring_seconds = 0.0
+        self.samples = 0
+        self.divergence: float | None = None
+        self._sampling_seconds = 0.0  # this process's, for samples per second
+        self._samples_here = 0
+        self._step_seconds = 0.0
+
+    def batches(
+        self,
+        step: int,
+        mine: Sequence[MicroBatch],
+        module: nn.Module,
+        autocast: contextlib.AbstractContextManager[Any] | None = None,
+    ) -> tuple[list[Batch], float, bool]:
+        """The rank's micro-batches of (0-based) ``step``, the step's loss normaliser, whether on-policy."""
+        on = is_on_policy_step(self.seed, step, self.op.lmbda)
+        started = time.monotonic()
+        pairs: list[list[tuple[list[int], list[int]]]] = []
+        for j, mb in enumerate(mine):
+            exs = [self.examples[i] for row in mb for i in row]
+            prompts = [e.input_ids[: e.n_prompt].tolist() for e in exs]
+            if on:
+                samples = sample(
+                    module,
+                    prompts,
+                    op=self.op,
+                    end_ids=self.chat.end_ids,
+                    pad_id=self.pad_id,
+                    seed=sample_seed(self.seed, step, self.env.rank, j),
+                    device=self.env.device,
+                    fsdp=self.fsdp,
+                    autocast=autocast,
+                )
+                repeated = [p for p in prompts for _ in range(self.op.samples_per_prompt)]
+                pairs.append(list(zip(repeated, samples, strict=True)))
+            else:
+                pairs.append(
+                    [(p, e.input_ids[e.n_prompt :].tolist()) for p, e in zip(prompts, exs, strict=True)]
+                )
+        sampled = time.monotonic()
+        flat = [pair for group in pairs for pair in group]
+        scored_before, seconds_before = self.scorer.stats.tokens, self.scorer.stats.seconds
+        scores = self.scorer.score(flat)
+        out, at = [], 0
+        for group in pairs:
+            out.append(scored_batch(group, scores[at : at + len(group)], self.pad_id, self.vocab))
+            at += len(group)
+        local = [
+            float(sum(len(a) for _, a in flat)),
+            float(self.scorer.stats.tokens - scored_before),
+            self.scorer.stats.seconds - seconds_before,
+            float(len(flat) if on else 0),
+        ]
+        answer_tokens, scored, seconds, n_samples = self.env.all_reduce(local, "sum")
+        self.tokens_scored += int(scored)
+        self.scoring_seconds += seconds
+        self.samples += int(n_samples)
+        if on:
+            self._sampling_seconds += sampled - started
+            self._samples_here += int(n_samples)
+        return out, max(answer_tokens, 1.0) / self.env.world_size, on
+
+    def observe(self, divergence: float, seconds: float) -> dict[str, Any]:
+        """After a step: its mean divergence and wall time; the progress fields."""
+        self.divergence = (
+            divergence if self.divergence is None else EMA * self.divergence + (1 - EMA) * divergence
+        )
+        self._step_seconds += seconds
+        rate = self._samples_here / self._step_seconds if self._step_seconds > 0 else None
+        return {
+            "teacher_tokens_scored": self.tokens_scored,
+            "teacher_scoring_seconds": round(self.scoring_seconds, 3),
+            "samples_per_second": rate,
+            "divergence": self.divergence,
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "onPolicy": {
+                "tokensScored": self.tokens_scored,
+                "scoringSeconds": self.scoring_seconds,
+                "samples": self.samples,
+                "divergence": self.divergence,
+            }
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        saved = state.get("onPolicy") or {}
+        self.tokens_scored = int(saved.get("tokensScored", 0))
+        self.scoring_seconds = float(saved.get("scoringSeconds", 0.0))
+        self.samples = int(saved.get("samples", 0))
+        self.divergence = saved.get("divergence")
