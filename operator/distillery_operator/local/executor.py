@@ -270,9 +270,10 @@ def prompts_args(lr: LocalRun) -> list[str]:
 
 @contextmanager
 def teacher_served(lr: LocalRun, stage: str) -> Iterator[None]:
-    """Serve a self-hosted teacher with vLLM for the duration (nothing to do for an endpoint teacher)."""
+    """Serve a self-hosted teacher with vLLM for the duration (nothing to do for an endpoint teacher, or
+    when it is served already: an on-policy run keeps it from the collection through the training)."""
     sh = lr.run.spec.teacher.self_hosted
-    if sh is None:
+    if sh is None or lr.teacher is not None:
         yield
         return
     lr.ui.note(stage, "starting the teacher on vLLM")
@@ -484,23 +485,7 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
     if changed:
         ui.note(changed[0], f"the spec changed since the last run: redoing {', '.join(changed)}")
     try:
-        if collect_done(lr.layout, run.spec):
-            observe(lr)
-            finish(lr, "collect", "reused collect/", skipped=True)
-        else:
-            begin(lr, "collect")
-            run_collect(lr)
-            finish(
-                lr, "collect", f"{lr.status.collection.done} answers, {lr.status.collection.failed} failed"
-            )
-        if train_done(lr.layout, run.spec):
-            observe(lr)
-            finish(lr, "train", "reused student/", skipped=True)
-        else:
-            begin(lr, "train")
-            run_train(lr)
-            observe(lr)
-            finish(lr, "train", f"{lr.status.training.step} steps, loss {lr.status.training.loss or 0:.3f}")
+        collect_and_train(lr)
         run_serve_and_evaluate(lr, keep_serving)
         conclude(lr)
     except StageFailed as err:
@@ -514,6 +499,33 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
         lr.write_status()
         raise
     return lr
+
+
+def collect_and_train(lr: LocalRun) -> None:
+    spec = lr.run.spec
+    collected = collect_done(lr.layout, spec)
+    if collected:
+        observe(lr)
+        finish(lr, "collect", "reused collect/", skipped=True)
+    else:
+        begin(lr, "collect")
+    trained = train_done(lr.layout, spec)
+    # An on-policy training scores with the teacher: one server from the collection through the training.
+    kept = teacher_in_training(spec) and not collected and not trained
+    with teacher_served(lr, "collect") if kept else _nothing():
+        if not collected:
+            run_collect(lr)
+            finish(
+                lr, "collect", f"{lr.status.collection.done} answers, {lr.status.collection.failed} failed"
+            )
+        if trained:
+            observe(lr)
+            finish(lr, "train", "reused student/", skipped=True)
+        else:
+            begin(lr, "train")
+            run_train(lr)
+            observe(lr)
+            finish(lr, "train", f"{lr.status.training.step} steps, loss {lr.status.training.loss or 0:.3f}")
 
 
 def workdir_default() -> Path:

@@ -75,3 +75,44 @@ def test_an_on_policy_training_is_run_with_the_teacher_served_and_named_in_its_c
 def test_an_sft_training_runs_without_the_teacher(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     served, seen = _run(tmp_path, "sft", monkeypatch)
     assert served == [] and seen["config"].teacher is None
+
+
+class _StageUi(_Ui):
+    def stage_started(self, stage: str) -> None:
+        pass
+
+    def stage_finished(self, stage: str, message: str, *, reused: bool = False) -> None:
+        pass
+
+
+def test_an_on_policy_run_keeps_one_teacher_server_from_the_collection_through_the_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the operator keeps ``<run>-teacher``: the server the collection used scores the training's
+    samples (a vLLM start on a CPU is a minute and a half)."""
+    doc = make_run("op").self_hosted().spec({"training": {"method": "onPolicy"}}).obj()
+    lr = LocalRun(
+        run=parse_run(doc), spec_file=tmp_path / "run.yaml", workdir=tmp_path / "runs", ui=_StageUi()
+    )  # type: ignore[arg-type]
+    lr.layout.root.mkdir(parents=True)
+    starts: list[str] = []
+    teachers: dict[str, str | None] = {}
+
+    @contextmanager
+    def serve_model(**kw: Any) -> Iterator[Served]:
+        starts.append(kw["stage"])
+        yield Served(name=kw["name"], model_dir="/models/teacher", launcher=_Launcher())  # type: ignore[arg-type]
+
+    def stage(name: str) -> Any:
+        def run(lr: LocalRun) -> None:
+            teachers[name] = lr.stage_config().teacher_endpoint().base_url
+
+        return run
+
+    monkeypatch.setattr(executor, "serve_model", serve_model)
+    monkeypatch.setattr(executor, "run_collect", stage("collect"))
+    monkeypatch.setattr(executor, "_train", stage("train"))
+    executor.collect_and_train(lr)
+    assert starts == ["collect"]
+    assert teachers == {"collect": _Launcher.base_url, "train": _Launcher.base_url}
+    assert lr.teacher is None
