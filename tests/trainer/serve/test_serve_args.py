@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from distillery_trainer.api import parse_run
 from distillery_trainer.models import ModelNotFound, keep_indices, resolve_model_ref
-from distillery_trainer.serve.args import VLLM_IMAGE, VllmServer, cpu_env
+from distillery_trainer.serve.args import VLLM_IMAGE, VllmServer, cpu_env, score_top_k
 
 from tests.support.builders import make_run
 
@@ -38,6 +38,18 @@ def test_student_args_on_cpu_and_teacher_logprobs() -> None:
     assert spec.teacher.self_hosted is not None
     t = VllmServer.for_teacher(spec.teacher.self_hosted, spec.teacher.logprobs, "Qwen/x", "teacher")
     assert _flag(t.args(), "--max-logprobs") == "64"
+
+
+def test_an_on_policy_teachers_max_logprobs_covers_its_top_k() -> None:
+    """vLLM refuses prompt_logprobs above --max-logprobs: the self-hosted teacher is started with enough."""
+    spec = parse_run(
+        make_run().self_hosted().spec({"training": {"method": "onPolicy", "onPolicy": {"topK": 50}}}).obj()
+    ).spec
+    assert spec.teacher.self_hosted is not None and score_top_k(spec) == 50
+    t = VllmServer.for_teacher(spec.teacher.self_hosted, None, "m", "teacher", score_top_k=score_top_k(spec))
+    assert _flag(t.args(), "--max-logprobs") == "50"
+    sft = parse_run(make_run().self_hosted().obj()).spec
+    assert score_top_k(sft) == 0
 
 
 def test_image_is_pinned() -> None:

@@ -463,3 +463,93 @@ def test_the_untrained_students_answers_to_the_held_out_prompts_are_written_firs
     spec_off.write_text(yaml.safe_dump(doc))
     check_ok(tiny.run_train(spec_off))
     assert not RunLayout(off).baseline_file.exists()
+
+
+# ---------------------------------------------------------------------------------------------- on-policy
+
+
+ON_POLICY = {
+    **TRAINING,
+    "batchSize": 4,
+    "seed": 5,  # steps 1, 2, 4 and 5 on-policy, 0 and 3 on the collected answers (lmbda 0.5)
+    "method": "onPolicy",
+    "maxSteps": 6,
+    "learningRate": 3e-3,
+    "checkpointEverySteps": 3,
+    "onPolicy": {"lmbda": 0.5, "topK": TOP_K, "maxNewTokens": 8, "samplesPerPrompt": 2, "temperature": 1.0},
+}
+
+
+def teacher_server(teacher_dir: Path) -> Any:
+    """A teacher's vLLM server as the trainer sees it: the fake OpenAI server answering prompt_logprobs
+    with the real tiny teacher's log-probabilities (fp32 in this process), and the model's root."""
+    from tests.support.servers.fake_openai import FakeOpenAI, FakeOpenAIConfig
+
+    config = FakeOpenAIConfig(
+        model="teacher", prompt_logprobs=tiny.prompt_logprobs(teacher_dir), model_root=str(teacher_dir)
+    )
+    return FakeOpenAI(config)
+
+
+def on_policy_config(
+    root: Path, student: Path, teacher_dir: Path, training: dict[str, Any], url: str
+) -> Path:
+    """A self-hosted teacher, resolved (as the operator and `distillery run` do) to its server's URL."""
+    teacher = {"endpoint": DELETE, "selfHosted": {"model": str(teacher_dir)}}
+    config = tiny.stage_config(root, student, training, teacher=teacher)
+    doc = yaml.safe_load(config.read_text())
+    doc["teacher"] = {"baseURL": url, "model": "teacher"}
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_ranks_on_policy_steps_checkpoint_and_resume_exactly(
+    strategy: str, tmp_path: Path, student_dir: Path, teacher_dir: Path, collected: Path
+) -> None:
+    """torchrun, 2 gloo ranks: each samples its share from the current student, the teacher scores it, the
+    steps checkpoint; a run resumed from step 3 (the last checkpoint removed) ends with the same weights
+    and the same progress as the uninterrupted one: same on-policy choices, same samples, same scores."""
+    root = new_run(tmp_path, collected, strategy)
+    with teacher_server(teacher_dir) as server:
+        config = on_policy_config(
+            root, student_dir, teacher_dir, {**ON_POLICY, "strategy": strategy}, server.base_url
+        )
+        out = torchrun(config)
+        assert out.returncode == 0, out.stderr[-4000:]
+        straight = progress(root)
+        a = weights(root / "student")
+        scored = server.count("completions")
+
+        ckpts = RunLayout(root).checkpoints_dir
+        assert sorted(x.name for x in ckpts.iterdir()) == ["step-000003", "step-000006"]
+        shutil.rmtree(ckpts / "step-000006")
+        shutil.rmtree(root / "student")
+        again = torchrun(config)
+        assert again.returncode == 0, again.stderr[-4000:]
+    assert "resuming from" in again.stderr
+    assert straight["state"] == "Succeeded" and straight["step"] == 6 and straight["method"] == "onPolicy"
+    # 4 prompts a rank a step, 2 ranks: 4 on-policy steps score 2 samples of each, 2 off-policy steps the answers
+    assert scored == 4 * (8 * 2) + 2 * 8, scored
+    assert straight["teacherTokensScored"] > 0 and straight["teacherScoringSeconds"] > 0
+    assert straight["samplesPerSecond"] > 0 and straight["divergence"] > 0
+    resumed = progress(root)
+    for key in ("step", "teacherTokensScored", "loss", "divergence"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+    b = weights(root / "student")
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_on_policy_refuses_a_teacher_with_another_tokenizer(
+    tmp_path: Path, collected: Path, teacher_dir: Path
+) -> None:
+    other = tmp_path / "other-student"
+    tiny.make_llama(other, tiny.make_tokenizer(tmp_path / "other-tok", merges=8), seed=3)
+    root = new_run(tmp_path, collected)
+    with teacher_server(teacher_dir) as server:
+        out = tiny.run_train(on_policy_config(root, other, teacher_dir, ON_POLICY, server.base_url))
+        assert server.count("completions") == 0
+    assert out.returncode == 1
+    assert "training.method onPolicy: the teacher's tokenizer" in out.stderr and "differs" in out.stderr
+    assert progress(root)["state"] == "Failed" and not RunLayout(root).checkpoints_dir.exists()

@@ -76,6 +76,12 @@ class ProgressReporter:
             parts.append(f"loss {p.loss:.4f}")
         if p.tokens_per_second:
             parts.append(f"{p.tokens_per_second:,.0f} tok/s")
+        if p.divergence is not None:
+            parts.append(f"divergence {p.divergence:.4f}")
+        if p.teacher_tokens_scored:
+            parts.append(
+                f"teacher scored {p.teacher_tokens_scored:,} tok in {_duration(p.teacher_scoring_seconds or 0)}"
+            )
         if p.eta_seconds is not None:
             parts.append(f"ETA {_duration(p.eta_seconds)}")
         parts.append(f"elapsed {_duration(p.elapsed_seconds)}")
