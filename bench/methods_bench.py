@@ -2,7 +2,7 @@
 distillation, on the same task, teacher, student, collection and training budget, each a whole `distillery
 run` on this machine (vLLM on the CPU for the teacher and the student, the trainer, the evaluation).
 
-    python bench/methods_bench.py                        # ~30 min on 2 CPU cores
+    python bench/methods_bench.py                        # ~32 min on 2 shared CPU cores
     python bench/methods_bench.py --steps 16 --seconds 120 --prompts 80    # a quicker look
     python bench/methods_bench.py --json out.json
 
@@ -167,9 +167,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--prompts", type=int, default=160, help="prompts (a quarter held out)")
-    parser.add_argument("--steps", type=int, default=48, help="optimizer steps, every method")
-    parser.add_argument("--seconds", type=int, default=600, help="training wall-time cap, every method")
+    parser.add_argument("--prompts", type=int, default=120, help="prompts (a quarter held out)")
+    parser.add_argument("--steps", type=int, default=32, help="optimizer steps, every method")
+    parser.add_argument("--seconds", type=int, default=480, help="training wall-time cap, every method")
     parser.add_argument("--lmbda", type=float, default=0.5, help="on-policy share of the steps (GKD's 0.5)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workdir", type=Path, default=None, help="kept when given (default: a temp dir)")
