@@ -299,9 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        choices=["sft", "kd"],
+        choices=["sft", "kd", "on-policy"],
         default=None,
-        help="sft on the teacher's answers (the example's), or kd on its top-20 logprobs",
+        help="sft on the teacher's answers (the example's), kd on its top-20 logprobs, or on-policy: on the "
+        "student's own samples, scored token by token by the teacher's vLLM server",
     )
     p.add_argument("--fresh", action="store_true", help="start over instead of resuming")
     p.add_argument(

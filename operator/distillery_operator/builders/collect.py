@@ -1,5 +1,6 @@
 """Stage 1: the collection Job (Indexed, one pod per shard) and, for a self-hosted teacher, its vLLM
-Deployment and Service (created first, torn down once the collection has ended)."""
+Deployment and Service (created first, torn down once the collection has ended, or once the training
+has for an on-policy training, which scores with it: :mod:`distillery_operator.planner.teacher`)."""
 
 from __future__ import annotations
 

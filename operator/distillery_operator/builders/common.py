@@ -180,6 +180,12 @@ CLAIM_USERS: tuple[str, ...] = (TEACHER, COLLECT, TRAIN, SERVE, EVAL)
 HOSTNAME = "kubernetes.io/hostname"
 
 
+def teacher_in_training(spec: DistillationRunSpec) -> bool:
+    """Whether the self-hosted teacher's server is needed during the training too: ``onPolicy`` scores
+    the student's samples with it at every step (an endpoint teacher is not the operator's to keep)."""
+    return spec.training.method == "onPolicy" and spec.teacher.self_hosted is not None
+
+
 def colocation(run: Run, component: str) -> dict[str, Any] | None:
     """The ``affinity`` that keeps ``component``'s pods on the node of the run's other pods that mount
     its claim, when the claim is single-node (ReadWriteOnce); None otherwise."""

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from distillery_trainer.api.stage import TEACHER_API_KEY_ENV
+
 from ..naming import COMPLETION_INDEX_ANNOTATION, PYTORCHJOB_CONTAINER, TRAINJOB_NODE, WORKLOAD_LABEL
 from ..settings import Settings
 from .common import (
@@ -40,6 +42,7 @@ from .common import (
     pod_security_context,
     pod_spec,
     scheduling,
+    secret_env,
     selector,
     stage_command,
     training_resources,
@@ -55,14 +58,23 @@ def nproc_per_node(run: Run) -> int:
     return max(1, run.spec.training.resources.gpus_per_node)
 
 
+def training_env(run: Run, settings: Settings) -> list[dict[str, Any]]:
+    """The training container's environment: the student (and an online teacher) may be gated; on-policy
+    steps call an endpoint teacher to score the student's samples, with its key as collection has it."""
+    env = base_env(run, settings) + hf_token_env(run)
+    endpoint = run.spec.teacher.endpoint
+    if run.spec.training.method == "onPolicy" and endpoint is not None and endpoint.api_key_secret_ref:
+        env.append(secret_env(TEACHER_API_KEY_ENV, endpoint.api_key_secret_ref))
+    return env
+
+
 def _container(run: Run, settings: Settings, name: str, command: list[str]) -> dict[str, Any]:
     res = run.spec.training.resources
     return {
         "name": name,
         "image": run.spec.training.image or settings.trainer_image,
         "command": command,
-        "env": base_env(run, settings)
-        + hf_token_env(run),  # the student (and an online teacher) may be gated
+        "env": training_env(run, settings),
         "resources": training_resources(
             res.cpu,
             res.memory,
@@ -223,7 +235,7 @@ def trainjob(run: Run, settings: Settings, inputs: str, generation: int) -> dict
                         gpu_resource=res.gpu_resource or settings.gpu_resource,
                     ),
                     # API keys and tokens only as secretKeyRefs (the operator never reads a Secret).
-                    "env": base_env(run, settings) + hf_token_env(run),
+                    "env": training_env(run, settings),
                 },
                 "runtimePatches": [
                     {

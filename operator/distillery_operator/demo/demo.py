@@ -17,6 +17,8 @@ from distillery_trainer.api.resource import load_yaml
 from .task import generate, to_jsonl
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "local-cpu.yaml"
+# `distillery demo --method`: the spec's training.method for each (on-policy as TRL's users write it).
+METHODS = {"sft": "sft", "kd": "kd", "on-policy": "onPolicy"}
 
 
 def demo_spec(
@@ -35,8 +37,10 @@ def demo_spec(
     spec["data"]["prompts"] = {"pvcPath": str(data.resolve())}
     if train_seconds is not None:
         spec["training"]["maxSeconds"] = train_seconds
-    if method is not None:  # kd trains on the teacher's top-20 logprobs, which the example collects anyway
-        spec["training"]["method"] = method
+    if method is not None:
+        # kd trains on the teacher's top-20 logprobs, which the example collects anyway; on-policy on the
+        # student's own samples, scored by the teacher's vLLM server (kept up through the training).
+        spec["training"]["method"] = METHODS.get(method, method)
     if requests is not None:
         spec["evaluation"]["load"]["requests"] = requests
     path = workdir / "demo.yaml"

@@ -4,7 +4,8 @@ It runs the operator's stages as local processes with the same stage CLIs, the s
 same artifact layout as in a cluster:
 
     collect   `distillery-trainer collect` per shard (a self-hosted teacher is served by vLLM meanwhile)
-    train     `distillery-trainer train` (under torchrun with one process per GPU; one process on a CPU)
+    train     `distillery-trainer train` (under torchrun with one process per GPU; one process on a CPU;
+              an on-policy training has the self-hosted teacher served again, to score its samples)
     serve     the student on vLLM (the CPU build without a GPU), kept up while evaluating
     evaluate  `distillery-trainer evaluate` against the student (and the teacher, for latency)
 
@@ -28,8 +29,9 @@ from distillery_trainer.api import status as S
 from distillery_trainer.api.stages import BY_NAME, verdict
 from distillery_trainer.cost import run_cost
 
+from ..builders.common import teacher_in_training
 from .process import StageFailed
-from .stages import run_collect, run_serve_and_evaluate, run_train
+from .stages import nothing, run_collect, run_serve_and_evaluate, run_train, teacher_served
 from .state import (
     LocalRun,
     begin,
@@ -95,23 +97,7 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
     if changed:
         ui.note(changed[0], f"the spec changed since the last run: redoing {', '.join(changed)}")
     try:
-        if collect_done(lr.layout, run.spec):
-            observe(lr)
-            finish(lr, "collect", "reused collect/", skipped=True)
-        else:
-            begin(lr, "collect")
-            run_collect(lr)
-            finish(
-                lr, "collect", f"{lr.status.collection.done} answers, {lr.status.collection.failed} failed"
-            )
-        if train_done(lr.layout, run.spec):
-            observe(lr)
-            finish(lr, "train", "reused student/", skipped=True)
-        else:
-            begin(lr, "train")
-            run_train(lr)
-            observe(lr)
-            finish(lr, "train", f"{lr.status.training.step} steps, loss {lr.status.training.loss or 0:.3f}")
+        collect_and_train(lr)
         run_serve_and_evaluate(lr, keep_serving)
         conclude(lr)
     except StageFailed as err:
@@ -125,6 +111,33 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
         lr.write_status()
         raise
     return lr
+
+
+def collect_and_train(lr: LocalRun) -> None:
+    spec = lr.run.spec
+    collected = collect_done(lr.layout, spec)
+    if collected:
+        observe(lr)
+        finish(lr, "collect", "reused collect/", skipped=True)
+    else:
+        begin(lr, "collect")
+    trained = train_done(lr.layout, spec)
+    # An on-policy training scores with the teacher: one server from the collection through the training.
+    kept = teacher_in_training(spec) and not collected and not trained
+    with teacher_served(lr, "collect") if kept else nothing():
+        if not collected:
+            run_collect(lr)
+            finish(
+                lr, "collect", f"{lr.status.collection.done} answers, {lr.status.collection.failed} failed"
+            )
+        if trained:
+            observe(lr)
+            finish(lr, "train", "reused student/", skipped=True)
+        else:
+            begin(lr, "train")
+            run_train(lr)
+            observe(lr)
+            finish(lr, "train", f"{lr.status.training.step} steps, loss {lr.status.training.loss or 0:.3f}")
 
 
 def workdir_default() -> Path:

@@ -1,5 +1,5 @@
-"""vLLM servers the local executor starts: the self-hosted teacher (for collection and the latency
-comparison) and the trained student. Same argument builder as the operator's Deployments, same launcher
+"""vLLM servers the local executor starts: the self-hosted teacher (for collection, an on-policy training
+and the latency comparison) and the trained student. Same argument builder as the operator's Deployments, same launcher
 as ``distillery-trainer serve``."""
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def serve_model(
     teacher: SelfHostedTeacher | None = None,
     logprobs: Logprobs | None = None,
     serving: Serving | None = None,
+    score_top_k: int = 0,
     timeout: float = 900.0,
 ) -> Iterator[Served]:
-    """Serve ``ref`` (a model directory, .gguf or pkg:// reference) on a free local port for the duration."""
+    """Serve ``ref`` (a model directory, .gguf or pkg:// reference) on a free local port for the duration;
+    ``score_top_k``: the prompt logprobs an on-policy training asks of a teacher (its ``--max-logprobs``)."""
     import os
 
     from distillery_trainer.models import ModelNotFound, materialize
@@ -59,7 +61,7 @@ def serve_model(
         raise StageFailed(stage, str(exc)) from None
     gpu = build == "gpu"
     if teacher is not None:
-        server = VllmServer.for_teacher(teacher, logprobs, model, name, gpu=gpu)
+        server = VllmServer.for_teacher(teacher, logprobs, model, name, gpu=gpu, score_top_k=score_top_k)
     else:
         server = VllmServer.for_student(serving or Serving(), model, name, gpu=gpu)
     server = dataclasses.replace(server, host="127.0.0.1", port=0)

@@ -12,7 +12,9 @@ from contextlib import contextmanager
 
 from distillery_trainer.api.stages import collection_failures
 from distillery_trainer.layout import RunLayout
+from distillery_trainer.serve.args import score_top_k
 
+from ..builders.common import teacher_in_training
 from . import process
 from .process import StageFailed
 from .servers import serve_model
@@ -50,9 +52,10 @@ def prompts_args(lr: LocalRun) -> list[str]:
 
 @contextmanager
 def teacher_served(lr: LocalRun, stage: str) -> Iterator[None]:
-    """Serve a self-hosted teacher with vLLM for the duration (nothing to do for an endpoint teacher)."""
+    """Serve a self-hosted teacher with vLLM for the duration (nothing to do for an endpoint teacher, or
+    when it is served already: an on-policy run keeps it from the collection through the training)."""
     sh = lr.run.spec.teacher.self_hosted
-    if sh is None:
+    if sh is None or lr.teacher is not None:
         yield
         return
     lr.ui.note(stage, "starting the teacher on vLLM")
@@ -65,6 +68,7 @@ def teacher_served(lr: LocalRun, stage: str) -> Iterator[None]:
         stage=stage,
         teacher=sh,
         logprobs=lr.run.spec.teacher.logprobs,
+        score_top_k=score_top_k(lr.run.spec),
     ) as served:
         lr.teacher = served
         try:
@@ -138,6 +142,13 @@ def gpu_count() -> int:
 
 
 def run_train(lr: LocalRun) -> None:
+    # An on-policy training scores the student's samples with the teacher: a self-hosted one is served
+    # for the duration and the stage config names it, as for collection.
+    with teacher_served(lr, "train") if teacher_in_training(lr.run.spec) else nothing():
+        _train(lr)
+
+
+def _train(lr: LocalRun) -> None:
     config = lr.write_config()
     wanted = lr.run.spec.training.resources.gpus_per_node
     nproc = min(wanted, gpu_count()) if wanted > 0 else 0
@@ -181,7 +192,7 @@ def run_serve_and_evaluate(lr: LocalRun, keep_serving: bool) -> None:
         else:
             begin(lr, "evaluate")
             compare = spec.evaluation.load.compare_teacher
-            ctx = teacher_served(lr, "evaluate") if compare else _nothing()
+            ctx = teacher_served(lr, "evaluate") if compare else nothing()
             with ctx:
                 config = lr.write_config()
                 process.run("evaluate", [*lr.trainer_cmd(), "evaluate", "--config", str(config)],
@@ -196,5 +207,5 @@ def run_serve_and_evaluate(lr: LocalRun, keep_serving: bool) -> None:
 
 
 @contextmanager
-def _nothing() -> Iterator[None]:
+def nothing() -> Iterator[None]:
     yield

@@ -25,7 +25,8 @@ Spec changes during a run (``teacher`` and ``data`` are immutable: the CRD's CEL
   children built from then on (a running Job's pods are immutable).
 
 Where the rules live: :mod:`.walk` is the pass and what every stage shares (the status helpers, the
-verdict, the conditions and events); :mod:`.storage` the claim; :mod:`.collect`, :mod:`.train`,
+verdict, the conditions and events); :mod:`.storage` the claim; :mod:`.teacher` a self-hosted teacher
+(through the collection, and the training too for ``onPolicy``); :mod:`.collect`, :mod:`.train`,
 :mod:`.serve` and :mod:`.evaluate` one stage each; :mod:`.model` what a pass hands back. What the stages
 are (names, status fields, phases, reasons, inputs, the gate) is :mod:`distillery_trainer.api.stages`'s.
 """

@@ -2,7 +2,8 @@
 
 Before its Job is created the run's claim must be ready (:func:`.storage.claim`). A self-hosted teacher
 (``teacher.selfHosted``) is a vLLM Deployment and Service that the Job waits for, torn down once the
-collection ends, whether it succeeded or failed.
+collection ends, whether it succeeded or failed, unless the training scores with it (``onPolicy``:
+:mod:`.teacher`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from distillery_trainer.api.stages import collection_failures
 from distillery_trainer.api.status import REASON_RETRYING
 
 from .. import status as derive
-from ..builders.collect import collect_job, teacher_deployment, teacher_service
+from ..builders.collect import collect_job
 from ..naming import COLLECT, TEACHER
 from ..observe import parse_time
-from . import stalls
+from . import stalls, teacher
 from .model import Outcome
 from .storage import claim
 
@@ -31,40 +32,28 @@ def collect(w: Walk) -> Outcome:
     job = w.observed.child("Job", name)
     self_hosted = w.spec.teacher.self_hosted is not None
     if (held := stalls.held(w, "collect")) is not None:
-        teardown_teacher(w)
+        teacher.teardown(w)
         return held
     if (held := w.superseded("collect", job)) is not None:
         return held
     if job is None or job.deleting:
         if job is None and st.state == "Succeeded":
-            teardown_teacher(w)
+            teacher.after_collection(w)
             return Outcome.DONE
         hold = claim(w)
         if hold is not None:
             st.message = w.storage_wait = hold
             return Outcome.RUNNING
         w.start("collect", f"0/{shards} shards done")
-        if self_hosted:
-            teacher = w.observed.child("Deployment", w.run.child(TEACHER))
-            if teacher is None or int(teacher.status.get("readyReplicas") or 0) < 1:
-                st.message = "waiting for the self-hosted teacher (vLLM) to become ready"
-                # Like the student's: past its progress deadline, or stalled, the teacher fails the stage.
-                failed = stalls.past_deadline(w, "collect", teacher) if teacher is not None else None
-                if failed is None:
-                    failed = stalls.stalled(w, "collect", w.observed.pods_of(TEACHER))
-                if failed is not None:
-                    teardown_teacher(w)
-                    return failed
-                _want_teacher(w)
-                return Outcome.RUNNING
-            _want_teacher(w)
+        if self_hosted and (waiting := teacher.ready(w, "collect")) is not None:
+            return waiting
         return w.create_or_wait("collect", job, collect_job(w.run, w.settings, w.fp["collect"]))
 
     pods = w.observed.pods_of(COLLECT, job)
     found = derive.summaries(pods)
     if job.is_true("Complete"):
         if st.state == "Succeeded":
-            teardown_teacher(w)
+            teacher.after_collection(w)
             return Outcome.DONE
         derive.apply_collection(st, found, shards)
         completed = parse_time(job.status.get("completionTime"))
@@ -73,19 +62,19 @@ def collect(w: Walk) -> Outcome:
             return Outcome.RUNNING
         too_many = collection_failures(found, w.spec.collection)
         if too_many is not None:  # the shards' own check, held to the totals: no training on what is left
-            teardown_teacher(w)
+            teacher.teardown(w)
             return w.fail("collect", f"Job {name} complete, but {too_many}", completed)
         w.succeed("collect", completed)
         missing = f" ({shards - len(found)} shard summaries missing)" if len(found) < shards else ""
         st.message = (
             f"{st.done} answers from {shards} shards, {st.failed} prompts failed, {st.cached} cached{missing}"
         )
-        teardown_teacher(w)
+        teacher.after_collection(w)
         return Outcome.DONE
     live = derive.live_summaries(pods, w.observed.live)
     derive.apply_collection(st, found, shards, live)
     if job.is_true("Failed"):
-        teardown_teacher(w)
+        teacher.teardown(w)
         too_many = collection_failures(derive.reported_summaries(pods), w.spec.collection)
         if too_many is not None:
             cond = job.condition("Failed") or {}
@@ -100,10 +89,10 @@ def collect(w: Walk) -> Outcome:
     w.start("collect", f"{len(found)}/{shards} shards done{answered}")
     troubled = [*pods, *w.observed.pods_of(TEACHER)] if self_hosted else pods
     if (stalled := stalls.stalled(w, "collect", troubled, ("Job", name))) is not None:
-        teardown_teacher(w)
+        teacher.teardown(w)
         return stalled
     if self_hosted:
-        _want_teacher(w)
+        teacher.want(w)
     eta = derive.collection_eta(found, live, shards)
     times = derive.finish_times(pods)
     if eta is not None:
@@ -119,14 +108,3 @@ def collect(w: Walk) -> Outcome:
             f"{w.spec.collection.backoff_limit_per_index} times. {derive.failure_detail(pods)}".strip(),
         )
     return Outcome.RUNNING
-
-
-def _want_teacher(w: Walk) -> None:
-    w.want(teacher_deployment(w.run, w.settings), mutable=True)
-    w.want(teacher_service(w.run, w.settings), mutable=True)
-
-
-def teardown_teacher(w: Walk) -> None:
-    if w.spec.teacher.self_hosted is not None:
-        w.drop("Deployment", w.run.child(TEACHER))
-        w.drop("Service", w.run.child(TEACHER))

@@ -2,6 +2,9 @@
 with a headless rendezvous Service (``training.backend``; ``auto`` takes the first the cluster serves,
 in that order). Rank 0's progress line (while it runs) and its report (once it ended) fill the training
 status. The kind is chosen when the child is created: an existing child is followed whatever it is.
+An on-policy training scores the student's samples with the self-hosted teacher's server: it is kept
+through the training (started again for a restarted one, the child waiting until it is ready) and torn
+down once the training ended (:mod:`.teacher`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ from distillery_trainer.api.status import (
 )
 
 from .. import status as derive
+from ..builders.common import teacher_in_training
 from ..builders.train import pytorch_job, rendezvous_service, runtime_name, train_job, trainjob
-from ..naming import TRAIN
+from ..naming import TEACHER, TRAIN
 from ..observe import parse_time
 from ..observe_training import (
     PYTORCHJOB_API,
@@ -27,7 +31,7 @@ from ..observe_training import (
     suspended,
     training_child,
 )
-from . import stalls
+from . import stalls, teacher
 from .model import Outcome
 
 if TYPE_CHECKING:
@@ -40,12 +44,17 @@ def train(w: Walk) -> Outcome:
     res = w.spec.training.resources
     name = w.run.child(TRAIN)
     child = training_child(w.observed, name)
+    scoring = teacher_in_training(w.spec)  # the self-hosted teacher scores the student's samples
     if (held := stalls.held(w, "train")) is not None:
+        teacher.teardown(w)
         return held
     if (held := w.superseded("train", child, "Service")) is not None:
+        if scoring:
+            teacher.want(w)  # the restarted training needs it again
         return held
     if child is None or child.deleting:
         if child is None and st.state == "Succeeded":
+            teacher.teardown(w)
             return Outcome.DONE
         return _create(w, child)
 
@@ -56,6 +65,7 @@ def train(w: Walk) -> Outcome:
     progress = derive.training_progress(pods, w.observed.live if running else None)
     if done or failed(child):
         w.drop("Service", name)  # the Indexed Job's rendezvous Service has served its purpose
+        teacher.teardown(w)
     elif child.kind == "Job":
         w.want(rendezvous_service(w.run, w.settings), mutable=True)
     if done and st.state == "Succeeded":
@@ -114,8 +124,15 @@ def train(w: Walk) -> Outcome:
             REASON_RETRYING,
             f"{child.kind} {name} is restarting failed pods. {derive.failure_detail(pods)}".strip(),
         )
-    # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it).
-    return stalls.stalled(w, "train", pods, (child.kind, name), ("Service", name)) or Outcome.RUNNING
+    # A stalled training is stopped: its pods would hold their GPUs (the Service goes with it), and so
+    # would the teacher that scores it.
+    troubled = [*pods, *w.observed.pods_of(TEACHER)] if scoring else pods
+    if (stalled := stalls.stalled(w, "train", troubled, (child.kind, name), ("Service", name))) is not None:
+        teacher.teardown(w)
+        return stalled
+    if scoring:
+        teacher.want(w)
+    return Outcome.RUNNING
 
 
 def _create(w: Walk, previous: Child | None) -> Outcome:
@@ -135,6 +152,8 @@ def _create(w: Walk, previous: Child | None) -> Outcome:
     what = {"TrainJob": "TrainJob", "PyTorchJob": "PyTorchJob", "Job": "Indexed Job"}[kind]
     via = f" (ClusterTrainingRuntime {runtime_name(w.run, w.settings)})" if kind == "TrainJob" else ""
     w.start("train", f"starting: {what}{via}, {res.nodes} node(s) x {res.gpus_per_node} GPU(s)")
+    if teacher_in_training(w.spec) and (waiting := teacher.ready(w, "train")) is not None:
+        return waiting
     fp = w.fp["train"]
     if kind == "TrainJob":
         return w.create_or_wait("train", previous, trainjob(w.run, w.settings, fp, w.view.generation))

@@ -339,6 +339,37 @@ async def test_a_self_hosted_teacher_is_served_first_and_torn_down_after_collect
     await cluster.wait_for(lambda: not cluster.get("Service", "ns-1", "white-teacher"), "its Service to go")
 
 
+async def test_an_on_policy_run_keeps_its_self_hosted_teacher_through_training_then_tears_it_down(
+    cluster: Cluster, start_operator: StartOperator
+) -> None:
+    """training.method onPolicy: the teacher's server scores the student's samples at every step, so
+    ``<run>-teacher`` and its Service outlive the collection and go once the training has ended. The
+    test plays the Deployment, Job and training-operator controllers (the emulator has none)."""
+    await start_operator()
+    run = make_run("onp", "ns-1").self_hosted().storage().spec({"training": {"method": "onPolicy"}}).obj()
+    await cluster.apply_run(run)
+    await cluster.wait_for(lambda: cluster.get("Deployment", "ns-1", "onp-teacher"), "the teacher")
+    await cluster.roll_out("ns-1", "onp-teacher")
+    await cluster.wait_for(lambda: cluster.get("Job", "ns-1", "onp-collect"), "the collection Job")
+    await cluster.finish_collection("ns-1", "onp", summaries(1))
+    await cluster.wait_for(lambda: cluster.get("PyTorchJob", "ns-1", "onp-train"), "the training")
+    started = now()
+    await cluster.start_training("ns-1", "onp")
+    await cluster.wait_for(
+        lambda: cluster.get("PyTorchJob", "ns-1", "onp-train")["status"].get("startTime"), "it to run"
+    )
+    await asyncio.sleep(1.0)  # a few passes of the operator while training runs: the teacher stays
+    assert cluster.status("ns-1", "onp")["phase"] == "Training"
+    assert cluster.get("Deployment", "ns-1", "onp-teacher") and cluster.get("Service", "ns-1", "onp-teacher")
+    config = cluster.get("ConfigMap", "ns-1", "onp-config")
+    assert "baseURL: http://onp-teacher.ns-1.svc:8000/v1" in config["data"]["stage.yaml"]
+
+    await cluster.finish_training("ns-1", "onp", progress(), started=started)
+    await cluster.wait_for(lambda: not cluster.get("Deployment", "ns-1", "onp-teacher"), "the teacher to go")
+    await cluster.wait_for(lambda: not cluster.get("Service", "ns-1", "onp-teacher"), "its Service to go")
+    await cluster.wait_for(lambda: cluster.get("Deployment", "ns-1", "onp-serve"), "the student's serving")
+
+
 async def test_a_spec_the_operator_cannot_run_fails_with_its_field_path(
     cluster: Cluster, start_operator: StartOperator
 ) -> None:

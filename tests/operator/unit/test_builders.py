@@ -105,9 +105,20 @@ def single_node_claim(run: Run) -> Run:
     return dataclasses.replace(run, claim_modes=("ReadWriteOnce",))
 
 
+def on_policy(**teacher: Any) -> Run:
+    """whitebox-kd.yaml trained on-policy on one node: its self-hosted teacher scores the training."""
+    run = example("whitebox-kd.yaml")
+    doc = run.spec.to_dict()
+    doc["training"].update(method="onPolicy", resources={"nodes": 1, "gpusPerNode": 4})
+    if teacher:
+        doc["teacher"] = teacher
+    return dataclasses.replace(run, spec=DistillationRunSpec.model_validate(doc))
+
+
 RUNS = {
     "run.yaml": lambda: example("run.yaml"),
     "whitebox-kd.yaml+rwo": lambda: single_node_claim(example("whitebox-kd.yaml")),
+    "on-policy+rwo": lambda: single_node_claim(on_policy()),
     "whitebox-kd.yaml": lambda: example("whitebox-kd.yaml"),
     "local-cpu.yaml": lambda: example("local-cpu.yaml"),
     "custom": custom,
@@ -570,3 +581,36 @@ def test_every_pod_of_a_run_on_a_readwriteonce_claim_shares_one_node(modes: tupl
             for other in CLAIM_USERS:  # selects every pod it may share the claim with, its own included
                 assert _selects(term, pod_labels(built[other])), (key, other)
                 assert not _selects(term, pod_labels(other_run[other])), (key, "another run's", other)
+
+
+def test_an_on_policy_training_on_a_readwriteonce_claim_sits_beside_the_teacher_that_scores_it() -> None:
+    """The self-hosted teacher stays up through an on-policy training (the planner keeps it), so both
+    use the single-node claim at once: the training's pods sit on the teacher's node."""
+    built = children(single_node_claim(on_policy()))
+    for key in ("teacher", "collect", "pytorchjob", "train-job"):
+        for template in pod_templates(built[key]):
+            (term,) = _affinity_terms(template)
+            for other in ("teacher", "collect", "pytorchjob", "train-job"):
+                assert _selects(term, pod_labels(built[other])), (key, other)
+    for template in pod_templates(children(on_policy())["pytorchjob"]):
+        assert not _affinity_terms(template)  # ReadWriteMany: placed freely
+
+
+def test_on_policy_training_pods_reach_the_teacher_through_the_stage_config() -> None:
+    """The training pods read the teacher's address where every stage does (the run's stage config: the
+    self-hosted teacher's Service, else the endpoint) and, for an endpoint, its key as collection does."""
+    config = StageConfig.model_validate(
+        yaml.safe_load(config_map(on_policy(), SETTINGS)["data"]["stage.yaml"])
+    )
+    assert config.teacher_endpoint().base_url == "http://qwen-kd-teacher.team-a.svc:8000/v1"
+    secret = {"name": "vllm", "key": "token"}
+    endpoint = {"baseURL": "http://vllm.example:8000/v1", "model": "t", "apiKeySecretRef": secret}
+    run = on_policy(endpoint=endpoint, logprobs={"topK": 20})
+    config = StageConfig.model_validate(yaml.safe_load(config_map(run, SETTINGS)["data"]["stage.yaml"]))
+    assert config.teacher_endpoint().base_url == "http://vllm.example:8000/v1"
+    for job in (pytorch_job(run, SETTINGS, "in-t"), train_job(run, SETTINGS, "in-t")):
+        env = {e["name"]: e for e in pod_templates(job)[0]["spec"]["containers"][0]["env"]}
+        assert env["DISTILLERY_TEACHER_API_KEY"]["valueFrom"]["secretKeyRef"] == secret
+    sft = example("run.yaml")
+    env = pod_templates(pytorch_job(sft, SETTINGS, "in-t"))[0]["spec"]["containers"][0]["env"]
+    assert "DISTILLERY_TEACHER_API_KEY" not in {e["name"] for e in env}  # sft never calls the teacher

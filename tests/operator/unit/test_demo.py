@@ -34,3 +34,17 @@ def test_demo_spec_is_the_example_with_its_overrides(tmp_path: Path) -> None:
     assert {k: v for k, v in demo.to_dict().items() if k in same} == {
         k: v for k, v in example.to_dict().items() if k in same
     }
+
+
+def test_demo_on_policy_is_the_example_trained_on_policy(tmp_path: Path) -> None:
+    """`distillery demo --method on-policy`: the spec's onPolicy; the teacher, a self-hosted vLLM server,
+    is what scores the student's samples (and the example sizes the samples for its short answers)."""
+    spec = load_run(demo_spec(tmp_path, prompts=30, train_seconds=None, requests=5, method="on-policy")).spec
+    assert spec.training.method == "onPolicy" and spec.teacher.self_hosted is not None
+    assert spec.training.on_policy.max_new_tokens == 16
+    assert (
+        load_run(
+            demo_spec(tmp_path, prompts=30, train_seconds=None, requests=5, method="kd")
+        ).spec.training.method
+        == "kd"
+    )

@@ -694,6 +694,85 @@ def test_a_self_hosted_teacher_comes_first_and_goes_after_collection() -> None:
     assert set(out.delete) == {("Deployment", "r-teacher"), ("Service", "r-teacher")}
 
 
+TEACHER_CHILDREN = {("Deployment", "r-teacher"), ("Service", "r-teacher")}
+
+
+def on_policy_world(*, training: bool = False) -> World:
+    """An on-policy run with a self-hosted teacher; ``training``: collected, its training Job created."""
+    world = World(
+        make_run("r", "ns").self_hosted().storage().spec({"training": {"method": "onPolicy"}}).obj()["spec"]
+    )
+    if training:
+        world.plan()
+        world.roll_out("teacher")
+        world.plan()
+        world.collect(shards=1)
+        world.plan()
+    return world
+
+
+def test_an_on_policy_run_keeps_its_self_hosted_teacher_through_training_and_tears_it_down_after() -> None:
+    """onPolicy scores the student's samples with the teacher's server at every step: the teacher stays
+    from the collection through the training, then goes (sft: gone after the collection, above)."""
+    world = on_policy_world()
+    world.plan()
+    world.roll_out("teacher")
+    world.plan()
+    world.collect(shards=1)
+    out = world.plan()
+    assert not TEACHER_CHILDREN & set(out.delete)
+    assert set(kinds(out)) >= TEACHER_CHILDREN and ("PyTorchJob", "r-train") in kinds(out)
+    out = world.plan()  # training runs: the teacher is still wanted, nothing is deleted
+    assert world.status["phase"] == "Training" and set(kinds(out)) >= TEACHER_CHILDREN and not out.delete
+    world.train(progress())
+    out = world.plan()
+    assert world.status["training"]["state"] == "Succeeded"
+    assert set(out.delete) >= TEACHER_CHILDREN and not TEACHER_CHILDREN & set(kinds(out))
+    out = world.plan()  # serving and evaluating: the teacher is not started again
+    assert not TEACHER_CHILDREN & set(kinds(out)) and TEACHER_CHILDREN.isdisjoint(world.children)
+
+
+def test_a_restarted_on_policy_training_brings_the_teacher_back_before_its_job() -> None:
+    world = on_policy_world(training=True)
+    world.train(progress())
+    world.plan()
+    assert TEACHER_CHILDREN.isdisjoint(world.children)
+    world.spec = {**world.spec, "training": {**world.spec["training"], "epochs": 5}}
+    world.generation = 2
+    world.plan()  # the old training Job goes
+    out = world.plan()
+    assert set(kinds(out)) >= TEACHER_CHILDREN and ("PyTorchJob", "r-train") not in kinds(out)
+    assert world.status["training"]["message"] == "waiting for the self-hosted teacher (vLLM) to become ready"
+    world.roll_out("teacher")
+    out = world.plan()
+    assert ("PyTorchJob", "r-train") in kinds(out) and set(kinds(out)) >= TEACHER_CHILDREN
+
+
+def test_an_on_policy_training_fails_and_frees_the_teacher_when_the_teacher_is_stuck() -> None:
+    world = on_policy_world(training=True)
+    stuck_pod(world, "teacher", None, "r-teacher-abc", "CrashLoopBackOff", world.now)
+    world.plan()
+    assert world.status["phase"] == "Training"
+    assert conditions(world.status)["Degraded"] == ("True", "CrashLooping")
+    out = world.plan(advance=SETTINGS.stall_timeout_seconds + 1)
+    assert world.status["training"]["state"] == "Failed" and "r-teacher-abc" in world.status["message"]
+    assert TEACHER_CHILDREN | {("PyTorchJob", "r-train")} <= set(out.delete)
+    out = world.plan()
+    assert not TEACHER_CHILDREN & set(kinds(out))
+
+
+def test_an_on_policy_run_with_an_endpoint_teacher_keeps_nothing() -> None:
+    endpoint = {"baseURL": "http://vllm.example:8000/v1", "model": "teacher"}
+    world = World(
+        spec_of(teacher={"endpoint": endpoint, "logprobs": {"topK": 20}}, training={"method": "onPolicy"})
+    )
+    world.plan()
+    world.collect()
+    out = world.plan()
+    assert ("PyTorchJob", "r-train") in kinds(out)
+    assert not any(kind == "Deployment" for kind, _ in kinds(out)) and not out.delete
+
+
 @pytest.mark.parametrize(
     ("spec", "name", "path"),
     [
