@@ -2,6 +2,12 @@
 
 - collection: the teacher API's tokens at ``teacher.pricing`` (from the collection summaries);
 - training: GPU-hours × ``cost.gpuHourUSD``;
+- the teacher's scoring during an ``onPolicy`` training (``teacherScoringUSD``): an endpoint teacher's
+  scored tokens at ``teacher.pricing.inputPerMTokUSD`` (they are prompt tokens to it); a self-hosted
+  teacher's GPUs (``tensorParallelSize``; one device without a GPU, as serving counts) × the training's
+  wall time × ``cost.gpuHourUSD``: it is kept up for the whole training, whether it scores or waits. (The
+  collection's self-hosted teacher is priced by ``teacher.pricing``'s tokens, nothing by default.)
+  ``totalUSD`` is what the run cost once: collection + teacher scoring + training;
 - serving: replicas × GPUs × ``cost.gpuHourUSD`` × 730 h a month (a GPU-less replica counts as one
   device-hour at the same price, so a CPU deployment is not free on paper);
 - the teacher API it replaces: ``cost.requestsPerMonth`` × the average request's tokens at
@@ -19,7 +25,7 @@ from collections.abc import Iterable
 
 from .api.spec import DistillationRunSpec, Pricing
 from .api.status import CostResults
-from .api.summaries import CollectionSummary
+from .api.summaries import CollectionSummary, TrainingProgress
 
 HOURS_PER_MONTH = 730.0
 
@@ -32,12 +38,44 @@ def serving_usd_per_month(replicas: int, gpus: int, gpu_hour_usd: float) -> floa
     return replicas * max(gpus, 1) * gpu_hour_usd * HOURS_PER_MONTH
 
 
+def scoring_gpu_hours(spec: DistillationRunSpec, elapsed_seconds: float) -> float | None:
+    """The device-hours a self-hosted teacher is kept up to score an ``onPolicy`` training of
+    ``elapsed_seconds``: its GPUs (one device at least) × that wall time; None for any other run."""
+    teacher = spec.teacher.self_hosted
+    if spec.training.method != "onPolicy" or teacher is None:
+        return None
+    return max(teacher.tensor_parallel_size, 1) * max(elapsed_seconds, 0.0) / 3600.0
+
+
+def scoring_of(
+    spec: DistillationRunSpec, progress: TrainingProgress | None
+) -> tuple[int | None, float | None]:
+    """``(teacher tokens scored, self-hosted teacher GPU-hours)`` of a training from rank 0's progress, for
+    :func:`run_cost` (``(None, None)`` when it did not score with the teacher)."""
+    if progress is None or progress.teacher_tokens_scored is None:
+        return None, None
+    return progress.teacher_tokens_scored, scoring_gpu_hours(spec, progress.elapsed_seconds)
+
+
+def scoring_usd(spec: DistillationRunSpec, tokens: int | None, gpu_hours: float | None) -> float | None:
+    """What the teacher's scoring of an ``onPolicy`` training cost: a self-hosted teacher's GPU-hours at
+    ``cost.gpuHourUSD``, an endpoint's scored tokens at its input price; None when nothing was scored."""
+    if spec.teacher.self_hosted is not None:
+        return gpu_hours * spec.cost.gpu_hour_usd if gpu_hours is not None else None
+    return tokens_usd(tokens, 0, spec.teacher.pricing) if tokens is not None else None
+
+
 def run_cost(
     spec: DistillationRunSpec,
     summaries: Iterable[CollectionSummary],
     gpu_hours: float | None,
+    *,
+    scored_tokens: int | None = None,
+    teacher_gpu_hours: float | None = None,
 ) -> CostResults:
-    """Every cost figure of a run, from its spec, its collection summaries and training's GPU-hours."""
+    """Every cost figure of a run, from its spec, its collection summaries, training's GPU-hours and (an
+    ``onPolicy`` training) the tokens the teacher scored and the self-hosted teacher's GPU-hours
+    (:func:`scoring_of`)."""
     shards = list(summaries)
     answered = sum(s.done - s.cached for s in shards)
     input_tokens = sum(s.input_tokens for s in shards)
@@ -52,9 +90,14 @@ def run_cost(
         teacher = per_request * requests
     out_per_request = output_tokens / answered if answered > 0 else 0.0
     monthly_out = out_per_request * requests
+    training = gpu_hours * spec.cost.gpu_hour_usd if gpu_hours is not None else None
+    scoring = scoring_usd(spec, scored_tokens, teacher_gpu_hours)
+    once = [x for x in (collection, scoring, training) if x is not None]
     return CostResults(
         collection_usd=round(collection, 6) if collection is not None else None,
-        training_usd=round(gpu_hours * spec.cost.gpu_hour_usd, 6) if gpu_hours is not None else None,
+        training_usd=round(training, 6) if training is not None else None,
+        teacher_scoring_usd=round(scoring, 6) if scoring is not None else None,
+        total_usd=round(sum(once), 6) if once else None,
         serving_usd_per_month=round(serving, 2),
         teacher_usd_per_month=round(teacher, 2) if teacher is not None else None,
         requests_per_month=requests,

@@ -27,7 +27,7 @@ from pathlib import Path
 from distillery_trainer.api import DistillationRunStatus, load_run
 from distillery_trainer.api import status as S
 from distillery_trainer.api.stages import BY_NAME, verdict
-from distillery_trainer.cost import run_cost
+from distillery_trainer.cost import run_cost, scoring_of
 
 from ..builders.common import teacher_in_training
 from .process import StageFailed
@@ -60,10 +60,13 @@ def conclude(lr: LocalRun) -> None:
         raise StageFailed("evaluate", "no eval/results.json was written", lr.logs / "evaluate.log")
     spec = lr.run.spec
     progress = training_progress(lr.layout)
+    scored, teacher_hours = scoring_of(spec, progress)
     results.cost = run_cost(
         spec,
         collection_summaries(lr.layout, spec.collection.shards),
         progress.gpu_hours if progress else None,
+        scored_tokens=scored,
+        teacher_gpu_hours=teacher_hours,
     )
     gate = verdict(results, spec.evaluation)
     results.gate_passed = gate.passed

@@ -345,6 +345,8 @@ class Walk:
             self.spec,
             [derive.collection_summary(self.st.collection, self.spec)],
             self.st.training.gpu_hours,
+            scored_tokens=self.st.training.teacher_tokens_scored,
+            teacher_gpu_hours=self.st.training.teacher_gpu_hours,
         )
         gate = verdict(results, self.spec.evaluation)
         results.gate_passed = gate.passed if results.quality_retention is not None else None

@@ -148,6 +148,7 @@ def test_retention_and_interval_match_a_hand_computation(tmp_path: Path) -> None
     assert res["cost"] == {
         "collectionUSD": 0.325,
         "trainingUSD": 1.0,
+        "totalUSD": 1.325,  # collection + training (an sft run: no teacher scoring)
         "servingUSDPerMonth": 1460.0,
         "teacherUSDPerMonth": 325.0,
         "requestsPerMonth": 100000,

@@ -143,6 +143,29 @@ class TrainingStatus(StageStatus):
     loss: float | None = Field(default=None, description="Latest training loss.")
     tokens_per_second: float | None = Field(default=None, ge=0, description="Training throughput.")
     gpu_hours: float | None = Field(default=None, ge=0, description="GPU-hours spent so far.")
+    # onPolicy only (absent for the other methods): from rank 0's progress
+    teacher_tokens_scored: int | None = Field(
+        default=None,
+        ge=0,
+        description="onPolicy: tokens of the student's samples the teacher scored (all ranks).",
+    )
+    teacher_scoring_seconds: float | None = Field(
+        default=None,
+        ge=0,
+        description="onPolicy: seconds the ranks waited for the teacher's scores (summed).",
+    )
+    samples_per_second: float | None = Field(
+        default=None, ge=0, description="onPolicy: student samples generated per second of training."
+    )
+    divergence: float | None = Field(
+        default=None, description="onPolicy: running mean of the per-token divergence to the teacher."
+    )
+    teacher_gpu_hours: float | None = Field(
+        default=None,
+        ge=0,
+        description="onPolicy with a self-hosted teacher: its GPUs (one device without) x the training's wall "
+        "time, the hours it was kept up to score; priced in results.cost.teacherScoringUSD.",
+    )
 
 
 class ServingStatus(StageStatus):
@@ -185,6 +208,18 @@ class CostResults(ApiModel):
         default=None, ge=0, description="Teacher API spend of the collection."
     )
     training_usd: float | None = Field(default=None, ge=0, description="Training GPU-hours x price.")
+    teacher_scoring_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="onPolicy: the teacher's scoring of the student's samples during training: an endpoint "
+        "teacher's scored tokens at its input price, a self-hosted teacher's GPU-hours while it was kept up "
+        "for the training x cost.gpuHourUSD.",
+    )
+    total_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="What the run cost once: collectionUSD + teacherScoringUSD + trainingUSD (those known).",
+    )
     serving_usd_per_month: float | None = Field(
         default=None, ge=0, description="Replicas x GPUs x price x 730 h."
     )

@@ -35,7 +35,7 @@ from ..api.stage import StageConfig
 from ..api.stages import verdict
 from ..api.status import Results
 from ..api.summaries import CollectionSummary, TrainingProgress
-from ..cost import run_cost
+from ..cost import run_cost, scoring_of
 from ..layout import RunLayout, atomic_write, atomic_write_json
 from ..redact import scrub_obj
 from ..termination import write_termination_message
@@ -94,23 +94,24 @@ def gate_of(results: Results, evaluation: Evaluation, problem: str | None) -> di
     return out
 
 
-def _read_cost_inputs(layout: RunLayout, notes: list[str]) -> tuple[list[CollectionSummary], float | None]:
+def _read_cost_inputs(
+    layout: RunLayout, notes: list[str]
+) -> tuple[list[CollectionSummary], TrainingProgress | None]:
     summaries = []
     for path in sorted(layout.collect_dir.glob("summary-*.json")):
         try:
             summaries.append(CollectionSummary.model_validate(json.loads(path.read_text(encoding="utf-8"))))
         except ValueError as exc:
             notes.append(f"{path.name} is unreadable and was left out of the cost: {str(exc)[:200]}")
-    gpu_hours = None
+    progress = None
     if layout.progress_file.exists():
         try:
             progress = TrainingProgress.model_validate(
                 json.loads(layout.progress_file.read_text(encoding="utf-8"))
             )
-            gpu_hours = progress.gpu_hours
         except ValueError as exc:
             notes.append(f"train/progress.json is unreadable, training cost unknown: {str(exc)[:200]}")
-    return summaries, gpu_hours
+    return summaries, progress
 
 
 async def measured_load(
@@ -233,8 +234,16 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
     load_errors = sum(student_load.errors.values()) if student_load else 0
     asked = len(answers) + (student_load.requests if student_load else 0)
     error_fraction = round((sum(student_errors.values()) + load_errors) / asked, 4) if asked else None
-    summaries, gpu_hours = _read_cost_inputs(layout, notes)
-    cost = run_cost(spec, summaries, gpu_hours)
+    summaries, progress = _read_cost_inputs(layout, notes)
+    scored, teacher_hours = scoring_of(spec, progress)
+    gpu_hours = progress.gpu_hours if progress else None
+    cost = run_cost(
+        spec,
+        summaries,
+        gpu_hours,
+        scored_tokens=scored,
+        teacher_gpu_hours=teacher_hours,
+    )
     results = Results(
         quality_retention=r.retention,
         retention_interval=r.interval,
@@ -296,7 +305,13 @@ async def _measure(config: StageConfig, log: Log) -> Outcome:
             "requests": ev.load.requests,
             "concurrency": ev.load.concurrency,
         },
-        "cost": {**cost.to_dict(), "gpuHours": gpu_hours, "collectionShards": len(summaries)},
+        "cost": {
+            **cost.to_dict(),
+            "gpuHours": gpu_hours,
+            "collectionShards": len(summaries),
+            **({"teacherTokensScored": scored} if scored is not None else {}),
+            **({"teacherGpuHours": teacher_hours} if teacher_hours is not None else {}),
+        },
         "data": {
             "shards": data.shards,
             "heldOut": len(items),
