@@ -28,9 +28,10 @@ from distillery_trainer.api.status import (
     CollectionStatus,
     Condition,
     Results,
+    TrainingStatus,
 )
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
-from distillery_trainer.cost import tokens_usd
+from distillery_trainer.cost import scoring_gpu_hours, tokens_usd
 from distillery_trainer.progress_line import is_progress_line
 from distillery_trainer.redact import scrub
 from pydantic import ValidationError
@@ -194,6 +195,23 @@ def collection_eta(
     if not running or len(every) < shards or any(s.prompts_per_second <= 0 for s in running):
         return None
     return round(max(max(0, s.total - s.done - s.failed) / s.prompts_per_second for s in running), 1)
+
+
+def apply_on_policy(st: TrainingStatus, progress: TrainingProgress, spec: DistillationRunSpec) -> None:
+    """An ``onPolicy`` training's figures from rank 0's progress (its line or its report) into the training
+    status, with the self-hosted teacher's GPU-hours for the cost; the other methods report none of them
+    (the fields stay absent)."""
+    if progress.teacher_tokens_scored is None:
+        return
+    st.teacher_tokens_scored = progress.teacher_tokens_scored
+    st.teacher_scoring_seconds = _rounded(progress.teacher_scoring_seconds, 1)
+    st.samples_per_second = _rounded(progress.samples_per_second, 3)
+    st.divergence = _rounded(progress.divergence, 6)
+    st.teacher_gpu_hours = _rounded(scoring_gpu_hours(spec, progress.elapsed_seconds), 4)
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    return None if value is None else round(value, digits)
 
 
 def collection_summary(status: CollectionStatus, spec: DistillationRunSpec) -> CollectionSummary:

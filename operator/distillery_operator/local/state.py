@@ -22,7 +22,7 @@ from distillery_trainer.layout import RunLayout, atomic_write, atomic_write_json
 from distillery_trainer.models import VOLUME_ROOT_ENV
 from distillery_trainer.progress_line import latest_collection
 
-from ..status import apply_collection, conditions
+from ..status import apply_collection, apply_on_policy, conditions
 from .servers import Served
 from .ui import Ui
 
@@ -246,6 +246,7 @@ def observe(lr: LocalRun) -> None:
         t.step, t.done, t.total = p.step, p.step, p.total_steps
         t.loss, t.tokens_per_second, t.gpu_hours, t.epoch = p.loss, p.tokens_per_second, p.gpu_hours, p.epoch
         t.eta_seconds = p.eta_seconds if t.state == "Running" else None
+        apply_on_policy(t, p, spec)
 
 
 def load_previous_status(layout: RunLayout) -> DistillationRunStatus:

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from distillery_trainer.api.stages import STAGES
-from distillery_trainer.api.status import DistillationRunStatus, Latency, StageStatus
+from distillery_trainer.api.status import DistillationRunStatus, Latency, StageStatus, TrainingStatus
 from distillery_trainer.cost import worth_it
 from rich.console import Console
 from rich.progress import (
@@ -88,6 +88,8 @@ class Ui:
         loss = getattr(st, "loss", None)
         if loss is not None:
             parts.append(f"loss {loss:.3f}")
+        if scoring := _on_policy(st):
+            parts.append(scoring)
         if getattr(st, "failed", 0):
             parts.append(f"{st.failed} failed")  # type: ignore[attr-defined]
         if retries := self._retries(st):
@@ -104,11 +106,9 @@ class Ui:
     def progress(self, stage: str, st: StageStatus) -> None:
         if self._bar is not None:
             loss = getattr(st, "loss", None)
+            note = ", ".join(x for x in (f"loss {loss:.3f}" if loss is not None else "", _on_policy(st)) if x)
             self._bar.update(
-                self.tasks[stage],
-                total=st.total,
-                completed=st.done,
-                note=f"loss {loss:.3f}" if loss is not None else self._retries(st),
+                self.tasks[stage], total=st.total, completed=st.done, note=note or self._retries(st)
             )
             return
         now = time.monotonic()
@@ -152,6 +152,10 @@ class Ui:
             if c is not None:
                 table.add_row("collection cost", _usd(c.collection_usd), "")
                 table.add_row("training cost", _usd(c.training_usd), "")
+                if c.teacher_scoring_usd is not None:
+                    table.add_row("teacher scoring cost (onPolicy)", _usd(c.teacher_scoring_usd), "")
+                if c.total_usd is not None:
+                    table.add_row("total cost (once)", _usd(c.total_usd), "")
                 table.add_row(
                     "serving per month", _usd(c.serving_usd_per_month), _usd(c.teacher_usd_per_month)
                 )
@@ -164,6 +168,20 @@ class Ui:
         if r is not None and r.report:
             self.console.print(f"Report: {r.report}")
         self.console.print(f"Status: {status_file}")
+
+
+def _on_policy(st: StageStatus) -> str:
+    """An onPolicy training's figures for its progress row: the running divergence, samples per second and
+    the tokens the teacher scored; "" for any other stage or method."""
+    if not isinstance(st, TrainingStatus) or st.teacher_tokens_scored is None:
+        return ""
+    parts = []
+    if st.divergence is not None:
+        parts.append(f"divergence {st.divergence:.3f}")
+    if st.samples_per_second is not None:
+        parts.append(f"{st.samples_per_second:.2f} samples/s")
+    parts.append(f"teacher scored {st.teacher_tokens_scored:,} tok")
+    return ", ".join(parts)
 
 
 def _num(x: float | None) -> str:

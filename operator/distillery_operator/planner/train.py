@@ -78,6 +78,7 @@ def train(w: Walk) -> Outcome:
         st.loss = _rounded(progress.loss, 6)
         st.tokens_per_second = _rounded(progress.tokens_per_second, 1)
         st.eta_seconds = _rounded(progress.eta_seconds, 1)
+        derive.apply_on_policy(st, progress, w.spec)
         if running and progress.gpu_hours > 0:
             st.gpu_hours = round(progress.gpu_hours, 4)
     started = parse_time(child.status.get("startTime")) or st.start_time

@@ -232,21 +232,33 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
         atomic_write(out_dir / "latency.png", plot_latency(student_lat, teacher_lat))
         lines += ["![latency histogram](latency.png)", ""]
     cost = res.get("cost") or {}
+    # The teacher's scoring of an onPolicy training gets its own column; the other methods have none.
+    scoring = cost.get("teacherScoringUSD") is not None
+    once = ["collectionUSD", "trainingUSD", *(["teacherScoringUSD"] if scoring else []), "totalUSD"]
     lines += [
         "## Cost",
         "",
-        "| collection | training | student / month | teacher API / month | student ÷ teacher | break-even (requests / month) |",
-        "|---|---|---|---|---|---|",
+        "| collection | training | "
+        + ("teacher scoring (on-policy) | " if scoring else "")
+        + "total (once) | student / month | teacher API / month | student ÷ teacher | break-even (requests / month) |",
+        "|---|---|---|---|---|---|---|" + ("---|" if scoring else ""),
     ]
     even = cost.get("breakEvenRequestsPerMonth")
     lines.append(
         "| "
         + " | ".join(
             f"${cost[k]:,.2f}" if cost.get(k) is not None else "—"
-            for k in ("collectionUSD", "trainingUSD", "servingUSDPerMonth", "teacherUSDPerMonth")
+            for k in (*once, "servingUSDPerMonth", "teacherUSDPerMonth")
         )
         + f" | {_fmt(cost.get('studentToTeacherCost'), 2)}× | {f'{even:,}' if even is not None else '—'} |"
     )
+    if scoring and cost.get("teacherTokensScored") is not None:
+        hours = cost.get("teacherGpuHours")
+        how = f"{hours:.3f} device-hours of the self-hosted teacher" if hours is not None else "input tokens"
+        lines += [
+            "",
+            f"The teacher scored {cost['teacherTokensScored']:,} tokens of the student's samples ({how}).",
+        ]
     sentence = worth_it(CostResults.model_validate(cost)) if cost else None
     if sentence:
         lines += ["", sentence]
