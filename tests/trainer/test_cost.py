@@ -7,8 +7,14 @@ import math
 import pytest
 from distillery_trainer.api import load_run, parse_run
 from distillery_trainer.api.status import CostResults
-from distillery_trainer.api.summaries import CollectionSummary
-from distillery_trainer.cost import run_cost, serving_usd_per_month, tokens_usd
+from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
+from distillery_trainer.cost import (
+    run_cost,
+    scoring_gpu_hours,
+    scoring_of,
+    serving_usd_per_month,
+    tokens_usd,
+)
 
 from tests.conftest import EXAMPLES
 from tests.support.builders import make_run
@@ -108,3 +114,66 @@ def test_no_teacher_price_means_no_teacher_monthly_cost() -> None:
     ).spec
     paid = [CollectionSummary(shard=0, shards=1, total=5, done=5, input_tokens=500, output_tokens=100)]
     assert run_cost(spec, paid, None).teacher_usd_per_month is None
+
+
+def _on_policy(tokens: int, elapsed: float) -> TrainingProgress:
+    return TrainingProgress(
+        method="onPolicy",
+        teacher_tokens_scored=tokens,
+        elapsed_seconds=elapsed,
+        gpus=4,
+        gpu_hours=4 * elapsed / 3600,
+    )
+
+
+def test_an_endpoint_teachers_scoring_is_its_scored_tokens_at_its_input_price() -> None:
+    """onPolicy sends the student's samples to the teacher as prompts: 4M scored tokens at $2.5 per
+    million input tokens is $10, its own figure and in the total; the monthly figures and the break-even
+    (the teacher's price per request against the student's monthly cost) do not move."""
+    from tests.support.reports import summaries
+
+    teacher = {
+        "endpoint": {"baseURL": "http://vllm.example:8000/v1"},  # a vLLM endpoint returns prompt logprobs
+        "logprobs": {"topK": 20},
+        "pricing": {"inputPerMTokUSD": 2.5, "outputPerMTokUSD": 10},
+    }
+    spec = parse_run(make_run().spec({"teacher": teacher, "training": {"method": "onPolicy"}}).obj()).spec
+    assert spec.teacher.endpoint is not None and spec.teacher.pricing.input_per_mtok_usd == 2.5
+    shards = [CollectionSummary.model_validate(s) for s in summaries(8)]
+    scored, hours = scoring_of(spec, _on_policy(4_000_000, 1800.0))
+    assert (scored, hours) == (4_000_000, None)  # the run keeps no endpoint up
+    cost = run_cost(spec, shards, gpu_hours=2.0, scored_tokens=scored, teacher_gpu_hours=hours)
+    plain = run_cost(spec, shards, gpu_hours=2.0)
+    assert cost.teacher_scoring_usd == pytest.approx(10.0) and plain.teacher_scoring_usd is None
+    assert cost.total_usd == pytest.approx(cost.collection_usd + 4.0 + 10.0)  # type: ignore[operator]
+    assert plain.total_usd == pytest.approx(plain.collection_usd + 4.0)  # type: ignore[operator]
+    same = ("break_even_requests_per_month", "teacher_usd_per_month", "student_to_teacher_cost")
+    assert [getattr(cost, k) for k in same] == [getattr(plain, k) for k in same]
+
+
+def test_a_self_hosted_teachers_scoring_is_its_gpus_for_the_trainings_wall_time() -> None:
+    """A self-hosted teacher is kept up for the whole onPolicy training: its tensorParallelSize GPUs x the
+    training's wall time (1.5 h) x cost.gpuHourUSD ($3), whatever teacher.pricing says of its tokens."""
+    spec = parse_run(
+        make_run()
+        .self_hosted()
+        .spec(
+            {
+                "teacher": {"selfHosted": {"tensorParallelSize": 4}, "pricing": {"inputPerMTokUSD": 100}},
+                "training": {"method": "onPolicy"},
+                "cost": {"gpuHourUSD": 3.0},
+            }
+        )
+        .obj()
+    ).spec
+    assert scoring_gpu_hours(spec, 5400.0) == pytest.approx(6.0)
+    scored, hours = scoring_of(spec, _on_policy(1_000_000, 5400.0))
+    assert (scored, hours) == (1_000_000, pytest.approx(6.0))
+    cost = run_cost(spec, [], gpu_hours=6.0, scored_tokens=scored, teacher_gpu_hours=hours)
+    assert cost.teacher_scoring_usd == pytest.approx(18.0) and cost.training_usd == pytest.approx(18.0)
+    assert cost.total_usd == pytest.approx(36.0)  # no collection summary: scoring + training
+    # Any other method scores nothing: no figure (not $0), and no teacher GPU-hours.
+    sft = spec.model_copy(update={"training": spec.training.model_copy(update={"method": "sft"})})
+    assert scoring_gpu_hours(sft, 5400.0) is None
+    assert scoring_of(sft, TrainingProgress(method="sft", elapsed_seconds=5400.0)) == (None, None)
+    assert run_cost(sft, [], gpu_hours=6.0).teacher_scoring_usd is None

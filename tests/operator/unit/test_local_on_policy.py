@@ -1,6 +1,7 @@
 """`distillery run` with an on-policy training: the self-hosted teacher is served again for the training
 (its samples are scored by the teacher's vLLM server) and the stage config the trainer reads names it; for
-any other method the training runs without it. vLLM and the trainer are stood in for: what is checked is
+any other method the training runs without it. Its figures (scored tokens, samples per second, divergence)
+reach the status and the train row, and the verdict prices the teacher's scoring. vLLM and the trainer are stood in for: what is checked is
 what the executor starts and the config it writes (the real processes run in tests/e2e)."""
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from distillery_operator.local.stages import run_train
 from distillery_operator.local.state import LocalRun
 from distillery_trainer.api import parse_run
 from distillery_trainer.api.stage import load_stage_config
+from distillery_trainer.api.summaries import TrainingProgress
 
 from tests.support.builders import make_run
 
@@ -117,3 +119,89 @@ def test_an_on_policy_run_keeps_one_teacher_server_from_the_collection_through_t
     assert starts == ["collect"]
     assert teachers == {"collect": _Launcher.base_url, "train": _Launcher.base_url}
     assert lr.teacher is None
+
+
+def _local(tmp_path: Path, method: str = "onPolicy", **spec: Any) -> LocalRun:
+    doc = (
+        make_run("op")
+        .self_hosted()
+        .spec({"training": {"method": method}, "cost": {"gpuHourUSD": 0.5}, **spec})
+        .obj()
+    )
+    lr = LocalRun(run=parse_run(doc), spec_file=tmp_path / "run.yaml", workdir=tmp_path / "runs", ui=_Ui())  # type: ignore[arg-type]
+    lr.layout.train_dir.mkdir(parents=True)
+    return lr
+
+
+def _progress(**kw: Any) -> TrainingProgress:
+    return TrainingProgress.model_validate(
+        {
+            "method": "onPolicy",
+            "step": 10,
+            "total_steps": 40,
+            "loss": 0.5,
+            "eta_seconds": 30.0,
+            "elapsed_seconds": 7200.0,
+            "teacher_tokens_scored": 12_345,
+            "teacher_scoring_seconds": 42.5,
+            "samples_per_second": 0.8,
+            "divergence": 0.321,
+            **kw,
+        }
+    )
+
+
+def test_the_on_policy_figures_reach_the_local_status_and_the_train_row(tmp_path: Path) -> None:
+    """`distillery run` folds rank 0's progress.json into status.training as the operator does: the
+    teacher's scored tokens and waiting time, samples per second, the running divergence, the self-hosted
+    teacher's device-hours (1 GPU x 2 h); its train row shows them."""
+    from distillery_operator.local.state import observe
+    from distillery_operator.local.ui import Ui
+
+    lr = _local(tmp_path)
+    lr.status.training.state = "Running"
+    lr.layout.progress_file.write_text(_progress().model_dump_json(by_alias=True))
+    observe(lr)
+    t = lr.status.training
+    assert (t.teacher_tokens_scored, t.teacher_scoring_seconds, t.samples_per_second) == (12_345, 42.5, 0.8)
+    assert (t.divergence, t.teacher_gpu_hours) == (0.321, 2.0)
+    row = Ui().progress_line("train", t)
+    assert row == "10/40, loss 0.500, divergence 0.321, 0.80 samples/s, teacher scored 12,345 tok, ETA 30s"
+
+
+def test_an_sft_trainings_local_status_has_no_on_policy_figures(tmp_path: Path) -> None:
+    from distillery_operator.local.state import observe
+    from distillery_operator.local.ui import Ui
+
+    lr = _local(tmp_path, "sft")
+    lr.status.training.state = "Running"
+    sft = TrainingProgress(method="sft", step=10, total_steps=40, loss=0.5, elapsed_seconds=60.0)
+    lr.layout.progress_file.write_text(sft.model_dump_json(by_alias=True))
+    observe(lr)
+    t = lr.status.training.to_dict()
+    assert t["step"] == 10 and not {"teacherTokensScored", "divergence", "teacherGpuHours"} & set(t)
+    assert Ui().progress_line("train", lr.status.training) == "10/40, loss 0.500"
+
+
+def test_the_local_verdict_prices_the_teachers_scoring_and_the_summary_shows_it(tmp_path: Path) -> None:
+    """conclude (the local verdict) prices the self-hosted teacher kept up for the training as the
+    operator does: 2 h of its 1 GPU at $0.5, in the total; the final table shows both."""
+    import io
+
+    from distillery_operator.local.ui import Ui
+    from rich.console import Console
+
+    lr = _local(tmp_path)
+    lr.layout.progress_file.write_text(_progress(gpu_hours=4.0).model_dump_json(by_alias=True))
+    lr.layout.results_file.parent.mkdir(parents=True, exist_ok=True)
+    lr.layout.results_file.write_text('{"results": {"qualityRetention": 0.95}}')
+    executor.conclude(lr)
+    assert lr.status.results is not None
+    cost = lr.status.results.cost
+    assert cost is not None and (cost.teacher_scoring_usd, cost.training_usd) == (1.0, 2.0)
+    assert cost.total_usd == 3.0  # no collection summaries here: scoring + training
+    buf = io.StringIO()
+    Ui(Console(file=buf, width=200, force_terminal=False)).summary("op", lr.status, tmp_path / "s.json")
+    out = buf.getvalue()
+    assert "teacher scoring cost (onPolicy)" in out and "$1.00" in out
+    assert "total cost (once)" in out and "$3.00" in out

@@ -17,6 +17,7 @@ from distillery_trainer.api.spec import DistillationRunSpec
 from distillery_trainer.api.stages import fingerprints
 from distillery_trainer.api.summaries import CollectionSummary, TrainingProgress
 from distillery_trainer.cost import run_cost
+from distillery_trainer.termination import compact
 
 from tests.operator.unit.test_health_lua import health
 from tests.support.builders import make_run
@@ -773,6 +774,95 @@ def test_an_on_policy_run_with_an_endpoint_teacher_keeps_nothing() -> None:
     assert not any(kind == "Deployment" for kind, _ in kinds(out)) and not out.delete
 
 
+def on_policy_figures(**kw: Any) -> dict[str, Any]:
+    return {
+        "method": "onPolicy",
+        "teacher_tokens_scored": 4096,
+        "teacher_scoring_seconds": 3.2149,
+        "samples_per_second": 1.234567,
+        "divergence": 0.43219876,
+        **kw,
+    }
+
+
+def test_an_on_policy_trainings_figures_reach_the_status_and_its_self_hosted_teacher_is_priced() -> None:
+    """Rank 0's progress line carries an onPolicy training's figures into status.training (the teacher's
+    scored tokens and waiting time, samples per second, the running divergence) and the teacher's
+    GPU-hours: its 2 GPUs x the training's wall time. Its report, the termination message cut to 4 KiB
+    (a long failure text goes first), keeps them; the verdict prices the teacher kept up for it."""
+    spec = (
+        make_run("r", "ns")
+        .self_hosted()
+        .storage()
+        .spec({"teacher": {"selfHosted": {"tensorParallelSize": 2}}, "training": {"method": "onPolicy"}})
+        .obj()["spec"]
+    )
+    world = World(spec)
+    world.plan()
+    world.roll_out("teacher")
+    world.plan()
+    world.collect(shards=1)
+    world.plan()
+    job = world.child("PyTorchJob", "train")
+    world.running_pod("train", job, "r-train-master-0", replica_type="master")
+    world.log_line("r-train-master-0", live_training(12, **on_policy_figures()))
+    world.plan()
+    tr = world.status["training"]
+    assert (tr["teacherTokensScored"], tr["teacherScoringSeconds"]) == (4096, 3.2)
+    assert (tr["samplesPerSecond"], tr["divergence"]) == (1.235, 0.432199)
+    assert tr["teacherGpuHours"] == round(2 * 24.0 / 3600, 4)  # 2 GPUs x 24 s of training
+    assert tr["message"] == "onPolicy step 12/90, loss 1.88"
+
+    report = TrainingProgress.model_validate(
+        {
+            **progress(gpu_hours=1.0),
+            **on_policy_figures(teacher_tokens_scored=2_000_000),
+            "elapsedSeconds": 1800.0,
+            "message": "x" * 5000,
+        }
+    )
+    message = compact(report.to_dict())
+    assert len(message) <= 4096 and "message" not in json.loads(message)
+    world.train(message)
+    world.plan()
+    tr = world.status["training"]
+    assert tr["state"] == "Succeeded" and tr["teacherTokensScored"] == 2_000_000
+    assert tr["teacherGpuHours"] == 1.0 and tr["gpuHours"] == 1.0  # 2 GPUs x 1800 s
+    world.roll_out()
+    world.plan()
+    world.evaluate(results())
+    world.plan()
+    cost = world.status["results"]["cost"]
+    # the teacher at the run's gpuHourUSD ($2): 1 GPU-hour; the collection's self-hosted teacher is free
+    assert cost["teacherScoringUSD"] == 2.0 and cost["trainingUSD"] == 2.0
+    assert cost["totalUSD"] == cost["collectionUSD"] + 4.0
+    assert "breakEvenRequestsPerMonth" not in cost  # no teacher price to break even with
+
+
+def test_an_endpoint_teachers_scored_tokens_are_priced_at_its_input_price() -> None:
+    endpoint = {"baseURL": "http://vllm.example:8000/v1", "model": "teacher"}
+    world = World(
+        spec_of(teacher={"endpoint": endpoint, "logprobs": {"topK": 20}}, training={"method": "onPolicy"})
+    )
+    world.plan()
+    world.collect()
+    world.plan()
+    report = TrainingProgress.model_validate(
+        {**progress(), **on_policy_figures(teacher_tokens_scored=2_000_000)}
+    )
+    world.train(report.to_dict())
+    world.plan()
+    assert world.status["training"]["teacherTokensScored"] == 2_000_000
+    assert "teacherGpuHours" not in world.status["training"]  # not the run's to keep up
+    world.roll_out()
+    world.plan()
+    world.evaluate(results())
+    world.plan()
+    cost = world.status["results"]["cost"]
+    assert cost["teacherScoringUSD"] == 5.0  # 2M prompt tokens at $2.5 per million
+    assert cost["totalUSD"] == pytest.approx(cost["collectionUSD"] + cost["trainingUSD"] + 5.0)
+
+
 @pytest.mark.parametrize(
     ("spec", "name", "path"),
     [
@@ -860,6 +950,7 @@ def test_training_shows_rank_zeros_latest_log_line_while_it_runs() -> None:
     assert (tr["loss"], tr["tokensPerSecond"], tr["etaSeconds"]) == (1.88, 5000.0, 156.0)
     assert tr["gpuHours"] == round(12 * 2.0 * 4 / 3600, 4) and tr["state"] == "Running"
     assert tr["message"] == "sft step 12/90, loss 1.88"
+    assert not {"teacherTokensScored", "samplesPerSecond", "divergence", "teacherGpuHours"} & set(tr)  # sft
     assert world.status["phase"] == "Training" and out.events == []
     assert conditions(world.status)["Progressing"] == ("True", "Training")
     assert any(c["message"] == "train: sft step 12/90, loss 1.88" for c in world.status["conditions"])

@@ -359,3 +359,42 @@ def test_the_untrained_students_answers_are_scored_by_the_same_scorer(tmp_path: 
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "the untrained student scored 0.300 (retention 0.300) on 10 of these prompts" in report
     assert "training took it to 1.000" in report and "untrained student |" in report
+
+
+def test_the_teachers_scoring_of_an_on_policy_training_is_priced_in_the_results_and_the_report(
+    tmp_path: Path,
+) -> None:
+    """An onPolicy training's teacher scored 2M tokens of the student's samples (train/progress.json): an
+    endpoint teacher prices them as input tokens, 2M x $2.5 / 1M = $5, its own figure and in the total;
+    the report's cost table has the column and says how many tokens were scored."""
+    messages = [{"role": "user", "content": "what is clause 1"}]
+    write_collected(tmp_path, [{"id": "p1", "messages": messages, "response": default_answer(messages, 0)}])
+    (tmp_path / "train").mkdir()
+    progress = {
+        "method": "onPolicy",
+        "gpuHours": 0.5,
+        "elapsedSeconds": 900.0,
+        "teacherTokensScored": 2_000_000,
+    }
+    (tmp_path / "train" / "progress.json").write_text(json.dumps(progress))
+    spec = {
+        "teacher": {
+            "endpoint": {"baseURL": "http://vllm.example:8000/v1"},  # a vLLM endpoint returns prompt logprobs
+            "pricing": {"inputPerMTokUSD": 2.5, "outputPerMTokUSD": 10},
+            "logprobs": {"topK": 20},
+        },
+        "training": {"method": "onPolicy"},
+        "evaluation": {"metrics": ["exact_match"], "load": {"requests": 2, "compareTeacher": False}},
+    }
+    with FakeOpenAI(FakeOpenAIConfig(model="student")) as student:
+        cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
+        evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+    doc = read_results(tmp_path)
+    cost = doc["results"]["cost"]
+    assert (cost["teacherScoringUSD"], cost["trainingUSD"], cost["totalUSD"]) == (5.0, 1.0, 6.0)
+    assert doc["cost"]["teacherTokensScored"] == 2_000_000 and "teacherGpuHours" not in doc["cost"]
+    assert Results.model_validate_json((tmp_path / "term").read_text()).cost.teacher_scoring_usd == 5.0  # type: ignore[union-attr]
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| collection | training | teacher scoring (on-policy) | total (once) |" in report
+    assert "| — | $1.00 | $5.00 | $6.00 |" in report
+    assert "The teacher scored 2,000,000 tokens of the student's samples (priced as input tokens)." in report

@@ -252,12 +252,17 @@ def write_report(layout: RunLayout, doc: dict[str, Any], examples: list[dict[str
         )
         + f" | {_fmt(cost.get('studentToTeacherCost'), 2)}× | {f'{even:,}' if even is not None else '—'} |"
     )
-    if scoring and cost.get("teacherTokensScored") is not None:
-        hours = cost.get("teacherGpuHours")
-        how = f"{hours:.3f} device-hours of the self-hosted teacher" if hours is not None else "input tokens"
+    inputs = doc.get("cost") or {}  # what the figures were computed from
+    if scoring and inputs.get("teacherTokensScored") is not None:
+        hours = inputs.get("teacherGpuHours")
+        how = (
+            f"priced as {hours:.3f} device-hours of the self-hosted teacher kept up for the training"
+            if hours is not None
+            else "priced as input tokens"
+        )
         lines += [
             "",
-            f"The teacher scored {cost['teacherTokensScored']:,} tokens of the student's samples ({how}).",
+            f"The teacher scored {inputs['teacherTokensScored']:,} tokens of the student's samples ({how}).",
         ]
     sentence = worth_it(CostResults.model_validate(cost)) if cost else None
     if sentence:
