@@ -88,6 +88,7 @@ def loss_config(op: OnPolicy) -> DistillConfig:
         divergence=op.divergence,
         jsd_beta=op.beta,
         chunk_tokens=op.chunk_tokens,
+        topk_tail="bucket",
     )
 
 
