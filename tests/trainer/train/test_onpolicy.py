@@ -22,6 +22,7 @@ from distillery_trainer.train.onpolicy import (
     loss_config,
     sample,
     scored_batch,
+    warmup_steps,
 )
 from distillery_trainer.train.scoring import Scores, ScoringStats, parse_prompt_logprobs
 
@@ -196,6 +197,34 @@ def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
         losses.append(float(parts.total.detach()))
     assert preferred() > before + 0.2, (before, preferred())
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_divergence() -> None:
+    """The defaults (GKD's lmbda 0.5 after a quarter of the planned steps off-policy, forward KL on the
+    teacher's answers) and a step's divergence following from whether it is on-policy."""
+    op = OnPolicy()
+    assert (op.lmbda, op.off_policy_warmup, op.off_policy_divergence) == (0.5, 0.25, "forwardKL")
+    assert warmup_steps(op, 32) == 8 and warmup_steps(op, 1) == 1 and warmup_steps(op, 0) == 0
+    assert warmup_steps(OnPolicy(offPolicyWarmup=0), 32) == 0
+    draws = [is_on_policy_step(7, s, 1.0, warmup=8) for s in range(32)]
+    assert draws == [False] * 8 + [True] * 24
+    steps = OnPolicySteps(
+        op,
+        seed=1,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=FakeScorer(),  # type: ignore[arg-type]
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+        total_steps=40,
+    )
+    assert steps.warmup == 10
+    objective = Objective(_Student(), loss_config(op))
+    assert not any(steps.batches(s, [[[0], [1]]], objective)[2] for s in range(10))
+    assert steps.configs[False].divergence == "forwardKL" and steps.configs[True].divergence == "reverseKL"
+    assert steps.configs[True].topk_tail == "bucket" and steps.configs[True].alpha == 1.0
 
 
 def test_which_steps_are_on_policy_follows_from_the_seed_and_lmbda() -> None:
