@@ -23,7 +23,12 @@ divergence taught it nothing; (3) conditioning the student on the teacher's top-
 them without a cost. Hence: off-policy steps first (the recipe starts from a student that answers in the
 format: Thinking Machines' on-policy distillation starts from an SFT'd one), with ``offPolicyDivergence``
 forward KL (supervised KD, which does not saturate), the on-policy share mixed with off-policy steps after
-(GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below).
+(GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below). They are not
+enough on that bench (README: on-policy retained 0.000 again, against sft's 0.617): after 8 warm-up steps
+the student still answered badly and its first on-policy steps turned it into newline runs. A side check
+from the bench's SFT'd student collapsed it too at the bench's learning rate (4e-4) and merely held it at a
+tenth of it: on-policy steps want a smaller learning rate than imitation, and a student that already
+answers well.
 
 **Samples.** At an on-policy step each rank samples ``samplesPerPrompt`` answers to each prompt of its own
 micro-batches from the *current* student weights with transformers' ``generate`` (temperature
