@@ -80,7 +80,11 @@ def run_file(work: Path, method: str, prompts: Path, args: argparse.Namespace) -
     spec["data"]["prompts"] = {"pvcPath": str(prompts)}
     t = spec["training"]
     t.update(method=method, maxSteps=args.steps, maxSeconds=args.seconds)
-    t["onPolicy"] = {"maxNewTokens": 32, "topK": 20, "lmbda": args.lmbda}
+    t["onPolicy"] = {"maxNewTokens": 32, "topK": 20}  # the spec's defaults otherwise (lmbda, warm-up, ...)
+    if args.lmbda is not None:
+        t["onPolicy"]["lmbda"] = args.lmbda
+    if args.warmup is not None:
+        t["onPolicy"]["offPolicyWarmup"] = args.warmup
     ev = spec["evaluation"]
     ev.update(metrics=["token_f1", "exact_match"], baseline=False)
     ev["load"] = {"requests": 8, "concurrency": 4, "compareTeacher": False}
@@ -170,7 +174,10 @@ def main() -> int:
     parser.add_argument("--prompts", type=int, default=120, help="prompts (a quarter held out)")
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps, every method")
     parser.add_argument("--seconds", type=int, default=480, help="training wall-time cap, every method")
-    parser.add_argument("--lmbda", type=float, default=0.5, help="on-policy share of the steps (GKD's 0.5)")
+    parser.add_argument("--lmbda", type=float, default=None, help="on-policy share (default: the spec's)")
+    parser.add_argument(
+        "--warmup", type=float, default=None, help="offPolicyWarmup, share of the steps (default: the spec's)"
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workdir", type=Path, default=None, help="kept when given (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
@@ -190,8 +197,14 @@ def main() -> int:
         print(f"{method}: {json.dumps(row)}", flush=True)
         rows.append(row)
     print()
+    from distillery_trainer.api.spec import OnPolicy
+
+    op = OnPolicy()
+    lmbda = op.lmbda if args.lmbda is None else args.lmbda
+    warmup = op.off_policy_warmup if args.warmup is None else args.warmup
     print(f"budget: {args.steps} steps of 16 prompts, capped at {args.seconds} s of training; "
-          f"{args.prompts} prompts; on-policy lmbda {args.lmbda}")  # fmt: skip
+          f"{args.prompts} prompts; on-policy: lmbda {lmbda} after {warmup:.0%} of the steps off-policy "
+          f"({op.off_policy_divergence}), {op.divergence}")  # fmt: skip
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}))

@@ -70,7 +70,9 @@ FULL_ENDPOINT: dict[str, Any] = {
         "kd": {"temperature": 2.0, "alpha": 0.5, "divergence": "jsd", "jsdBeta": 0.4, "source": "topk"},
         "seqkd": {"samples": 2, "selection": "bestLogprob"},
         "onPolicy": {
-            "lmbda": 0.5,
+            "lmbda": 0.4,
+            "offPolicyWarmup": 0.1,
+            "offPolicyDivergence": "jsd",
             "divergence": "jsd",
             "beta": 0.3,
             "temperature": 0.9,

@@ -25,7 +25,7 @@ def test_demo_on_policy_trains_on_samples_the_teacher_scored(tmp_path: Path) -> 
     training = doc["spec"]["training"]
     training["maxSteps"] = 2  # a step of 16 samples and their scores is ~40 s on 2 shared cores
     training.pop("maxSeconds", None)
-    training["onPolicy"]["lmbda"] = 1.0  # both steps on the student's samples
+    training["onPolicy"].update(lmbda=1.0, offPolicyWarmup=0)  # both steps on the student's samples
     evaluation = doc["spec"]["evaluation"]
     evaluation.update(metrics=["token_f1", "exact_match"], baseline=False)
     evaluation["load"]["compareTeacher"] = False

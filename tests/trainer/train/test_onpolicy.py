@@ -15,13 +15,14 @@ from distillery_trainer.api.spec import OnPolicy
 from distillery_trainer.train.distributed import DistEnv
 from distillery_trainer.train.examples import ChatFormat, Example
 from distillery_trainer.train.losses import TopKTeacher, distill_loss_from_logits
-from distillery_trainer.train.modeling import Objective
+from distillery_trainer.train.modeling import Objective, topk_teacher
 from distillery_trainer.train.onpolicy import (
     OnPolicySteps,
     is_on_policy_step,
     loss_config,
     sample,
     scored_batch,
+    warmup_steps,
 )
 from distillery_trainer.train.scoring import Scores, ScoringStats, parse_prompt_logprobs
 
@@ -69,7 +70,8 @@ PAIRS = [([1, 2, 3], [4, 5, 6, 7]), ([8, 9], [10, 4, 2])]
 
 
 def direct_loss(logits: torch.Tensor, pairs: Any, op: OnPolicy) -> torch.Tensor:
-    """The on-policy loss written out token by token (see train/onpolicy.py's docstring)."""
+    """The on-policy loss written out token by token (see train/onpolicy.py's docstring): both
+    distributions over the teacher's top-k, the sampled token and one bucket for every other token."""
     t, beta = op.temperature, op.beta
     total, n = logits.new_zeros(()), 0
     for b, (prompt, answer) in enumerate(pairs):
@@ -78,18 +80,17 @@ def direct_loss(logits: torch.Tensor, pairs: Any, op: OnPolicy) -> torch.Tensor:
             pos = len(prompt) + j - 1  # the position whose logits predict answer[j]
             lp = teacher_logprobs(seq[: pos + 1]).float().double()  # the scores travel as float32
             support = sorted(set(torch.argsort(lp, descending=True)[:K].tolist()) | {token})
-            q = torch.softmax(lp[support] / t, -1)
+            # the teacher over its top-k (+ the sampled token) and its tail bucket, known at T = 1 ...
+            tail = (1 - lp[support].exp().sum()).clamp_min(1e-6).log().reshape(1)
+            q = torch.softmax(torch.cat([lp[support], tail]) / t, -1)
+            # ... against the student's full softened distribution, coarsened the same way
             p_full = torch.softmax(logits[b, pos] / t, -1)
+            s = torch.cat([p_full[support], (1 - p_full[support].sum()).reshape(1)])
             if op.divergence == "reverseKL":
-                p = p_full[support] / p_full[support].sum()
-                d = (p * (p.log() - q.log())).sum()
+                d = (s * (s.log() - q.log())).sum()
             else:
-                s = torch.cat([p_full[support], (1 - p_full[support].sum()).reshape(1)])
-                qq = torch.cat([q, q.new_zeros(1)])
-                m = beta * qq + (1 - beta) * s
-                kl_t = (qq[:-1] * (qq[:-1].log() - m[:-1].log())).sum()
-                kl_s = (s * (s.log() - m.log())).sum()
-                d = beta * kl_t + (1 - beta) * kl_s
+                m = beta * q + (1 - beta) * s
+                d = beta * (q * (q.log() - m.log())).sum() + (1 - beta) * (s * (s.log() - m.log())).sum()
             total = total + d
             n += 1
     return total * t * t / n
@@ -137,6 +138,95 @@ def test_the_sampled_token_outside_the_teacher_top_k_still_counts() -> None:
         assert token in row if np.isfinite(s.logprobs[j, 1]) else token == row[0]
 
 
+def test_reverse_kl_charges_the_students_mass_outside_the_teachers_top_k() -> None:
+    """The collapse path of the first bench run: a student piling its mass on a token the teacher does not
+    rank (here 9, outside its top-3, not sampled) must pay for it. Conditioning the student on the
+    teacher's top-k (the former loss) left that token's logit without any gradient."""
+    (prompt, answer), k = PAIRS[0], K
+    scores = FakeScorer().score([(prompt, answer[:1])])
+    batch = scored_batch([(prompt, answer[:1])], scores, PAD, V)
+    ranked = set(batch.topk_ids[0].tolist())
+    outside = next(t for t in range(V - 1, -1, -1) if t not in ranked)
+    logits = torch.zeros(1, V, dtype=torch.float64)
+    logits[0, outside] = 6.0  # ~97 % of the student's mass off the teacher's top-k
+    logits.requires_grad_(True)
+    teacher = TopKTeacher(batch.topk_ids, batch.topk_logprobs.double())
+    parts = distill_loss_from_logits(logits, batch.labels, teacher=teacher, config=loss_config(OnPolicy()))
+    (grad,) = torch.autograd.grad(parts.total, logits)
+    assert len(ranked) == k + 1 or len(ranked) == k
+    assert float(grad[0, outside]) > 0.01  # descent lowers it (the former loss: exactly 0)
+    assert float(parts.total.detach()) > 1.0  # and the divergence says the student is far from the teacher
+
+
+def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
+    """Sign and alignment end to end: a bigram student trained on its own samples, scored by the fake
+    teacher's server, gains probability on the teacher's top-1 after each token and gets closer to it."""
+    op = OnPolicy(lmbda=1.0, max_new_tokens=3)
+    torch.manual_seed(0)
+    student = _Student()
+    steps = OnPolicySteps(
+        op,
+        seed=3,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=FakeScorer(),  # type: ignore[arg-type]
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+    )
+    objective = Objective(student, loss_config(op))
+    contexts = list(range(1, V))
+    best = [int(teacher_logprobs([c]).argmax()) for c in contexts]
+
+    def preferred() -> float:
+        with torch.no_grad():
+            probs = torch.softmax(student.table.weight[contexts], -1)
+        return float(probs[range(len(contexts)), best].mean())
+
+    before = preferred()
+    optimizer = torch.optim.SGD(objective.parameters(), lr=2.0)
+    losses = []
+    for step in range(60):
+        batches, normalizer, on = steps.batches(step, [[[0], [1]]], objective)
+        assert on
+        parts = objective(batches[0], topk_teacher(batches[0]), normalizer)
+        parts.total.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(parts.total.detach()))
+    assert preferred() > before + 0.2, (before, preferred())
+    assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_divergence() -> None:
+    """The defaults (GKD's lmbda 0.5 after a quarter of the planned steps off-policy, forward KL on the
+    teacher's answers) and a step's divergence following from whether it is on-policy."""
+    op = OnPolicy()
+    assert (op.lmbda, op.off_policy_warmup, op.off_policy_divergence) == (0.5, 0.25, "forwardKL")
+    assert warmup_steps(op, 32) == 8 and warmup_steps(op, 1) == 1 and warmup_steps(op, 0) == 0
+    assert warmup_steps(OnPolicy(offPolicyWarmup=0), 32) == 0
+    draws = [is_on_policy_step(7, s, 1.0, warmup=8) for s in range(32)]
+    assert draws == [False] * 8 + [True] * 24
+    steps = OnPolicySteps(
+        op,
+        seed=1,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=FakeScorer(),  # type: ignore[arg-type]
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+        total_steps=40,
+    )
+    assert steps.warmup == 10
+    objective = Objective(_Student(), loss_config(op))
+    assert not any(steps.batches(s, [[[0], [1]]], objective)[2] for s in range(10))
+    assert steps.configs[False].divergence == "forwardKL" and steps.configs[True].divergence == "reverseKL"
+    assert steps.configs[True].topk_tail == "bucket" and steps.configs[True].alpha == 1.0
+
+
 def test_which_steps_are_on_policy_follows_from_the_seed_and_lmbda() -> None:
     draws = [is_on_policy_step(7, s, 0.3) for s in range(4000)]
     assert abs(sum(draws) / len(draws) - 0.3) < 0.03
@@ -166,6 +256,9 @@ class _Student(torch.nn.Module):
 
     def get_output_embeddings(self) -> None:
         return None
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        return type("Out", (), {"logits": self.table(input_ids)})()
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
         out = input_ids

@@ -504,7 +504,14 @@ ON_POLICY = {
     "maxSteps": 6,
     "learningRate": 3e-3,
     "checkpointEverySteps": 3,
-    "onPolicy": {"lmbda": 0.5, "topK": TOP_K, "maxNewTokens": 8, "samplesPerPrompt": 2, "temperature": 1.0},
+    "onPolicy": {
+        "lmbda": 0.5,
+        "offPolicyWarmup": 0,
+        "topK": TOP_K,
+        "maxNewTokens": 8,
+        "samplesPerPrompt": 2,
+        "temperature": 1.0,
+    },
 }
 
 

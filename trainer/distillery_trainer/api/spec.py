@@ -535,12 +535,35 @@ class OnPolicy(ApiModel):
     the same way. Teacher and student must share a tokenizer (checked before the first step)."""
 
     lmbda: float = Field(
-        default=1.0,
+        default=0.5,
         ge=0,
         le=1,
         description=(
-            "Share of steps on the student's own samples (TRL's lmbda; GKD's default is 0.5); the rest train on "
-            "the collected teacher answers. Which steps are on-policy follows from (seed, step)."
+            "Share of steps on the student's own samples after the warm-up (TRL's lmbda, GKD's default 0.5); "
+            "the rest train on the collected teacher answers, which keep teaching the answers' format while "
+            "the student's samples cannot yet show it. Which steps are on-policy follows from (seed, step)."
+        ),
+    )
+    off_policy_warmup: float = Field(
+        default=0.25,
+        ge=0,
+        le=1,
+        description=(
+            "Share of the planned steps (maxSteps, or the epochs' steps) trained only on the collected "
+            "teacher answers before any on-policy step: the recipe samples from a student that already "
+            "answers in the task's format (Thinking Machines' on-policy distillation starts from an SFT'd "
+            "student); sampled from a student that never saw the task, its answers are runs of one token "
+            "that the teacher, conditioned on them, scores as likely (the collapse of a first bench run). "
+            "0: on-policy from the first step, as TRL's GKDTrainer does."
+        ),
+    )
+    off_policy_divergence: Literal["forwardKL", "reverseKL", "jsd"] = Field(
+        default="forwardKL",
+        description=(
+            "The divergence of the off-policy steps (the teacher's own answers): forwardKL, KL(teacher||"
+            "student), is supervised KD (mean-seeking: it moves the student's mass onto every token the "
+            "teacher ranks); reverse KL and JSD saturate on a student far from the teacher, and teach such "
+            "a student little. Set it to the on-policy divergence for GKD's single divergence."
         ),
     )
     divergence: Literal["reverseKL", "jsd"] = Field(

@@ -44,6 +44,8 @@ NEG = -1.0e30
 ZERO_LOGPROB = -1.0e29
 # Rows per block where a per-row reduction would otherwise need a [chunk, V] temporary.
 ROW_BLOCK = 128
+# The least tail mass a top-k teacher is taken to leave (``topk_tail: bucket``).
+TAIL_FLOOR = 1.0e-6
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,10 @@ class DistillConfig:
     divergence: Divergence = "forwardKL"
     jsd_beta: float = 0.5
     chunk_tokens: int = 1024
+    # Top-k teachers only: ``renormalize`` (the teacher renormalised over its top-k, tail 0; reverse KL on the
+    # student conditioned on the top-k) or ``bucket`` (the teacher's own tail mass, 1 - its top-k mass at
+    # T = 1, as one more outcome, against the student's mass outside the top-k: see the module's docstring).
+    topk_tail: Literal["renormalize", "bucket"] = "renormalize"
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -65,6 +71,8 @@ class DistillConfig:
             raise ValueError(f"unknown divergence {self.divergence!r}")
         if self.chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {self.chunk_tokens}")
+        if self.topk_tail not in ("renormalize", "bucket"):
+            raise ValueError(f"unknown topk_tail {self.topk_tail!r}")
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,28 @@ def _teacher_topk(teacher: TopKTeacher, start: int, end: int, t: float) -> tuple
     return ids, logq.masked_fill(~valid, float("-inf")), valid
 
 
+def _teacher_topk_bucket(
+    teacher: TopKTeacher, start: int, end: int, t: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k ids, the teacher's softened log-probabilities of its top-k and of its **tail bucket** (every other
+    token, ``[C, 1]``), and the valid mask. The logprobs are at T = 1 over the whole vocabulary, so the tail's
+    mass is known: ``1 - sum(exp(top-k))`` (floored at :data:`TAIL_FLOOR`: a teacher sure of its top-k
+    still leaves the student's tail a finite cost). The k + 1 outcomes are softened by ``T`` as they are
+    (exact at T = 1; otherwise the tail is softened as one token)."""
+    ids, lp = teacher.chunk(start, end)
+    valid = torch.isfinite(lp)
+    empty = ~valid.any(dim=1)
+    if bool(empty.any()):  # rows without a teacher (prompt positions): a placeholder the mask zeroes later
+        lp = lp.clone()
+        lp[empty, 0] = 0.0
+        valid = torch.isfinite(lp)
+    masked = lp.masked_fill(~valid, float("-inf"))
+    mass = torch.logsumexp(masked, dim=-1, keepdim=True).exp().clamp(max=1.0 - TAIL_FLOOR)
+    log_tail = torch.log1p(-mass).clamp_min(math.log(TAIL_FLOOR))
+    logq = torch.log_softmax(torch.cat([masked, log_tail], dim=1) / t, dim=-1)
+    return ids, logq[:, :-1].masked_fill(~valid, float("-inf")), logq[:, -1:], valid
+
+
 def _kl(logp: Tensor, logq: Tensor) -> Tensor:
     """``KL(p || q)`` over the last dim from log-probabilities; zero-probability terms count 0 (no NaN grads)."""
     keep = logp > ZERO_LOGPROB
@@ -263,6 +293,16 @@ def _autograd_chunk(
                 kd_rows = _kl(logp_s, logp_t)
             else:
                 kd_rows = _jsd(logp_t, logp_s, config.jsd_beta)
+        elif config.topk_tail == "bucket":
+            ids, logq_k, log_tail, keep = _teacher_topk_bucket(teacher, start, end, t)
+            logp_k = logp_s.gather(1, ids).masked_fill(~keep, NEG)
+            in_topk = torch.zeros_like(logp_s).scatter_add_(1, ids, keep.to(logp_s.dtype)) > 0
+            tail = torch.logsumexp(logp_s.masked_fill(in_topk, NEG), dim=-1, keepdim=True)
+            student, teacher_k = torch.cat([logp_k, tail], dim=1), torch.cat([logq_k, log_tail], dim=1)
+            if config.divergence == "reverseKL":
+                kd_rows = _kl(student, teacher_k)
+            else:
+                kd_rows = _jsd(teacher_k, student, config.jsd_beta)
         else:
             ids, logq_k, keep = _teacher_topk(teacher, start, end, t)
             logp_k = logp_s.gather(1, ids).masked_fill(~keep, NEG)

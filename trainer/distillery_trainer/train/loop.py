@@ -199,6 +199,7 @@ class TrainingRun:
                 pad_id=pad_token_id(tokenizer),
                 vocab=objective.vocab,
                 fsdp=env.distributed and t.strategy == "fsdp",
+                total_steps=total,
             )
         teacher = None
         vocab = None

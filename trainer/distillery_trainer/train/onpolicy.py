@@ -2,11 +2,33 @@
 vLLM server scores every token of them (:mod:`.scoring`), and the student is trained on the per-token
 divergence from the teacher (Agarwal et al., GKD; the reverse-KL recipe of 2025 on-policy distillation).
 
-**Which steps are on-policy.** A share ``lmbda`` of the steps: step ``s`` is on-policy when a generator
-seeded with ``(training.seed, s)`` draws below ``lmbda`` (:func:`is_on_policy_step`), so every rank agrees
-without talking and a resumed run makes the same choice. The other steps are off-policy: the step's
-collected teacher answers, as written by the teacher, scored by the teacher's server the same way. Both use
-the data plan's micro-batches (:mod:`.batching`), so the prompts of step ``s`` are the same either way.
+**Which steps are on-policy.** The first ``offPolicyWarmup`` of the planned steps (a quarter by default)
+are off-policy; after them, a share ``lmbda`` (GKD's and TRL's 0.5 by default): step ``s`` is on-policy
+when a generator seeded with ``(training.seed, s)`` draws below ``lmbda`` (:func:`is_on_policy_step`), so
+every rank agrees without talking and a resumed run makes the same choice. The off-policy steps train on
+the step's collected teacher answers, as written by the teacher, scored by the teacher's server the same
+way. Both use the data plan's micro-batches (:mod:`.batching`), so the prompts of step ``s`` are the same
+either way.
+
+**Why those defaults (what went wrong without them).** A first bench run (``lmbda`` 1.0 by default then,
+0.5 in the bench, no warm-up, reverse KL on every step, the student conditioned on the teacher's top-k)
+retained 0.000: the student, a 15-of-30-layer prune that never saw the task, collapsed into runs of one
+token (``20202000…``; newlines and ``( ( ( …`` in the diagnosis) within two or three steps. Three
+causes, each checked on a few steps with an in-process teacher: (1) its samples are garbage, and a
+teacher conditioned on a run of one token finds the next one likely (it copies its context), so the
+scores reward the collapse (reverse KL ~1.4 on ``( ( (`` against 7-8 on the teacher's own answers);
+(2) reverse KL and JSD saturate on a student this far from the teacher (JSD sat at ~0.65 of its log 2
+bound; reverse KL's gradient vanishes on a confident student), so off-policy steps with the same
+divergence taught it nothing; (3) conditioning the student on the teacher's top-k left its mass outside
+them without a cost. Hence: off-policy steps first (the recipe starts from a student that answers in the
+format: Thinking Machines' on-policy distillation starts from an SFT'd one), with ``offPolicyDivergence``
+forward KL (supervised KD, which does not saturate), the on-policy share mixed with off-policy steps after
+(GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below). They are not
+enough on that bench (README: on-policy retained 0.000 again, against sft's 0.617): after 8 warm-up steps
+the student still answered badly and its first on-policy steps turned it into newline runs. A side check
+from the bench's SFT'd student collapsed it too at the bench's learning rate (4e-4) and merely held it at a
+tenth of it: on-policy steps want a smaller learning rate than imitation, and a student that already
+answers well.
 
 **Samples.** At an on-policy step each rank samples ``samplesPerPrompt`` answers to each prompt of its own
 micro-batches from the *current* student weights with transformers' ``generate`` (temperature
@@ -19,22 +41,25 @@ layer's as it runs) with ``synced_gpus`` so ranks whose samples end early keep s
 vLLM for the student's samples (on a GPU, weights synced each step) is not done: plain ``generate``
 everywhere.
 
-**The loss, precisely.** For each supervised token ``x_i`` (a sample token at an on-policy step, a collected
-answer token at an off-policy step; prompt and padding positions have no row at all), with ``z_i`` the
-student's logits at the position before it and ``(K_i, l_i)`` the teacher's scores (its top-k ids and
-logprobs at T = 1, plus ``x_i`` itself when outside the top-k)::
+**The loss, precisely.** For each supervised token ``x_i`` (a sample token at an on-policy step, a
+collected answer token at an off-policy step; prompt and padding positions have no row at all), with
+``z_i`` the student's logits at the position before it and ``(K_i, l_i)`` the teacher's scores (its top-k
+ids and logprobs at T = 1, plus ``x_i`` itself when outside the top-k)::
 
-    q_i = softmax(l_i / T) over K_i                           (the teacher, renormalised over K_i)
-    reverseKL:  D_i = KL( softmax(z_i / T)|K_i  ||  q_i )    (the student restricted to K_i, renormalised)
-    jsd:        D_i = JSD_beta( q_i , [softmax(z_i / T) on K_i, its mass elsewhere as one tail bucket] )
+    tau_i = 1 - sum_{K_i} exp(l_i)                        (the teacher's mass on every other token: known,
+                                                           the logprobs are over the whole vocabulary)
+    q_i = softmax([l_i, log tau_i] / T)                   (the teacher on K_i and one tail bucket)
+    p_i = [softmax(z_i / T) on K_i, its mass elsewhere]   (the student, coarsened the same way)
+    reverseKL:  D_i = KL(p_i || q_i)      jsd:  D_i = JSD_beta(q_i, p_i)
     loss = T^2 * sum_i D_i / (supervised tokens of the step, all ranks)
 
-that is :func:`.losses.distill_loss` with a :class:`.losses.TopKTeacher` and ``alpha = 1`` (no
-cross-entropy: the samples are the student's own, and GKD's off-policy share uses the same divergence on the
-teacher's sequences). With k = V both are the exact divergences. Reverse KL leaves the student's mass
-outside ``K_i`` unpenalised (the teacher's tail is unknown from its top-k), but every token the student
-samples is in ``K_i`` with the teacher's judgement of it, so mass on tokens the teacher finds unlikely is
-pushed down as soon as they are sampled.
+that is :func:`.losses.distill_loss` with a :class:`.losses.TopKTeacher`, ``alpha = 1`` and ``topk_tail:
+bucket`` (:mod:`.divergences`; no cross-entropy: the samples are the student's own, and GKD's off-policy
+share uses a divergence on the teacher's sequences). The coarsening makes each ``D_i`` a lower bound of the
+exact divergence, equal to it with k = V; at T != 1 the tail bucket is softened as one token (an
+approximation). The student's mass outside ``K_i`` pays (``tau_i`` is floored at 1e-6, never 0). Off-policy
+steps with ``offPolicyDivergence: forwardKL`` use the KD loss on the top-k: ``KL(q_i || p_i)`` with the
+teacher renormalised over ``K_i`` (its tail 0), so the student's mass outside ``K_i`` is moved onto it.
 
 **Reuse of TRL** (1.16, in the environment). ``GKDTrainer`` gives the recipe and the names (``lmbda``,
 ``beta``, ``temperature``, ``max_new_tokens``), its generate-then-mask-after-EOS and its generalized JSD,
@@ -54,6 +79,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import random
 import time
 from collections.abc import Iterator, Sequence
@@ -80,20 +106,28 @@ log = logging.getLogger(__name__)
 EMA = 0.9  # weight of the past in the running divergence
 
 
-def loss_config(op: OnPolicy) -> DistillConfig:
-    """The divergence of :mod:`.losses` on the teacher's scores, ``alpha = 1`` (see the module's docstring)."""
+def loss_config(op: OnPolicy, on_policy: bool = True) -> DistillConfig:
+    """The divergence of :mod:`.losses` on the teacher's scores, ``alpha = 1`` (see the module's docstring):
+    ``op.divergence`` at an on-policy step, ``op.offPolicyDivergence`` at an off-policy one."""
     return DistillConfig(
         temperature=op.temperature,
         alpha=1.0,
-        divergence=op.divergence,
+        divergence=op.divergence if on_policy else op.off_policy_divergence,
         jsd_beta=op.beta,
         chunk_tokens=op.chunk_tokens,
+        topk_tail="bucket",
     )
 
 
-def is_on_policy_step(seed: int, step: int, lmbda: float) -> bool:
-    """Whether (0-based) ``step`` trains on the student's samples: a draw seeded by (seed, step) < lmbda."""
-    return random.Random(f"distillery-on-policy:{seed}:{step}").random() < lmbda
+def warmup_steps(op: OnPolicy, total_steps: int) -> int:
+    """Steps (from the first) trained only on the collected answers: ``offPolicyWarmup`` of the planned ones."""
+    return math.ceil(op.off_policy_warmup * total_steps - 1e-9)
+
+
+def is_on_policy_step(seed: int, step: int, lmbda: float, warmup: int = 0) -> bool:
+    """Whether (0-based) ``step`` trains on the student's samples: past the ``warmup`` steps, a draw seeded by
+    (seed, step) < lmbda."""
+    return step >= warmup and random.Random(f"distillery-on-policy:{seed}:{step}").random() < lmbda
 
 
 def sample_seed(seed: int, step: int, rank: int, micro: int) -> int:
@@ -278,8 +312,11 @@ class OnPolicySteps:
         pad_id: int,
         vocab: int,
         fsdp: bool,
+        total_steps: int = 0,
     ) -> None:
         self.op, self.seed, self.env = op, seed, env
+        self.warmup = warmup_steps(op, total_steps)
+        self.configs = {True: loss_config(op, True), False: loss_config(op, False)}
         self.examples, self.chat, self.scorer = examples, chat, scorer
         self.pad_id, self.vocab, self.fsdp = pad_id, vocab, fsdp
         # progress over the whole run, all ranks (restored on resume)
@@ -299,7 +336,7 @@ class OnPolicySteps:
         autocast: contextlib.AbstractContextManager[Any] | None = None,
     ) -> tuple[list[Batch], float, bool]:
         """The rank's micro-batches of (0-based) ``step``, the step's loss normaliser, whether on-policy."""
-        on = is_on_policy_step(self.seed, step, self.op.lmbda)
+        on = is_on_policy_step(self.seed, step, self.op.lmbda, self.warmup)
         started = time.monotonic()
         pairs: list[list[tuple[list[int], list[int]]]] = []
         for j, mb in enumerate(mine):

@@ -20,7 +20,7 @@ from . import checkpoint
 from .batching import Plan, collate
 from .examples import ChatFormat, Example
 from .guards import check_finite
-from .modeling import online_teacher, topk_teacher
+from .modeling import online_teacher, topk_teacher, unwrap
 from .schedule import lr_factor, run_fraction
 
 if TYPE_CHECKING:
@@ -65,7 +65,10 @@ def run_steps(
         micro = plan.step(step)
         mine = plan.rank_share(micro, env.rank)
         if policy is not None:  # the step's samples (or answers), scored by the teacher's server
-            batches, normalizer, _ = policy.batches(step, mine, module, _autocast(env.device, compute))
+            batches, normalizer, on = policy.batches(step, mine, module, _autocast(env.device, compute))
+            unwrap(module).config = policy.configs[
+                on
+            ]  # the step's divergence (a plain attribute, no collective)
         else:
             normalizer = max(plan.supervised_tokens(micro), 1) / env.world_size
             batches = [collate(examples, mb, pad_id, plan.packing) for mb in mine]
