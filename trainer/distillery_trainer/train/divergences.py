@@ -224,15 +224,22 @@ def _forward_kl_closed_form(
     return kd, ce, grad
 
 
-def _teacher_topk(teacher: TopKTeacher, start: int, end: int, t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k ids, the teacher's softened log-probabilities renormalised over its top-k, and the valid mask."""
+def _teacher_rows(teacher: TopKTeacher, start: int, end: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The chunk's top-k ids and logprobs and their valid mask (``-inf`` entries are padding); rows without
+    a teacher (prompt positions) get a placeholder the mask zeroes later."""
     ids, lp = teacher.chunk(start, end)
     valid = torch.isfinite(lp)
     empty = ~valid.any(dim=1)
-    if bool(empty.any()):  # rows without a teacher (prompt positions): a placeholder the mask zeroes later
+    if bool(empty.any()):
         lp = lp.clone()
         lp[empty, 0] = 0.0
         valid = torch.isfinite(lp)
+    return ids, lp, valid
+
+
+def _teacher_topk(teacher: TopKTeacher, start: int, end: int, t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k ids, the teacher's softened log-probabilities renormalised over its top-k, and the valid mask."""
+    ids, lp, valid = _teacher_rows(teacher, start, end)
     logq = torch.log_softmax(lp.masked_fill(~valid, float("-inf")) / t, dim=-1)
     return ids, logq.masked_fill(~valid, float("-inf")), valid
 
@@ -245,13 +252,7 @@ def _teacher_topk_bucket(
     mass is known: ``1 - sum(exp(top-k))`` (floored at :data:`TAIL_FLOOR`: a teacher sure of its top-k
     still leaves the student's tail a finite cost). The k + 1 outcomes are softened by ``T`` as they are
     (exact at T = 1; otherwise the tail is softened as one token)."""
-    ids, lp = teacher.chunk(start, end)
-    valid = torch.isfinite(lp)
-    empty = ~valid.any(dim=1)
-    if bool(empty.any()):  # rows without a teacher (prompt positions): a placeholder the mask zeroes later
-        lp = lp.clone()
-        lp[empty, 0] = 0.0
-        valid = torch.isfinite(lp)
+    ids, lp, valid = _teacher_rows(teacher, start, end)
     masked = lp.masked_fill(~valid, float("-inf"))
     mass = torch.logsumexp(masked, dim=-1, keepdim=True).exp().clamp(max=1.0 - TAIL_FLOOR)
     log_tail = torch.log1p(-mass).clamp_min(math.log(TAIL_FLOOR))
