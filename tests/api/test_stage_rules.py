@@ -80,6 +80,8 @@ FULL_ENDPOINT: dict[str, Any] = {
             "samplesPerPrompt": 2,
             "topK": 16,
             "chunkTokens": 512,
+            "sampler": "vllm",
+            "vllmGpuMemoryUtilization": 0.4,
         },
         "dpo": {"enabled": True, "beta": 0.2, "pairs": 64, "epochs": 1.0, "learningRate": 1e-6},
         "epochs": 1.5,
@@ -179,6 +181,7 @@ ALTERNATIVES = (
     "sft", "kd", "seqkd", "onPolicy", "forwardKL", "reverseKL", "jsd", "auto", "topk", "online", "bestLogprob", "all",
     "cosine", "linear", "constant", "bf16", "fp16", "fp32", "ddp", "fsdp", "trainjob", "job",
     "exact_match", "rouge_l", "ReadWriteMany", "ReadWriteOnce", "Equal", "PreferNoSchedule", "float16", "64Gi",
+    "generate",
 )  # fmt: skip
 
 

