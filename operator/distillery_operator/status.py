@@ -207,6 +207,8 @@ def apply_on_policy(st: TrainingStatus, progress: TrainingProgress, spec: Distil
     st.teacher_scoring_seconds = _rounded(progress.teacher_scoring_seconds, 1)
     st.samples_per_second = _rounded(progress.samples_per_second, 3)
     st.divergence = _rounded(progress.divergence, 6)
+    st.samples_ended = _rounded(progress.samples_ended, 4)
+    st.teacher_logprob = _rounded(progress.teacher_logprob, 4)
     st.teacher_gpu_hours = _rounded(scoring_gpu_hours(spec, progress.elapsed_seconds), 4)
 
 

@@ -180,6 +180,10 @@ def _on_policy(st: StageStatus) -> str:
         parts.append(f"divergence {st.divergence:.3f}")
     if st.samples_per_second is not None:
         parts.append(f"{st.samples_per_second:.2f} samples/s")
+    if st.samples_ended is not None:
+        parts.append(f"{st.samples_ended:.0%} ended")
+    if st.teacher_logprob is not None:
+        parts.append(f"teacher logprob {st.teacher_logprob:.2f}/tok")
     parts.append(f"teacher scored {st.teacher_tokens_scored:,} tok")
     return ", ".join(parts)
 

@@ -146,6 +146,8 @@ def _progress(**kw: Any) -> TrainingProgress:
             "teacher_scoring_seconds": 42.5,
             "samples_per_second": 0.8,
             "divergence": 0.321,
+            "samples_ended": 0.75,
+            "teacher_logprob": -2.5,
             **kw,
         }
     )
@@ -165,8 +167,12 @@ def test_the_on_policy_figures_reach_the_local_status_and_the_train_row(tmp_path
     t = lr.status.training
     assert (t.teacher_tokens_scored, t.teacher_scoring_seconds, t.samples_per_second) == (12_345, 42.5, 0.8)
     assert (t.divergence, t.teacher_gpu_hours) == (0.321, 2.0)
+    assert (t.samples_ended, t.teacher_logprob) == (0.75, -2.5)
     row = Ui().progress_line("train", t)
-    assert row == "10/40, loss 0.500, divergence 0.321, 0.80 samples/s, teacher scored 12,345 tok, ETA 30s"
+    assert row == (
+        "10/40, loss 0.500, divergence 0.321, 0.80 samples/s, 75% ended, teacher logprob -2.50/tok, "
+        "teacher scored 12,345 tok, ETA 30s"
+    )
 
 
 def test_an_sft_trainings_local_status_has_no_on_policy_figures(tmp_path: Path) -> None:

@@ -781,13 +781,16 @@ def on_policy_figures(**kw: Any) -> dict[str, Any]:
         "teacher_scoring_seconds": 3.2149,
         "samples_per_second": 1.234567,
         "divergence": 0.43219876,
+        "samples_ended": 0.8125,
+        "teacher_logprob": -1.234567,
         **kw,
     }
 
 
 def test_an_on_policy_trainings_figures_reach_the_status_and_its_self_hosted_teacher_is_priced() -> None:
     """Rank 0's progress line carries an onPolicy training's figures into status.training (the teacher's
-    scored tokens and waiting time, samples per second, the running divergence) and the teacher's
+    scored tokens and waiting time, samples per second, the running divergence, how the teacher judges the
+    latest samples) and the teacher's
     GPU-hours: its 2 GPUs x the training's wall time. Its report, the termination message cut to 4 KiB
     (a long failure text goes first), keeps them; the verdict prices the teacher kept up for it."""
     spec = (
@@ -810,6 +813,7 @@ def test_an_on_policy_trainings_figures_reach_the_status_and_its_self_hosted_tea
     tr = world.status["training"]
     assert (tr["teacherTokensScored"], tr["teacherScoringSeconds"]) == (4096, 3.2)
     assert (tr["samplesPerSecond"], tr["divergence"]) == (1.235, 0.432199)
+    assert (tr["samplesEnded"], tr["teacherLogprob"]) == (0.8125, -1.2346)
     assert tr["teacherGpuHours"] == round(2 * 24.0 / 3600, 4)  # 2 GPUs x 24 s of training
     assert tr["message"] == "onPolicy step 12/90, loss 1.88"
 

@@ -296,6 +296,33 @@ def test_on_policy_steps_train_on_the_students_samples() -> None:
     assert [a for _, a in again.seen[4:]] != samples
 
 
+def test_the_progress_says_how_the_teacher_judges_the_students_samples() -> None:
+    """The share of the latest on-policy step's samples that ended (an end-of-turn token within
+    maxNewTokens) and the teacher's mean log-probability per token of them: how a collapsing student shows
+    (its samples stop ending, the teacher finds them unlikely) before the evaluation does."""
+    scorer = FakeScorer()
+    op = OnPolicy(lmbda=1.0, samples_per_prompt=3, max_new_tokens=3)
+    steps = _steps(op, seed=3, scorer=scorer)
+    torch.manual_seed(0)
+    objective = Objective(_Student(), loss_config(op))
+    steps.batches(0, [[[0], [1]]], objective)
+    progress = steps.observe(0.5, 1.0)
+    samples = [a for _, a in scorer.seen]
+    ended = sum(1 for a in samples if a[-1] == 2) / len(samples)
+    assert 0 < ended < 1  # the seed gives both kinds: the figure is a share, not a flag
+    tokens = [(p, a) for p, a in scorer.seen]
+    lps = [float(teacher_logprobs([*p, *a][: len(p) + j])[a[j]]) for p, a in tokens for j in range(len(a))]
+    assert progress["samples_ended"] == pytest.approx(ended)
+    assert progress["teacher_logprob"] == pytest.approx(sum(lps) / len(lps), rel=1e-5)
+    # an off-policy step (the teacher's own answers) leaves the figures of the latest on-policy step
+    steps.op = OnPolicy(lmbda=0.0)
+    steps.batches(1, [[[0], [1]]], objective)
+    assert steps.observe(0.5, 1.0)["samples_ended"] == pytest.approx(ended)
+    restored = _steps(op, seed=3)
+    restored.restore(steps.state())
+    assert restored.observe(0.5, 1.0)["teacher_logprob"] == pytest.approx(progress["teacher_logprob"])
+
+
 def test_samples_of_a_real_student_stop_at_the_end_of_turn(student_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

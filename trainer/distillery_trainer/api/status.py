@@ -160,6 +160,20 @@ class TrainingStatus(StageStatus):
     divergence: float | None = Field(
         default=None, description="onPolicy: running mean of the per-token divergence to the teacher."
     )
+    samples_ended: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="onPolicy: share of the latest on-policy step's samples that ended within maxNewTokens; "
+        "with teacherLogprob, how a collapsing student shows (samples that run on, the teacher finding them "
+        "unlikely) before the evaluation does.",
+    )
+    teacher_logprob: float | None = Field(
+        default=None,
+        le=0,
+        description="onPolicy: the teacher's mean log-probability per token of the latest on-policy step's "
+        "samples (near 0: it would have written them; far below: junk to it).",
+    )
     teacher_gpu_hours: float | None = Field(
         default=None,
         ge=0,

@@ -77,3 +77,16 @@ class TrainingProgress(ApiModel):
         default=None,
         description="onPolicy: running mean of the per-token divergence (exponential, weight 0.9 on the past).",
     )
+    samples_ended: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="onPolicy: share of the latest on-policy step's samples that ended (an end-of-turn token "
+        "within maxNewTokens).",
+    )
+    teacher_logprob: float | None = Field(
+        default=None,
+        le=0,
+        description="onPolicy: the teacher's mean log-probability per token of the latest on-policy step's "
+        "samples.",
+    )

@@ -337,6 +337,9 @@ class OnPolicySteps:
         self.scoring_seconds = 0.0
         self.samples = 0
         self.divergence: float | None = None
+        # the latest on-policy step's samples: the share that ended, the teacher's mean logprob per token
+        self.samples_ended: float | None = None
+        self.teacher_logprob: float | None = None
         self._sampling_seconds = 0.0  # this process's, for samples per second
         self._samples_here = 0
         self._step_seconds = 0.0
@@ -395,14 +398,18 @@ class OnPolicySteps:
             float(self.scorer.stats.tokens - scored_before),
             self.scorer.stats.seconds - seconds_before,
             float(len(flat) if on else 0),
+            float(sum(1 for _, a in flat if a and a[-1] in self.chat.end_ids)),
+            float(sum(float(s.sampled.sum()) for s in scores)),
         ]
-        answer_tokens, scored, seconds, n_samples = self.env.all_reduce(local, "sum")
+        answer_tokens, scored, seconds, n_samples, ended, logprob = self.env.all_reduce(local, "sum")
         self.tokens_scored += int(scored)
         self.scoring_seconds += seconds
         self.samples += int(n_samples)
         if on:
             self._sampling_seconds += sampled - started
             self._samples_here += int(n_samples)
+            self.samples_ended = ended / max(n_samples, 1.0)
+            self.teacher_logprob = logprob / max(answer_tokens, 1.0)
         return out, max(answer_tokens, 1.0) / self.env.world_size, on
 
     def _engine_at(self, step: int, module: nn.Module) -> VllmSampler | None:
@@ -462,6 +469,8 @@ class OnPolicySteps:
             "teacher_scoring_seconds": round(self.scoring_seconds, 3),
             "samples_per_second": rate,
             "divergence": self.divergence,
+            "samples_ended": self.samples_ended,
+            "teacher_logprob": self.teacher_logprob,
         }
 
     def state(self) -> dict[str, Any]:
@@ -471,6 +480,8 @@ class OnPolicySteps:
                 "scoringSeconds": self.scoring_seconds,
                 "samples": self.samples,
                 "divergence": self.divergence,
+                "samplesEnded": self.samples_ended,
+                "teacherLogprob": self.teacher_logprob,
             }
         }
 
@@ -480,3 +491,5 @@ class OnPolicySteps:
         self.scoring_seconds = float(saved.get("scoringSeconds", 0.0))
         self.samples = int(saved.get("samples", 0))
         self.divergence = saved.get("divergence")
+        self.samples_ended = saved.get("samplesEnded")
+        self.teacher_logprob = saved.get("teacherLogprob")
