@@ -16,14 +16,18 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def test_demo_on_policy_trains_on_samples_the_teacher_scored(tmp_path: Path) -> None:
+def test_demo_on_policy_trains_on_samples_the_teacher_scored(demo_workdir: Path) -> None:
     from distillery_operator.demo.demo import demo_spec
 
-    workdir = tmp_path / "runs"
+    workdir = demo_workdir
     path = demo_spec(workdir, prompts=40, train_seconds=None, requests=4, method="on-policy")
     doc = yaml.safe_load(path.read_text())
     training = doc["spec"]["training"]
-    training["maxSteps"] = 2  # a step of 16 samples and their scores is ~40 s on 2 shared cores
+    # Two steps of 4 samples: a step of the example's 16 samples and their scores is ~40 s on 2 shared
+    # cores, and what is checked (sampled by the student, scored by the teacher's server, trained on) is
+    # the same for 4.
+    training["maxSteps"] = 2
+    training["batchSize"] = 4
     training.pop("maxSeconds", None)
     training["onPolicy"].update(lmbda=1.0, offPolicyWarmup=0)  # both steps on the student's samples
     evaluation = doc["spec"]["evaluation"]

@@ -1,6 +1,6 @@
 """The local executor end to end, as a user runs it: the demo's run reduced (fewer prompts, a shorter
 training budget, token F1 deciding retention so a briefly trained student still scores), interrupted
-during training and resumed, then a broken teacher URL.
+during training and resumed from its checkpoint, then a broken teacher URL.
 
 Real processes throughout: vLLM on the CPU for the teacher and the student, the trainer, the evaluator.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -24,18 +25,27 @@ from tests.support.builders import make_run
 pytestmark = pytest.mark.slow
 
 
+RESUME_AT = 16  # the reduced demo's checkpoint: half way through its 32 steps
+
+
 def reduced_demo(workdir: Path) -> Path:
     """The demo's run file, as `distillery demo --prompts 80 --requests 16` writes it, scored by token F1
     first, trained for 32 steps: a step budget, not a time budget, so the student learns as much on a CPU
     without native bf16 (4.5 s a step in fp32 on an AVX2-only EPYC: 60 s were 13 steps, which score 0)
-    as on one with it."""
+    as on one with it. A checkpoint at step 16, for the run interrupted after it to resume from. The
+    teacher's latency is not measured (evaluation.load.compareTeacher, a third vLLM start-up and its
+    requests): the executor's wiring of it is tests/operator/unit/test_local_on_policy.py's
+    test_the_evaluation_compares_the_teacher_served_beside_the_student, the measurement against a real
+    vLLM tests/trainer/evaluate/test_evaluate_vllm.py's."""
     from distillery_operator.demo.demo import demo_spec
 
     path = demo_spec(workdir, prompts=80, train_seconds=None, requests=16)
     doc = yaml.safe_load(path.read_text())
     doc["spec"]["training"]["maxSteps"] = 32
+    doc["spec"]["training"]["checkpointEverySteps"] = RESUME_AT
     doc["spec"]["training"].pop("maxSeconds", None)
     doc["spec"]["evaluation"]["metrics"] = ["token_f1", "exact_match"]
+    doc["spec"]["evaluation"]["load"]["compareTeacher"] = False
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
@@ -82,13 +92,21 @@ def _assert_no_stage_process_left(root: Path) -> None:
     assert leftovers.stdout.strip() == ""
 
 
-def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
-    workdir = tmp_path / "runs"
+def test_demo_interrupted_in_training_then_resumed(demo_workdir: Path) -> None:
+    """Ctrl-C once the training has saved its step-16 checkpoint: the run stops (130) with nothing left
+    running; the same command again reuses the collection, resumes the training from step 16 (not from
+    0, and without answering the baseline again), finishes its 32 steps and serves, evaluates and
+    concludes as an uninterrupted run does."""
+    from distillery_trainer.layout import RunLayout
+    from distillery_trainer.train import checkpoint
+
+    workdir = demo_workdir
     root = workdir / "local-cpu"
+    layout = RunLayout(root)
     spec = reduced_demo(workdir)
     first = _distillery("run", str(spec), "--workdir", str(workdir))
     try:
-        _wait_for(lambda: (root / "train" / "progress.json").exists(), 900, first)
+        _wait_for(lambda: checkpoint.latest(layout.checkpoints_dir) is not None, 900, first)
         first.send_signal(signal.SIGINT)
         out, _ = first.communicate(timeout=120)
     finally:
@@ -99,6 +117,9 @@ def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     status = _status(root)
     assert status["collection"]["state"] == "Succeeded"
     assert "interrupted" in status["message"]
+    assert status["training"]["state"] == "Running" and status["training"]["step"] > 0  # stopped in its steps
+    assert [step for step, _ in checkpoint.checkpoints(layout.checkpoints_dir)] == [RESUME_AT]
+    assert not checkpoint.read_state(checkpoint.checkpoints(layout.checkpoints_dir)[-1][1])["finished"]
     collected = {p.name: p.stat().st_mtime_ns for p in (root / "collect").iterdir()}
     assert any(name.startswith("shard-") for name in collected)
     _assert_no_stage_process_left(root)
@@ -111,19 +132,31 @@ def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     assert {
         p.name: p.stat().st_mtime_ns for p in (root / "collect").iterdir() if p.name in collected
     } == collected
+    # The training went on from its checkpoint: the second run's train stage (its own section of the log)
+    # loaded step 16, found the untrained student's answers written, and reported no step before 16.
+    resumed = (root / "logs" / "train.log").read_text().split("\n$ ")[-1]
+    assert "resuming from" in resumed and f"step-{RESUME_AT:06d} (step {RESUME_AT} of 32)" in resumed
+    assert "baseline answers already in" in resumed and "the untrained student answers" not in resumed
+    after = resumed.split("resuming from", 1)[1]
+    steps = [int(n) for n in re.findall(r"step (\d+)/32", after)]
+    assert steps and min(steps) >= RESUME_AT and max(steps) == 32, steps
+    progress = json.loads(layout.progress_file.read_text())
+    assert progress["step"] == 32 and progress["state"] == "Succeeded"
+    last = checkpoint.latest(layout.checkpoints_dir)
+    assert last is not None and last.name == "step-000032" and checkpoint.read_state(last)["finished"]
 
     status = _status(root)
     assert status["phase"] in ("Succeeded", "Failed")
     results = status["results"]
-    for key in ("qualityRetention", "retentionInterval", "studentScore", "teacherScore", "latencyMs",
-                "teacherLatencyMs", "throughputTokensPerSec", "cost", "gatePassed"):  # fmt: skip
+    for key in ("qualityRetention", "retentionInterval", "studentScore", "teacherScore", "baselineScore",
+                "latencyMs", "throughputTokensPerSec", "cost", "gatePassed"):  # fmt: skip
         assert key in results, key
     assert 0 < results["qualityRetention"] <= 1.5
     lat = results["latencyMs"]
     assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"]
     for key in ("collectionUSD", "trainingUSD", "servingUSDPerMonth"):
         assert key in results["cost"], key
-    assert status["training"]["step"] > 0 and status["training"]["state"] == "Succeeded"
+    assert status["training"]["step"] == 32 and status["training"]["state"] == "Succeeded"
     types = {c["type"]: c for c in status["conditions"]}
     assert types["Progressing"]["status"] == "False"
     assert ("Succeeded" in types) != ("Failed" in types)
@@ -131,9 +164,7 @@ def test_demo_interrupted_in_training_then_resumed(tmp_path: Path) -> None:
     # What produced the student, beside it: a model card Hugging Face reads and the provenance file
     # whose digest the status holds, completed by the evaluation with its figures.
     from distillery_trainer import provenance
-    from distillery_trainer.layout import RunLayout
 
-    layout = RunLayout(root)
     record = provenance.read(layout)
     assert record is not None and record.device == "cpu" and record.evaluation is not None
     assert record.evaluation["qualityRetention"] == results["qualityRetention"]

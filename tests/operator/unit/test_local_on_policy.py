@@ -211,3 +211,58 @@ def test_the_local_verdict_prices_the_teachers_scoring_and_the_summary_shows_it(
     out = buf.getvalue()
     assert "teacher scoring cost (onPolicy)" in out and "$1.00" in out
     assert "total cost (once)" in out and "$3.00" in out
+
+
+@pytest.mark.parametrize("compare", [True, False])
+def test_the_evaluation_compares_the_teacher_served_beside_the_student(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compare: bool
+) -> None:
+    """evaluation.load.compareTeacher: the self-hosted teacher is served for the evaluate stage only, beside
+    the student, and the stage config names both (the evaluate stage measures each the same way); off, the
+    student alone. (The e2e demo runs leave it off: a third vLLM start-up on a CPU; the measurement itself
+    is tests/trainer/evaluate/test_evaluate_vllm.py's, against a real vLLM.)"""
+    doc = (
+        make_run("op")
+        .self_hosted()
+        .spec({"evaluation": {"load": {"requests": 4, "compareTeacher": compare}}})
+        .obj()
+    )
+    lr = LocalRun(
+        run=parse_run(doc), spec_file=tmp_path / "run.yaml", workdir=tmp_path / "runs", ui=_StageUi()
+    )  # type: ignore[arg-type]
+    lr.layout.root.mkdir(parents=True)
+    urls = {"op": "http://127.0.0.1:8001/v1", "teacher": "http://127.0.0.1:8002/v1"}
+    up: list[str] = []
+    started: list[tuple[str, str]] = []
+
+    @contextmanager
+    def serve_model(**kw: Any) -> Iterator[Served]:
+        launcher = _Launcher()
+        launcher.base_url = urls[kw["name"]]
+        started.append((kw["stage"], kw["name"]))
+        up.append(kw["name"])
+        try:
+            yield Served(name=kw["name"], model_dir=f"/models/{kw['name']}", launcher=launcher)  # type: ignore[arg-type]
+        finally:
+            up.remove(kw["name"])
+
+    seen: dict[str, Any] = {}
+
+    def run(stage: str, argv: list[str], log: Path, **kw: Any) -> None:
+        seen["stage"], seen["up"] = stage, list(up)
+        seen["config"] = load_stage_config(Path(argv[argv.index("--config") + 1]))
+
+    monkeypatch.setattr(stages, "serve_model", serve_model)
+    monkeypatch.setattr(stages.process, "run", run)
+    monkeypatch.setattr(stages, "evaluate_done", lambda layout, spec: False)
+    stages.run_serve_and_evaluate(lr, keep_serving=False)
+    config = seen["config"]
+    assert seen["stage"] == "evaluate"
+    assert (config.student.base_url, config.student.model) == (urls["op"], "op")
+    if compare:
+        assert started == [("serve", "op"), ("evaluate", "teacher")] and seen["up"] == ["op", "teacher"]
+        endpoint = config.teacher_endpoint()
+        assert (endpoint.base_url, endpoint.model) == (urls["teacher"], "teacher")
+    else:
+        assert started == [("serve", "op")] and seen["up"] == ["op"] and config.teacher is None
+    assert up == [] and lr.teacher is None and lr.status.evaluation.state == "Succeeded"

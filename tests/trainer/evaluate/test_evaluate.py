@@ -240,9 +240,20 @@ def test_nothing_to_evaluate_writes_results_and_exits_one(tmp_path: Path) -> Non
     assert out.exit_code == 1 and "does not answer" in read_results(tmp_path)["gate"]["verdict"]
 
 
-def test_a_student_that_fails_most_requests_fails_the_gate(tmp_path: Path) -> None:
+def test_a_student_that_fails_most_requests_fails_the_gate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Failed requests are left out of every score, so a student whose server answers 500 to most of them
-    once passed with retention 1.000 on the few it answered. The share of failed requests now counts."""
+    once passed with retention 1.000 on the few it answered. The share of failed requests now counts.
+    Each request is still retried as the client's policy says, without its waits (25 s of the default
+    backoff's sleeps here; the waits are tests/trainer/test_retry.py's)."""
+    from distillery_trainer import retry
+    from distillery_trainer.evaluate import client
+
+    def without_waits(policy: retry.Backoff, max_retries: int, **kw: Any) -> Any:
+        return retry.retrying(retry.Backoff(base=0.001, cap=0.001), max_retries, **kw)
+
+    monkeypatch.setattr(client, "retrying", without_waits)
     rows = []
     for k in range(30):
         messages = [{"role": "user", "content": f"what is clause {k}"}]
@@ -252,6 +263,8 @@ def test_a_student_that_fails_most_requests_fails_the_gate(tmp_path: Path) -> No
     with FakeOpenAI(FakeOpenAIConfig(faults=Faults(rate_500=0.8), seed=11)) as student:
         cfg = stage_config(tmp_path, student=(student.base_url, "student"), spec=spec)
         out = evaluate(load_stage_config(cfg), termination_path=str(tmp_path / "term"))
+        asked = student.stats["requests"]
+    assert asked >= 30 + 28 + 30  # the held-out prompts, the load (20 and 8 to warm up) and retries
     doc = read_results(tmp_path)
     res = doc["results"]
     assert res["qualityRetention"] == 1.0  # on what it answered
