@@ -25,10 +25,15 @@ format: Thinking Machines' on-policy distillation starts from an SFT'd one), wit
 forward KL (supervised KD, which does not saturate), the on-policy share mixed with off-policy steps after
 (GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below). They are not
 enough on that bench (README: on-policy retained 0.000 again, against sft's 0.617): after 8 warm-up steps
-the student still answered badly and its first on-policy steps turned it into newline runs. A side check
-from the bench's SFT'd student collapsed it too at the bench's learning rate (4e-4) and merely held it at a
-tenth of it: on-policy steps want a smaller learning rate than imitation, and a student that already
-answers well.
+the student still answered badly and its first on-policy steps turned it into newline runs. It is not the
+learning rate: from a student of that bench after 16 imitation steps (greedy F1 0.234), 8 steps of 8 prompts
+at 4e-5 (warmed up over 2 steps, an in-process teacher) collapsed it on-policy (F1 0.000 after 4 steps,
+``June 20202020…``; none of its 32-token samples ended, and the divergence fell from 1.32 to 0.80 as it
+collapsed), while imitation on the same prompts, steps and learning rate held it (0.202, then 0.260). An
+earlier check that blamed the learning rate had started a fresh optimizer at 4e-4 without a warm-up, which
+collapses imitation as well. On samples that are junk, the per-token divergence rewards the collapse: the
+recipe needs a student whose samples already answer in the format. ``samplesEnded`` and ``teacherLogprob``
+in the progress show it happening.
 
 **Samples.** At an on-policy step each rank samples ``samplesPerPrompt`` answers to each prompt of its own
 micro-batches from the *current* student weights (temperature ``onPolicy.temperature``, no top-k/top-p, at
