@@ -323,6 +323,33 @@ def test_the_progress_says_how_the_teacher_judges_the_students_samples() -> None
     assert restored.observe(0.5, 1.0)["teacher_logprob"] == pytest.approx(progress["teacher_logprob"])
 
 
+class _NanScorer(FakeScorer):
+    """A teacher whose server answers NaN for one sampled token's logprob (the parser reads it as -inf)."""
+
+    def score(self, pairs: Any) -> list[Scores]:
+        out = super().score(pairs)
+        out[0].sampled[0] = -math.inf
+        return out
+
+
+def test_a_sampled_token_the_teacher_gives_no_finite_logprob_leaves_the_figure_finite() -> None:
+    """teacherLogprob goes to status.training, which the API server takes as JSON: an infinite mean
+    (-Infinity is not JSON) would fail the status write. It is the mean over the tokens with a finite logprob."""
+    scorer = _NanScorer()
+    op = OnPolicy(lmbda=1.0, samples_per_prompt=2, max_new_tokens=3)
+    steps = _steps(op, seed=3, scorer=scorer)
+    torch.manual_seed(0)
+    steps.batches(0, [[[0], [1]]], Objective(_Student(), loss_config(op)))
+    lps = [
+        float(teacher_logprobs([*p, *a][: len(p) + j])[a[j]])
+        for i, (p, a) in enumerate(scorer.seen)
+        for j in range(len(a))
+        if (i, j) != (0, 0)
+    ]
+    figure = steps.observe(0.5, 1.0)["teacher_logprob"]
+    assert math.isfinite(figure) and figure == pytest.approx(sum(lps) / len(lps), rel=1e-5)
+
+
 def test_samples_of_a_real_student_stop_at_the_end_of_turn(student_dir: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -172,7 +172,8 @@ class TrainingStatus(StageStatus):
         default=None,
         le=0,
         description="onPolicy: the teacher's mean log-probability per token of the latest on-policy step's "
-        "samples (near 0: it would have written them; far below: junk to it).",
+        "samples, over the tokens it gave a finite one (near 0: it would have written them; far below: junk to "
+        "it).",
     )
     teacher_gpu_hours: float | None = Field(
         default=None,

@@ -404,9 +404,13 @@ class OnPolicySteps:
             self.scorer.stats.seconds - seconds_before,
             float(len(flat) if on else 0),
             float(sum(1 for _, a in flat if a and a[-1] in self.chat.end_ids)),
-            float(sum(float(s.sampled.sum()) for s in scores)),
+            # the teacher's logprobs of the sampled tokens, over those it gave a finite one (a NaN from
+            # its server reads as -inf, and an infinite figure would not go into the status as JSON)
+            float(sum(float(s.sampled[np.isfinite(s.sampled)].sum()) for s in scores)),
+            float(sum(int(np.isfinite(s.sampled).sum()) for s in scores)),
         ]
-        answer_tokens, scored, seconds, n_samples, ended, logprob = self.env.all_reduce(local, "sum")
+        totals = self.env.all_reduce(local, "sum")
+        answer_tokens, scored, seconds, n_samples, ended, logprob, finite = totals
         self.tokens_scored += int(scored)
         self.scoring_seconds += seconds
         self.samples += int(n_samples)
@@ -414,7 +418,7 @@ class OnPolicySteps:
             self._sampling_seconds += sampled - started
             self._samples_here += int(n_samples)
             self.samples_ended = ended / max(n_samples, 1.0)
-            self.teacher_logprob = logprob / max(answer_tokens, 1.0)
+            self.teacher_logprob = logprob / finite if finite else None
         return out, max(answer_tokens, 1.0) / self.env.world_size, on
 
     def _engine_at(self, step: int, module: nn.Module) -> VllmSampler | None:
