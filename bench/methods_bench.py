@@ -85,6 +85,10 @@ def run_file(work: Path, method: str, prompts: Path, args: argparse.Namespace) -
         t["onPolicy"]["lmbda"] = args.lmbda
     if args.warmup is not None:
         t["onPolicy"]["offPolicyWarmup"] = args.warmup
+    if args.sft_weight is not None:
+        t["onPolicy"]["sftWeight"] = args.sft_weight
+    if args.off_policy_divergence is not None:
+        t["onPolicy"]["offPolicyDivergence"] = args.off_policy_divergence
     ev = spec["evaluation"]
     ev.update(metrics=["token_f1", "exact_match"], baseline=False)
     ev["load"] = {"requests": 8, "concurrency": 4, "compareTeacher": False}
@@ -178,6 +182,15 @@ def main() -> int:
     parser.add_argument(
         "--warmup", type=float, default=None, help="offPolicyWarmup, share of the steps (default: the spec's)"
     )
+    parser.add_argument(
+        "--sft-weight", type=float, default=None, help="onPolicy.sftWeight, the anchor (default: the spec's)"
+    )
+    parser.add_argument(
+        "--off-policy-divergence",
+        choices=["none", "forwardKL", "reverseKL", "jsd"],
+        default=None,
+        help="onPolicy.offPolicyDivergence (default: the spec's)",
+    )
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--workdir", type=Path, default=None, help="kept when given (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
@@ -202,9 +215,11 @@ def main() -> int:
     op = OnPolicy()
     lmbda = op.lmbda if args.lmbda is None else args.lmbda
     warmup = op.off_policy_warmup if args.warmup is None else args.warmup
+    weight = op.sft_weight if args.sft_weight is None else args.sft_weight
+    off = op.off_policy_divergence if args.off_policy_divergence is None else args.off_policy_divergence
     print(f"budget: {args.steps} steps of 16 prompts, capped at {args.seconds} s of training; "
           f"{args.prompts} prompts; on-policy: lmbda {lmbda} after {warmup:.0%} of the steps off-policy "
-          f"({op.off_policy_divergence}), {op.divergence}")  # fmt: skip
+          f"({off}), {op.divergence}, sftWeight {weight}")  # fmt: skip
     print(table(rows))
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}))

@@ -74,6 +74,10 @@ NEAR_MISSES = {
     },
     "greedy-sft": {"teacher": {"sampling": {"temperature": 0}}, "training": {"seqkd": {"samples": 4}}},
     "parallelism-equals-shards": {"collection": {"shards": 4, "parallelism": 4}},
+    "off-policy-sft-steps": {"training": {"onPolicy": {"offPolicyDivergence": "none", "sftWeight": 0.5}}},
+    "off-policy-kd-without-anchor": {
+        "training": {"onPolicy": {"offPolicyDivergence": "forwardKL", "sftWeight": 0}}
+    },
     "lora-with-ddp": {"student": {"lora": {"rank": 8}}, "training": {"strategy": "ddp"}},
     "fsdp-without-lora": {"training": {"strategy": "fsdp"}},
     "kd-topk-with-logprobs": {"teacher": {"logprobs": {"topK": 5}}, "training": {"method": "kd"}},

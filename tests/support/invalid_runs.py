@@ -128,6 +128,16 @@ CASES = [
         "spec.training.onPolicy.lmbda",
     ),
     Case(
+        "on-policy-negative-sft-weight",
+        S({"training": {"onPolicy": {"sftWeight": -1}}}),
+        "spec.training.onPolicy.sftWeight",
+    ),
+    Case(
+        "on-policy-off-policy-steps-train-on-nothing",
+        S({"training": {"onPolicy": {"offPolicyDivergence": "none", "sftWeight": 0}}}),
+        "spec.training.onPolicy.offPolicyDivergence",
+    ),
+    Case(
         "on-policy-forward-kl",
         S({"training": {"onPolicy": {"divergence": "forwardKL"}}}),
         "spec.training.onPolicy.divergence",

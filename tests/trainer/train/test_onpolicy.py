@@ -161,7 +161,7 @@ def test_reverse_kl_charges_the_students_mass_outside_the_teachers_top_k() -> No
 def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
     """Sign and alignment end to end: a bigram student trained on its own samples, scored by the fake
     teacher's server, gains probability on the teacher's top-1 after each token and gets closer to it."""
-    op = OnPolicy(lmbda=1.0, max_new_tokens=3)
+    op = OnPolicy(lmbda=1.0, max_new_tokens=3, sftWeight=0)
     torch.manual_seed(0)
     student = _Student()
     steps = _steps(op, seed=3)
@@ -178,9 +178,9 @@ def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
     optimizer = torch.optim.SGD(objective.parameters(), lr=2.0)
     losses = []
     for step in range(60):
-        batches, normalizer, on = steps.batches(step, [[[0], [1]]], objective)
-        assert on
-        parts = objective(batches[0], topk_teacher(batches[0]), normalizer)
+        pieces, on = steps.batches(step, [[[0], [1]]], objective)
+        assert on and len(pieces) == 1  # no anchor with sftWeight 0
+        parts = objective(pieces[0].batch, topk_teacher(pieces[0].batch), pieces[0].normalizer)
         parts.total.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -201,9 +201,60 @@ def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_diverge
     steps = _steps(op, seed=1, total_steps=40)
     assert steps.warmup == 10
     objective = Objective(_Student(), loss_config(op))
-    assert not any(steps.batches(s, [[[0], [1]]], objective)[2] for s in range(10))
+    assert not any(steps.batches(s, [[[0], [1]]], objective)[1] for s in range(10))
     assert steps.configs[False].divergence == "forwardKL" and steps.configs[True].divergence == "reverseKL"
     assert steps.configs[True].topk_tail == "bucket" and steps.configs[True].alpha == 1.0
+
+
+def test_sft_weight_adds_the_cross_entropy_on_the_collected_answers_to_every_step() -> None:
+    """The anchor, against the two terms computed apart: an off-policy step's loss is its divergence plus
+    sftWeight times the cross-entropy on the same rows (one forward: alpha and the normaliser); an on-policy
+    step's is the divergence on the samples plus sftWeight times the cross-entropy on the answers (a second
+    part). Gradients are the same sum."""
+    from distillery_trainer.train.losses import DistillConfig
+
+    w = 0.7
+    torch.manual_seed(0)
+    student = _Student()
+    answers = [t for _, a in PAIRS for t in a]
+    for lmbda in (0.0, 1.0):
+        op = OnPolicy(lmbda=lmbda, max_new_tokens=3, sftWeight=w)
+        pieces, on = _steps(op, seed=5).batches(0, [[[0], [1]]], Objective(student, loss_config(op)))
+        assert on == (lmbda == 1.0)
+        total = sum(
+            Objective(student, p.config)(p.batch, topk_teacher(p.batch), p.normalizer).total for p in pieces
+        )
+        (got,) = torch.autograd.grad(total, student.table.weight)
+        first = pieces[0].batch
+        n = float(len(first.labels))
+        divergence = Objective(student, DistillConfig(**{**vars(loss_config(op, on)), "alpha": 1.0}))
+        expected = divergence(first, topk_teacher(first), n).total
+        ce = pieces[-1].batch
+        assert ce.labels.tolist() == answers
+        expected = (
+            expected + w * Objective(student, DistillConfig(alpha=0.0))(ce, None, float(len(answers))).total
+        )
+        (want,) = torch.autograd.grad(expected, student.table.weight)
+        assert len(pieces) == (2 if on else 1)
+        assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_off_policy_steps_without_a_divergence_are_sft_and_score_nothing() -> None:
+    """offPolicyDivergence none: an off-policy step is sftWeight times the cross-entropy on the collected
+    answers, the teacher's server is not asked, and the running divergence is left as the on-policy steps
+    made it."""
+    scorer = FakeScorer()
+    op = OnPolicy(lmbda=0.0, offPolicyDivergence="none", sftWeight=2.0)
+    steps = _steps(op, seed=1, scorer=scorer)
+    objective = Objective(_Student(), loss_config(op))
+    pieces, on = steps.batches(0, [[[0], [1]]], objective)
+    assert not on and scorer.seen == [] and steps.tokens_scored == 0
+    (piece,) = pieces
+    assert piece.batch.labels.tolist() == [4, 5, 6, 7, 10, 4, 2] and piece.batch.topk_ids is None
+    assert piece.config.alpha == 0.0 and piece.normalizer == 3.5  # 7 answer tokens / sftWeight 2
+    steps.divergence = 0.25
+    assert steps.observe(0.0, 1.0)["divergence"] == 0.25
 
 
 def test_which_steps_are_on_policy_follows_from_the_seed_and_lmbda() -> None:
@@ -267,10 +318,12 @@ def test_off_policy_steps_train_on_the_collected_answers_scored_by_the_teacher()
     scorer = FakeScorer()
     steps = _steps(OnPolicy(lmbda=0.0), seed=1, scorer=scorer)
     objective = Objective(_Student(), loss_config(OnPolicy()))
-    batches, normalizer, on = steps.batches(0, [[[0], [1]]], objective)
-    assert not on and normalizer == 7.0
+    pieces, on = steps.batches(0, [[[0], [1]]], objective)
+    assert not on and len(pieces) == 1
     assert scorer.seen == [(list(p), list(a)) for p, a in PAIRS]
-    assert batches[0].labels.tolist() == [4, 5, 6, 7, 10, 4, 2]
+    assert pieces[0].batch.labels.tolist() == [4, 5, 6, 7, 10, 4, 2]
+    # the divergence plus sftWeight (1) times the cross-entropy on the same rows: alpha 1/2, normaliser 7/2
+    assert pieces[0].config.alpha == 0.5 and pieces[0].normalizer == 3.5
     assert steps.tokens_scored == sum(len(p) + len(a) for p, a in PAIRS) and steps.samples == 0
 
 
@@ -281,13 +334,18 @@ def test_on_policy_steps_train_on_the_students_samples() -> None:
     torch.manual_seed(0)
     objective = Objective(_Student(), loss_config(op))
     before = torch.random.get_rng_state()
-    batches, normalizer, on = steps.batches(0, [[[0], [1]]], objective)
+    pieces, on = steps.batches(0, [[[0], [1]]], objective)
     assert torch.equal(torch.random.get_rng_state(), before)  # sampling leaves the training's RNG alone
     assert on and [p for p, _ in scorer.seen] == [[1, 2, 3], [1, 2, 3], [8, 9], [8, 9]]
     samples = [a for _, a in scorer.seen]
     assert all(1 <= len(a) <= 3 and (2 not in a[:-1]) for a in samples)  # cut after the end token
-    assert batches[0].labels.tolist() == [t for a in samples for t in a]
-    assert normalizer == sum(len(a) for a in samples) and steps.samples == 4
+    assert pieces[0].batch.labels.tolist() == [t for a in samples for t in a]
+    assert pieces[0].normalizer == sum(len(a) for a in samples) and steps.samples == 4
+    assert pieces[0].config.alpha == 1.0 and pieces[0].config.divergence == "reverseKL"
+    # the anchor: the collected answers of the same prompts, cross-entropy alone over their 7 tokens
+    anchor = pieces[1]
+    assert len(pieces) == 2 and anchor.batch.labels.tolist() == [4, 5, 6, 7, 10, 4, 2]
+    assert anchor.config.alpha == 0.0 and anchor.normalizer == 7.0 and anchor.batch.topk_ids is None
     again = FakeScorer()
     steps.scorer = again  # type: ignore[assignment]
     steps.batches(0, [[[0], [1]]], objective)
@@ -419,10 +477,10 @@ def test_the_engine_is_built_at_the_first_on_policy_step_and_synced_when_the_ste
     at; none on off-policy steps; a resumed run's engine is synced at its first on-policy step."""
     objective = Objective(_Student(), loss_config(OnPolicy()))
     steps = _steps_with_engine(monkeypatch, lmbda=1.0)
-    batches, _, on = steps.batches(0, [[[0], [1]]], objective)
+    pieces, on = steps.batches(0, [[[0], [1]]], objective)
     (engine,) = _FakeEngine.built
     assert on and engine.synced == []  # the engine holds step 0's weights
-    assert batches[0].labels.tolist() == [4, 2, 4, 2]  # the engine's samples
+    assert pieces[0].batch.labels.tolist() == [4, 2, 4, 2]  # the engine's samples
     steps.batches(1, [[[0], [1]]], objective)
     steps.batches(1, [[[0], [1]]], objective)  # the same step again: the weights have not changed
     steps.batches(2, [[[0], [1]]], objective)
@@ -445,9 +503,9 @@ def test_auto_samples_with_generate_when_the_gpu_share_is_not_free(monkeypatch: 
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *_: (20 * gib, 80 * gib))
     objective = Objective(_Student(), loss_config(OnPolicy()))
     steps = _steps_with_engine(monkeypatch, lmbda=1.0, memory_share=0.3, auto=True)
-    batches, _, _ = steps.batches(0, [[[0], [1]]], objective)
+    pieces, _ = steps.batches(0, [[[0], [1]]], objective)
     assert _FakeEngine.built == [] and steps.engine_settings is None  # 20 GiB free < 0.3 x 80: generate
-    assert len(batches[0].labels) > 0
+    assert len(pieces[0].batch.labels) > 0
     fits = _steps_with_engine(monkeypatch, lmbda=1.0, memory_share=0.2, auto=True)
     fits.batches(0, [[[0], [1]]], objective)
     assert len(_FakeEngine.built) == 1

@@ -21,6 +21,7 @@ from .validation import (
     KD_TOPK_SOURCE,
     LORA_FSDP,
     MULTI_NODE_RWO,
+    OFF_POLICY_NOTHING,
     ON_POLICY_BLACK_BOX,
     ON_POLICY_OPENAI,
     OPENAI_HOST,
@@ -531,8 +532,19 @@ class OnPolicy(ApiModel):
     """On-policy distillation, named as in TRL's ``GKDTrainer`` (Agarwal et al., GKD): at each on-policy step
     the student samples its own answers to the step's prompts, the teacher's vLLM server scores every token
     of them (``prompt_logprobs``, top-k), and the student is trained on the per-token divergence. The other
-    steps (``1 - lmbda`` of them) train on the collected teacher answers with the same divergence, scored
+    steps (``1 - lmbda`` of them) train on the collected teacher answers with ``offPolicyDivergence``, scored
     the same way. Teacher and student must share a tokenizer (checked before the first step)."""
+
+    model_config = {
+        "json_schema_extra": _rules(
+            cel(
+                "!has(self.offPolicyDivergence) || self.offPolicyDivergence != 'none' "
+                "|| !has(self.sftWeight) || self.sftWeight > 0.0",
+                OFF_POLICY_NOTHING,
+                ".offPolicyDivergence",
+            )
+        )
+    }
 
     lmbda: float = Field(
         default=0.5,
@@ -557,18 +569,32 @@ class OnPolicy(ApiModel):
             "0: on-policy from the first step, as TRL's GKDTrainer does."
         ),
     )
-    off_policy_divergence: Literal["forwardKL", "reverseKL", "jsd"] = Field(
+    off_policy_divergence: Literal["none", "forwardKL", "reverseKL", "jsd"] = Field(
         default="forwardKL",
         description=(
             "The divergence of the off-policy steps (the teacher's own answers): forwardKL, KL(teacher||"
             "student), is supervised KD (mean-seeking: it moves the student's mass onto every token the "
             "teacher ranks); reverse KL and JSD saturate on a student far from the teacher, and teach such "
-            "a student little. Set it to the on-policy divergence for GKD's single divergence."
+            "a student little. Set it to the on-policy divergence for GKD's single divergence. none: the "
+            "off-policy steps are SFT (sftWeight times the cross-entropy alone), and the teacher scores "
+            "nothing at them (SFT, then on-policy, as Thinking Machines' recipe)."
         ),
     )
     divergence: Literal["reverseKL", "jsd"] = Field(
         default="reverseKL",
         description="KL(student||teacher), the recipe of on-policy distillation, or GKD's generalized JSD.",
+    )
+    sft_weight: float = Field(
+        default=1.0,
+        ge=0,
+        le=100,
+        description=(
+            "Weight of the cross-entropy on the step's collected teacher answers, added to the divergence at "
+            "every step (an imitation anchor: MiniLLM adds a language-modelling loss, TRL's DPO its "
+            "rpo_alpha). A student that does not yet answer well collapses on its own samples (runs of "
+            "digits on the bench) and under reverse KL even on the teacher's answers; the anchor holds it. "
+            "On-policy steps then also run the student on the step's answers. 0: GKD's divergence alone."
+        ),
     )
     beta: float = Field(
         default=0.5, gt=0, lt=1, description="Beta of the generalized JSD (TRL's beta; divergence jsd)."

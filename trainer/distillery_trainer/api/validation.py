@@ -36,6 +36,10 @@ SEQKD_GREEDY = (
     "several samples at temperature 0 are identical: set teacher.sampling.temperature > 0 or samples: 1"
 )
 PARALLELISM_ABOVE_SHARDS = "cannot exceed collection.shards: lower it or add shards"
+OFF_POLICY_NOTHING = (
+    "none trains the off-policy steps on sftWeight times the cross-entropy alone, and sftWeight is 0: "
+    "set training.onPolicy.sftWeight > 0 or name a divergence (forwardKL)"
+)
 LORA_FSDP = "LoRA with FSDP is not supported: use training.strategy ddp or drop lora"
 MULTI_NODE_RWO = (
     "training on several nodes mounts the volume on all of them at once, which ReadWriteOnce does not allow: "
@@ -94,6 +98,9 @@ def check_spec(spec: DistillationRunSpec) -> None:
         and re.search(OPENAI_HOST, teacher.endpoint.base_url)
     ):
         rules.fail("teacher.logprobs.topK", OPENAI_TOPK)
+
+    if training.on_policy.off_policy_divergence == "none" and training.on_policy.sft_weight == 0:
+        rules.fail("training.onPolicy.offPolicyDivergence", OFF_POLICY_NOTHING)
 
     if spec.collection.parallelism is not None and spec.collection.parallelism > spec.collection.shards:
         rules.fail("collection.parallelism", PARALLELISM_ABOVE_SHARDS)

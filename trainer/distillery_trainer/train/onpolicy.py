@@ -68,10 +68,14 @@ ids and logprobs at T = 1, plus ``x_i`` itself when outside the top-k)::
     p_i = [softmax(z_i / T) on K_i, its mass elsewhere]   (the student, coarsened the same way)
     reverseKL:  D_i = KL(p_i || q_i)      jsd:  D_i = JSD_beta(q_i, p_i)
     loss = T^2 * sum_i D_i / (supervised tokens of the step, all ranks)
+         + sftWeight * sum_j CE_j / (answer tokens of the step, all ranks)
 
 that is :func:`.losses.distill_loss` with a :class:`.losses.TopKTeacher`, ``alpha = 1`` and ``topk_tail:
-bucket`` (:mod:`.divergences`; no cross-entropy: the samples are the student's own, and GKD's off-policy
-share uses a divergence on the teacher's sequences). The coarsening makes each ``D_i`` a lower bound of the
+bucket`` (:mod:`.divergences`), plus the **anchor**: ``CE_j`` is the student's cross-entropy on token ``j``
+of the step's collected teacher answers (the same prompts; never on the student's own samples). At an
+on-policy step it is a second forward over those answers (:func:`anchor_config`); at an off-policy step the
+answers are the rows the divergence is on, and one forward gives both (``alpha = 1 / (1 + sftWeight)`` and
+the normaliser divided by ``1 + sftWeight``). ``sftWeight: 0`` is GKD's loss alone. The coarsening makes each ``D_i`` a lower bound of the
 exact divergence, equal to it with k = V; at T != 1 the tail bucket is softened as one token (an
 approximation). The student's mass outside ``K_i`` pays (``tau_i`` is floored at 1e-6, never 0). Off-policy
 steps with ``offPolicyDivergence: forwardKL`` use the KD loss on the top-k: ``KL(q_i || p_i)`` with the
@@ -93,12 +97,14 @@ without checking that the answer is aligned to the tokens sent.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -124,16 +130,37 @@ EMA = 0.9  # weight of the past in the running divergence
 
 
 def loss_config(op: OnPolicy, on_policy: bool = True) -> DistillConfig:
-    """The divergence of :mod:`.losses` on the teacher's scores, ``alpha = 1`` (see the module's docstring):
-    ``op.divergence`` at an on-policy step, ``op.offPolicyDivergence`` at an off-policy one."""
+    """The divergence of :mod:`.losses` on the teacher's scores (see the module's docstring): ``op.divergence``
+    at an on-policy step (``alpha = 1``); ``op.offPolicyDivergence`` at an off-policy one, mixed with the
+    cross-entropy on the same answers as ``alpha = 1 / (1 + sftWeight)`` (the step's normaliser is divided
+    by ``1 + sftWeight``, so the loss is ``D + sftWeight * CE``); with ``none``, the cross-entropy alone
+    (the normaliser divided by ``sftWeight``)."""
+    divergence = op.divergence if on_policy else op.off_policy_divergence
+    if divergence == "none":
+        return anchor_config(op)  # SFT: the cross-entropy alone (the normaliser carries sftWeight)
     return DistillConfig(
         temperature=op.temperature,
-        alpha=1.0,
-        divergence=op.divergence if on_policy else op.off_policy_divergence,
+        alpha=1.0 if on_policy else 1.0 / (1.0 + op.sft_weight),
+        divergence=divergence,
         jsd_beta=op.beta,
         chunk_tokens=op.chunk_tokens,
         topk_tail="bucket",
     )
+
+
+def anchor_config(op: OnPolicy) -> DistillConfig:
+    """The imitation anchor of an on-policy step: cross-entropy alone on the step's collected answers."""
+    return DistillConfig(alpha=0.0, chunk_tokens=op.chunk_tokens)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One forward and backward of a step: a micro-batch, its loss and its loss normaliser (the step's
+    supervised tokens over all ranks, per rank; divided by the term's weight)."""
+
+    batch: Batch
+    config: DistillConfig
+    normalizer: float
 
 
 def warmup_steps(op: OnPolicy, total_steps: int) -> int:
@@ -152,6 +179,20 @@ def sample_seed(seed: int, step: int, rank: int, micro: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def answer_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int) -> Batch:
+    """One micro-batch of (prompt, answer) sequences without scores: rows are the answer tokens only."""
+    seqs = [[np.asarray([*p, *a], dtype=np.int64)] for p, a in pairs]
+    ids, mask, pos, select, labels = _rows(seqs, [[len(p)] for p, _ in pairs], pad_id, packed=False)
+    return Batch(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=pos,
+        select=select,
+        labels=labels,
+        tokens=sum(len(p) + len(a) for p, a in pairs),
+    )
+
+
 def scored_batch(
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]], scores: Sequence[Scores], pad_id: int, vocab: int
 ) -> Batch:
@@ -159,8 +200,7 @@ def scored_batch(
     answer tokens only (the prompt is masked), in the order of the labels."""
     if len(pairs) != len(scores):
         raise ValueError(f"{len(pairs)} sequences but {len(scores)} scores")
-    seqs = [[np.asarray([*p, *a], dtype=np.int64)] for p, a in pairs]
-    ids, mask, pos, select, labels = _rows(seqs, [[len(p)] for p, _ in pairs], pad_id, packed=False)
+    batch = answer_batch(pairs, pad_id)
     for (_, answer), s in zip(pairs, scores, strict=True):
         if len(s) != len(answer):
             raise ValueError(f"{len(s)} score rows for an answer of {len(answer)} tokens")
@@ -172,16 +212,7 @@ def scored_batch(
             f"training.method onPolicy: the teacher scored token id {int(top_ids[used].max())}, beyond the "
             f"student's vocabulary of {vocab}: the two tokenizers differ (they must be the same)"
         )
-    return Batch(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=pos,
-        select=select,
-        labels=labels,
-        topk_ids=top_ids,
-        topk_logprobs=top_lp,
-        tokens=sum(len(p) + len(a) for p, a in pairs),
-    )
+    return dataclasses.replace(batch, topk_ids=top_ids, topk_logprobs=top_lp)
 
 
 def cut_at_end(tokens: Sequence[int], end_ids: set[int]) -> list[int]:
@@ -335,6 +366,8 @@ class OnPolicySteps:
         self.op, self.seed, self.env = op, seed, env
         self.warmup = warmup_steps(op, total_steps)
         self.configs = {True: loss_config(op, True), False: loss_config(op, False)}
+        self.anchor = anchor_config(op)
+        self.divergence_step = True  # whether the latest step had a divergence (not an SFT step)
         self.examples, self.chat, self.scorer = examples, chat, scorer
         self.pad_id, self.vocab, self.fsdp = pad_id, vocab, fsdp
         # progress over the whole run, all ranks (restored on resume)
@@ -359,15 +392,22 @@ class OnPolicySteps:
         mine: Sequence[MicroBatch],
         module: nn.Module,
         autocast: contextlib.AbstractContextManager[Any] | None = None,
-    ) -> tuple[list[Batch], float, bool]:
-        """The rank's micro-batches of (0-based) ``step``, the step's loss normaliser, whether on-policy."""
+    ) -> tuple[list[Part], bool]:
+        """What the rank runs at (0-based) ``step``, and whether it is on-policy: per micro-batch, its samples
+        (or collected answers) with the teacher's scores; at an on-policy step with ``sftWeight`` > 0, also
+        its collected answers under the cross-entropy alone (the anchor)."""
         on = is_on_policy_step(self.seed, step, self.op.lmbda, self.warmup)
+        weight = self.op.sft_weight
         started = time.monotonic()
         pairs: list[list[tuple[list[int], list[int]]]] = []
+        answers: list[list[tuple[list[int], list[int]]]] = []
         engine = self._engine_at(step, module) if on else None
         for j, mb in enumerate(mine):
             exs = [self.examples[i] for row in mb for i in row]
             prompts = [e.input_ids[: e.n_prompt].tolist() for e in exs]
+            answers.append(
+                [(p, e.input_ids[e.n_prompt :].tolist()) for p, e in zip(prompts, exs, strict=True)]
+            )
             if on:
                 seed = sample_seed(self.seed, step, self.env.rank, j)
                 if engine is not None:
@@ -387,17 +427,12 @@ class OnPolicySteps:
                 repeated = [p for p in prompts for _ in range(self.op.samples_per_prompt)]
                 pairs.append(list(zip(repeated, samples, strict=True)))
             else:
-                pairs.append(
-                    [(p, e.input_ids[e.n_prompt :].tolist()) for p, e in zip(prompts, exs, strict=True)]
-                )
+                pairs.append(answers[-1])
         sampled = time.monotonic()
         flat = [pair for group in pairs for pair in group]
         scored_before, seconds_before = self.scorer.stats.tokens, self.scorer.stats.seconds
-        scores = self.scorer.score(flat)
-        out, at = [], 0
-        for group in pairs:
-            out.append(scored_batch(group, scores[at : at + len(group)], self.pad_id, self.vocab))
-            at += len(group)
+        sft = not on and self.op.off_policy_divergence == "none"
+        scores = [] if sft else self.scorer.score(flat)  # SFT steps need no scores
         local = [
             float(sum(len(a) for _, a in flat)),
             float(self.scorer.stats.tokens - scored_before),
@@ -408,9 +443,10 @@ class OnPolicySteps:
             # its server reads as -inf, and an infinite figure would not go into the status as JSON)
             float(sum(float(s.sampled[np.isfinite(s.sampled)].sum()) for s in scores)),
             float(sum(int(np.isfinite(s.sampled).sum()) for s in scores)),
+            float(sum(len(a) for group in answers for _, a in group)),
         ]
         totals = self.env.all_reduce(local, "sum")
-        answer_tokens, scored, seconds, n_samples, ended, logprob, finite = totals
+        answer_tokens, scored, seconds, n_samples, ended, logprob, finite, anchor_tokens = totals
         self.tokens_scored += int(scored)
         self.scoring_seconds += seconds
         self.samples += int(n_samples)
@@ -419,7 +455,26 @@ class OnPolicySteps:
             self._samples_here += int(n_samples)
             self.samples_ended = ended / max(n_samples, 1.0)
             self.teacher_logprob = logprob / finite if finite else None
-        return out, max(answer_tokens, 1.0) / self.env.world_size, on
+        # the divergence over the step's supervised tokens (all ranks); at an off-policy step the anchor is the
+        # same rows' cross-entropy, mixed in by loss_config's alpha
+        normalizer = (
+            max(answer_tokens, 1.0) / self.env.world_size / (1.0 if on else weight if sft else 1.0 + weight)
+        )
+        config = self.configs[on]
+        self.divergence_step = not sft
+        out, at = [], 0
+        for group, mine_answers in zip(pairs, answers, strict=True):
+            batch = (
+                answer_batch(group, self.pad_id)
+                if sft
+                else scored_batch(group, scores[at : at + len(group)], self.pad_id, self.vocab)
+            )
+            out.append(Part(batch, config, normalizer))
+            at += len(group)
+            if on and weight > 0:
+                anchor = max(anchor_tokens, 1.0) / self.env.world_size / weight
+                out.append(Part(answer_batch(mine_answers, self.pad_id), self.anchor, anchor))
+        return out, on
 
     def _engine_at(self, step: int, module: nn.Module) -> VllmSampler | None:
         """The vLLM engine holding the weights of (0-based) ``step``: built at the first on-policy step, given
@@ -467,10 +522,12 @@ class OnPolicySteps:
             self.engine = None
 
     def observe(self, divergence: float, seconds: float) -> dict[str, Any]:
-        """After a step: its mean divergence and wall time; the progress fields."""
-        self.divergence = (
-            divergence if self.divergence is None else EMA * self.divergence + (1 - EMA) * divergence
-        )
+        """After a step: its mean divergence and wall time; the progress fields. An SFT step
+        (``offPolicyDivergence: none``) has no divergence and leaves the running one as it was."""
+        if self.divergence_step:
+            self.divergence = (
+                divergence if self.divergence is None else EMA * self.divergence + (1 - EMA) * divergence
+            )
         self._step_seconds += seconds
         rate = self._samples_here / self._step_seconds if self._step_seconds > 0 else None
         return {

@@ -24,7 +24,9 @@ from .modeling import online_teacher, topk_teacher, unwrap
 from .schedule import lr_factor, run_fraction
 
 if TYPE_CHECKING:
+    from .batching import Batch
     from .loop import TrainingRun
+    from .losses import DistillConfig
     from .onpolicy import OnPolicySteps
 
 log = logging.getLogger(__name__)
@@ -64,18 +66,19 @@ def run_steps(
         step_start = time.monotonic()
         micro = plan.step(step)
         mine = plan.rank_share(micro, env.rank)
+        work: list[tuple[Batch, DistillConfig | None, float]]  # what to run, its loss (None: the module's)
         if policy is not None:  # the step's samples (or answers), scored by the teacher's server
-            batches, normalizer, on = policy.batches(step, mine, module, _autocast(env.device, compute))
-            unwrap(module).config = policy.configs[
-                on
-            ]  # the step's divergence (a plain attribute, no collective)
+            pieces, _ = policy.batches(step, mine, module, _autocast(env.device, compute))
+            work = [(p.batch, p.config, p.normalizer) for p in pieces]
         else:
             normalizer = max(plan.supervised_tokens(micro), 1) / env.world_size
-            batches = [collate(examples, mb, pad_id, plan.packing) for mb in mine]
+            work = [(collate(examples, mb, pad_id, plan.packing), None, normalizer) for mb in mine]
         sums = [0.0, 0.0, 0.0, 0.0]  # loss, kd, ce, input tokens
-        for j, batch in enumerate(batches):
+        for j, (batch, config, normalizer) in enumerate(work):
+            if config is not None:  # the part's loss (a plain attribute, no collective)
+                unwrap(module).config = config
             batch = batch.to(env.device)
-            with _sync(module, last=j == len(batches) - 1), _autocast(env.device, compute):
+            with _sync(module, last=j == len(work) - 1), _autocast(env.device, compute):
                 signal = (
                     online_teacher(teacher, batch, vocab or 0) if teacher is not None else topk_teacher(batch)
                 )
