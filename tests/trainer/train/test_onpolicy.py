@@ -161,7 +161,7 @@ def test_reverse_kl_charges_the_students_mass_outside_the_teachers_top_k() -> No
 def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
     """Sign and alignment end to end: a bigram student trained on its own samples, scored by the fake
     teacher's server, gains probability on the teacher's top-1 after each token and gets closer to it."""
-    op = OnPolicy(lmbda=1.0, max_new_tokens=3, sftWeight=0)
+    op = OnPolicy(lmbda=1.0, max_new_tokens=3, sftWeight=0, offPolicyDivergence="reverseKL")
     torch.manual_seed(0)
     student = _Student()
     steps = _steps(op, seed=3)
@@ -190,10 +190,15 @@ def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
 
 
 def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_divergence() -> None:
-    """The defaults (GKD's lmbda 0.5 after a quarter of the planned steps off-policy, forward KL on the
-    teacher's answers) and a step's divergence following from whether it is on-policy."""
+    """The defaults (GKD's lmbda 0.5 after a quarter of the planned steps off-policy, SFT on the teacher's
+    answers with the anchor at every step) and a step's loss following from whether it is on-policy."""
     op = OnPolicy()
-    assert (op.lmbda, op.off_policy_warmup, op.off_policy_divergence) == (0.5, 0.25, "forwardKL")
+    assert (op.lmbda, op.off_policy_warmup, op.off_policy_divergence, op.sft_weight) == (
+        0.5,
+        0.25,
+        "none",
+        1.0,
+    )
     assert warmup_steps(op, 32) == 8 and warmup_steps(op, 1) == 1 and warmup_steps(op, 0) == 0
     assert warmup_steps(OnPolicy(offPolicyWarmup=0), 32) == 0
     draws = [is_on_policy_step(7, s, 1.0, warmup=8) for s in range(32)]
@@ -202,7 +207,9 @@ def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_diverge
     assert steps.warmup == 10
     objective = Objective(_Student(), loss_config(op))
     assert not any(steps.batches(s, [[[0], [1]]], objective)[1] for s in range(10))
-    assert steps.configs[False].divergence == "forwardKL" and steps.configs[True].divergence == "reverseKL"
+    assert steps.configs[False].alpha == 0.0 and steps.configs[True].divergence == "reverseKL"
+    forward = _steps(OnPolicy(offPolicyDivergence="forwardKL"), seed=1, total_steps=40)
+    assert forward.configs[False].divergence == "forwardKL" and forward.configs[False].alpha == 0.5
     assert steps.configs[True].topk_tail == "bucket" and steps.configs[True].alpha == 1.0
 
 
@@ -218,7 +225,7 @@ def test_sft_weight_adds_the_cross_entropy_on_the_collected_answers_to_every_ste
     student = _Student()
     answers = [t for _, a in PAIRS for t in a]
     for lmbda in (0.0, 1.0):
-        op = OnPolicy(lmbda=lmbda, max_new_tokens=3, sftWeight=w)
+        op = OnPolicy(lmbda=lmbda, max_new_tokens=3, sftWeight=w, offPolicyDivergence="forwardKL")
         pieces, on = _steps(op, seed=5).batches(0, [[[0], [1]]], Objective(student, loss_config(op)))
         assert on == (lmbda == 1.0)
         total = sum(
@@ -255,6 +262,8 @@ def test_off_policy_steps_without_a_divergence_are_sft_and_score_nothing() -> No
     assert piece.config.alpha == 0.0 and piece.normalizer == 3.5  # 7 answer tokens / sftWeight 2
     steps.divergence = 0.25
     assert steps.observe(0.0, 1.0)["divergence"] == 0.25
+    with pytest.raises(ValueError, match="sftWeight is 0"):  # a config built without validation
+        _steps(OnPolicy(offPolicyDivergence="none", sftWeight=0), seed=1)
 
 
 def test_which_steps_are_on_policy_follows_from_the_seed_and_lmbda() -> None:
@@ -316,7 +325,7 @@ class _Student(torch.nn.Module):
 
 def test_off_policy_steps_train_on_the_collected_answers_scored_by_the_teacher() -> None:
     scorer = FakeScorer()
-    steps = _steps(OnPolicy(lmbda=0.0), seed=1, scorer=scorer)
+    steps = _steps(OnPolicy(lmbda=0.0, offPolicyDivergence="forwardKL"), seed=1, scorer=scorer)
     objective = Objective(_Student(), loss_config(OnPolicy()))
     pieces, on = steps.batches(0, [[[0], [1]]], objective)
     assert not on and len(pieces) == 1

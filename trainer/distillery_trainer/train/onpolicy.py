@@ -6,34 +6,33 @@ divergence from the teacher (Agarwal et al., GKD; the reverse-KL recipe of 2025 
 are off-policy; after them, a share ``lmbda`` (GKD's and TRL's 0.5 by default): step ``s`` is on-policy
 when a generator seeded with ``(training.seed, s)`` draws below ``lmbda`` (:func:`is_on_policy_step`), so
 every rank agrees without talking and a resumed run makes the same choice. The off-policy steps train on
-the step's collected teacher answers, as written by the teacher, scored by the teacher's server the same
-way. Both use the data plan's micro-batches (:mod:`.batching`), so the prompts of step ``s`` are the same
-either way.
+the step's collected teacher answers: by default SFT (``offPolicyDivergence: none``, the cross-entropy, no
+scores), or a divergence on the teacher's scores of them (its server scores them as it scores samples).
+Every step adds ``sftWeight`` times the cross-entropy on its collected answers (the anchor). Both kinds of
+step use the data plan's micro-batches (:mod:`.batching`), so the prompts of step ``s`` are the same either
+way.
 
 **Why those defaults (what went wrong without them).** A first bench run (``lmbda`` 1.0 by default then,
 0.5 in the bench, no warm-up, reverse KL on every step, the student conditioned on the teacher's top-k)
 retained 0.000: the student, a 15-of-30-layer prune that never saw the task, collapsed into runs of one
-token (``20202000…``; newlines and ``( ( ( …`` in the diagnosis) within two or three steps. Three
-causes, each checked on a few steps with an in-process teacher: (1) its samples are garbage, and a
-teacher conditioned on a run of one token finds the next one likely (it copies its context), so the
-scores reward the collapse (reverse KL ~1.4 on ``( ( (`` against 7-8 on the teacher's own answers);
-(2) reverse KL and JSD saturate on a student this far from the teacher (JSD sat at ~0.65 of its log 2
-bound; reverse KL's gradient vanishes on a confident student), so off-policy steps with the same
-divergence taught it nothing; (3) conditioning the student on the teacher's top-k left its mass outside
-them without a cost. Hence: off-policy steps first (the recipe starts from a student that answers in the
-format: Thinking Machines' on-policy distillation starts from an SFT'd one), with ``offPolicyDivergence``
-forward KL (supervised KD, which does not saturate), the on-policy share mixed with off-policy steps after
-(GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below). They are not
-enough on that bench (README: on-policy retained 0.000 again, against sft's 0.617): after 8 warm-up steps
-the student still answered badly and its first on-policy steps turned it into newline runs. It is not the
-learning rate: from a student of that bench after 16 imitation steps (greedy F1 0.234), 8 steps of 8 prompts
-at 4e-5 (warmed up over 2 steps, an in-process teacher) collapsed it on-policy (F1 0.000 after 4 steps,
-``June 20202020…``; none of its 32-token samples ended, and the divergence fell from 1.32 to 0.80 as it
-collapsed), while imitation on the same prompts, steps and learning rate held it (0.202, then 0.260). An
-earlier check that blamed the learning rate had started a fresh optimizer at 4e-4 without a warm-up, which
-collapses imitation as well. On samples that are junk, the per-token divergence rewards the collapse: the
-recipe needs a student whose samples already answer in the format. ``samplesEnded`` and ``teacherLogprob``
-in the progress show it happening.
+token (``20202000…``; newlines and ``( ( ( …`` in the diagnosis) within two or three steps. Hence a
+warm-up of off-policy steps (the recipe starts from a student that answers in the format: Thinking
+Machines' on-policy distillation starts from an SFT'd one), the on-policy share mixed with off-policy steps
+after it (GKD's ``lmbda`` 0.5), and the teacher's tail as one outcome of the divergence (below). With
+forward KL on the off-policy steps that still retained 0.000 (and 0.017 with half the steps as warm-up).
+In-process checks (the teacher in the process; the bench's student after 16 imitation steps, greedy F1
+0.234 on the 24 held-out prompts; 8 steps of 8 prompts, warmed up over 2 steps to 4e-5) found two causes,
+either enough to collapse it into runs of digits (``June 20202020…``): *its own samples* (none of its
+32-token samples ended; forward KL on them: F1 0.205 after 4 steps, 0.013 after 8; reverse KL: 0.000 after
+4, while the divergence fell from 1.32 to 0.80, so the teacher conditioned on junk rewards the collapse;
+cutting each sample after the first token the teacher gave under 1 %, or sampling at T = 0.5, did not stop
+it) and *reverse KL itself* (on the teacher's own answers: 0.053 after 4 steps, 0.076 after 8). What held
+the student was the cross-entropy on the teacher's answers (imitation: 0.202, then 0.260; forward KL on
+them: 0.249 after 8), and on-policy steps with it added rose above imitation (0.223, then 0.289). Hence
+``sftWeight`` 1 at every step. On the bench the anchor alone lifted on-policy to 0.136, and SFT off-policy
+steps (``offPolicyDivergence: none``; forward KL there did as kd does on that bench, 0.320 against sft's
+0.617) to 0.407, with 30 % fewer teacher tokens scored. ``samplesEnded`` and ``teacherLogprob`` in the
+progress show a collapse as it happens (with the defaults they rose to 94 % and -3.8 nats per token).
 
 **Samples.** At an on-policy step each rank samples ``samplesPerPrompt`` answers to each prompt of its own
 micro-batches from the *current* student weights (temperature ``onPolicy.temperature``, no top-k/top-p, at
@@ -112,6 +111,7 @@ import torch
 from torch import nn
 
 from ..api.spec import OnPolicy
+from ..api.validation import OFF_POLICY_NOTHING
 from .batching import Batch, MicroBatch, _rows
 from .examples import ChatFormat, Example
 from .guards import TokenizerMismatch, check_online_tokenizer
@@ -367,6 +367,8 @@ class OnPolicySteps:
         self.warmup = warmup_steps(op, total_steps)
         self.configs = {True: loss_config(op, True), False: loss_config(op, False)}
         self.anchor = anchor_config(op)
+        if op.off_policy_divergence == "none" and op.sft_weight == 0:
+            raise ValueError(f"training.onPolicy.offPolicyDivergence: {OFF_POLICY_NOTHING}")
         self.divergence_step = True  # whether the latest step had a divergence (not an SFT step)
         self.examples, self.chat, self.scorer = examples, chat, scorer
         self.pad_id, self.vocab, self.fsdp = pad_id, vocab, fsdp
@@ -456,7 +458,8 @@ class OnPolicySteps:
             self.samples_ended = ended / max(n_samples, 1.0)
             self.teacher_logprob = logprob / finite if finite else None
         # the divergence over the step's supervised tokens (all ranks); at an off-policy step the anchor is the
-        # same rows' cross-entropy, mixed in by loss_config's alpha
+        # same rows' cross-entropy, mixed in by loss_config's alpha, or all of the loss (SFT: weight > 0, as
+        # validation and __init__ make sure)
         normalizer = (
             max(answer_tokens, 1.0) / self.env.world_size / (1.0 if on else weight if sft else 1.0 + weight)
         )
