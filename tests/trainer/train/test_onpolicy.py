@@ -151,7 +151,9 @@ def test_reverse_kl_charges_the_students_mass_outside_the_teachers_top_k() -> No
     logits[0, outside] = 6.0  # ~97 % of the student's mass off the teacher's top-k
     logits.requires_grad_(True)
     teacher = TopKTeacher(batch.topk_ids, batch.topk_logprobs.double())
-    parts = distill_loss_from_logits(logits, batch.labels, teacher=teacher, config=loss_config(OnPolicy()))
+    parts = distill_loss_from_logits(
+        logits, batch.labels, teacher=teacher, config=loss_config(OnPolicy(divergence="reverseKL"))
+    )
     (grad,) = torch.autograd.grad(parts.total, logits)
     assert len(ranked) == k + 1 or len(ranked) == k
     assert float(grad[0, outside]) > 0.01  # descent lowers it (the former loss: exactly 0)
@@ -161,7 +163,9 @@ def test_reverse_kl_charges_the_students_mass_outside_the_teachers_top_k() -> No
 def test_a_few_on_policy_steps_raise_the_teachers_preferred_tokens() -> None:
     """Sign and alignment end to end: a bigram student trained on its own samples, scored by the fake
     teacher's server, gains probability on the teacher's top-1 after each token and gets closer to it."""
-    op = OnPolicy(lmbda=1.0, max_new_tokens=3, sftWeight=0, offPolicyDivergence="reverseKL")
+    op = OnPolicy(
+        lmbda=1.0, max_new_tokens=3, sftWeight=0, offPolicyDivergence="reverseKL", divergence="reverseKL"
+    )
     torch.manual_seed(0)
     student = _Student()
     steps = _steps(op, seed=3)
@@ -207,7 +211,8 @@ def test_the_warm_up_trains_on_the_collected_answers_with_the_off_policy_diverge
     assert steps.warmup == 10
     objective = Objective(_Student(), loss_config(op))
     assert not any(steps.batches(s, [[[0], [1]]], objective)[1] for s in range(10))
-    assert steps.configs[False].alpha == 0.0 and steps.configs[True].divergence == "reverseKL"
+    assert steps.configs[False].alpha == 0.0 and steps.configs[True].divergence == "jsd"
+    assert steps.configs[True].jsd_beta == 0.5
     forward = _steps(OnPolicy(offPolicyDivergence="forwardKL"), seed=1, total_steps=40)
     assert forward.configs[False].divergence == "forwardKL" and forward.configs[False].alpha == 0.5
     assert steps.configs[True].topk_tail == "bucket" and steps.configs[True].alpha == 1.0
@@ -350,7 +355,7 @@ def test_on_policy_steps_train_on_the_students_samples() -> None:
     assert all(1 <= len(a) <= 3 and (2 not in a[:-1]) for a in samples)  # cut after the end token
     assert pieces[0].batch.labels.tolist() == [t for a in samples for t in a]
     assert pieces[0].normalizer == sum(len(a) for a in samples) and steps.samples == 4
-    assert pieces[0].config.alpha == 1.0 and pieces[0].config.divergence == "reverseKL"
+    assert pieces[0].config.alpha == 1.0 and pieces[0].config.divergence == "jsd"
     # the anchor: the collected answers of the same prompts, cross-entropy alone over their 7 tokens
     anchor = pieces[1]
     assert len(pieces) == 2 and anchor.batch.labels.tolist() == [4, 5, 6, 7, 10, 4, 2]
