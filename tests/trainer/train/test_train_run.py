@@ -574,8 +574,9 @@ def test_two_ranks_on_policy_steps_checkpoint_and_resume_exactly(
         assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from" in again.stderr
     assert straight["state"] == "Succeeded" and straight["step"] == 6 and straight["method"] == "onPolicy"
-    # 4 prompts a rank a step, 2 ranks: 4 on-policy steps score 2 samples of each, 2 off-policy steps the answers
-    assert scored == 4 * (8 * 2) + 2 * 8, scored
+    # 4 prompts a rank a step, 2 ranks: 4 on-policy steps score 2 samples of each; the 2 off-policy steps are
+    # SFT (offPolicyDivergence none, the default) and ask the teacher nothing
+    assert scored == 4 * (8 * 2), scored
     assert straight["teacherTokensScored"] > 0 and straight["teacherScoringSeconds"] > 0
     assert straight["samplesPerSecond"] > 0 and straight["divergence"] > 0
     assert_ends_as(root, straight, a)
@@ -627,8 +628,8 @@ def test_on_policy_steps_sample_with_a_colocated_vllm_and_resume_exactly(
     assert "on-policy samples from vLLM (training.onPolicy.sampler: vllm)" in out.stderr
     assert "the student's weights loaded into the vLLM engine in" in out.stderr
     assert "resuming from" in again.stderr
-    # 4 prompts a step: 4 on-policy steps score 2 samples of each, 2 off-policy steps the answers
-    assert scored == 4 * (4 * 2) + 2 * 4, scored
+    # 4 prompts a step: 4 on-policy steps score 2 samples of each; the 2 off-policy (SFT) steps nothing
+    assert scored == 4 * (4 * 2), scored
     assert straight["state"] == "Succeeded" and straight["step"] == 6 and straight["samplesPerSecond"] > 0
     assert_ends_as(root, straight, a)
 
