@@ -10,6 +10,7 @@ so one format serves one process, DDP and FSDP, and a checkpoint loads on anothe
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -89,6 +90,33 @@ def _dedupe(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, s
     return weights, aliases
 
 
+def _nbytes(obj: Any) -> int:
+    """The bytes of every tensor in a (nested) state dict: what saving it writes, give or take a header."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _make_room(root: Path, step: int, need: int) -> None:
+    """Remove what the new checkpoint supersedes (all but the newest KEEP - 1), then refuse it if it still does
+    not fit: torch.save on a full volume fails with ``unexpected pos``, which names neither."""
+    for _, old in checkpoints(root)[: -(KEEP - 1) or None]:
+        shutil.rmtree(old, ignore_errors=True)
+    free = shutil.disk_usage(root).free
+    if need > free:
+        mb = 1024 * 1024
+        raise OSError(
+            errno.ENOSPC,
+            f"no space for the step {step} checkpoint in {root}: it needs {need / mb:,.0f} MB (weights and "
+            f"optimizer state) and {free / mb:,.0f} MB are free; free space on that volume or give the run a "
+            "larger one (storage.pvc.create.size in a cluster), then run again to resume from the last checkpoint",
+        )
+
+
 def save(
     root: Path,
     step: int,
@@ -106,9 +134,10 @@ def save(
     out = step_dir(root, step)
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
+        weights, aliases = _dedupe(model_sd)
+        _make_room(root, step, _nbytes(weights) + _nbytes(optim_sd) + _nbytes(rngs))
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=root))
         try:
-            weights, aliases = _dedupe(model_sd)
             save_file(weights, str(tmp / "trainable.safetensors"), metadata={"aliases": json.dumps(aliases)})
             torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
