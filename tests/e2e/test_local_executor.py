@@ -7,6 +7,7 @@ Real processes throughout: vLLM on the CPU for the teacher and the student, the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,17 +58,24 @@ def _as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _distillery(*args: str, **kw: Any) -> subprocess.Popen[str]:
+@contextlib.contextmanager
+def _distillery(*args: str) -> Iterator[subprocess.Popen[str]]:
+    """`distillery ARGS` with its output piped; on leaving, killed if still running and its pipe closed
+    (a pipe left to the garbage collector fails whichever later test it is collected in)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-m", "distillery_operator.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
         preexec_fn=_as_at_a_terminal,
-        **kw,
-    )
+    ) as proc:
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.kill()
 
 
 def _status(root: Path) -> dict[str, Any]:
@@ -104,14 +113,10 @@ def test_demo_interrupted_in_training_then_resumed(demo_workdir: Path) -> None:
     root = workdir / "local-cpu"
     layout = RunLayout(root)
     spec = reduced_demo(workdir)
-    first = _distillery("run", str(spec), "--workdir", str(workdir))
-    try:
+    with _distillery("run", str(spec), "--workdir", str(workdir)) as first:
         _wait_for(lambda: checkpoint.latest(layout.checkpoints_dir) is not None, 900, first)
         first.send_signal(signal.SIGINT)
         out, _ = first.communicate(timeout=120)
-    finally:
-        if first.poll() is None:
-            first.kill()
     assert first.returncode == 130, out
     assert "resume" in out
     status = _status(root)
@@ -124,8 +129,8 @@ def test_demo_interrupted_in_training_then_resumed(demo_workdir: Path) -> None:
     assert any(name.startswith("shard-") for name in collected)
     _assert_no_stage_process_left(root)
 
-    second = _distillery("run", str(spec), "--workdir", str(workdir))
-    out, _ = second.communicate(timeout=1500)
+    with _distillery("run", str(spec), "--workdir", str(workdir)) as second:
+        out, _ = second.communicate(timeout=1500)
     assert second.returncode in (0, 1), out  # 1: the gate failed, which a short budget may do
     assert "reused" in out
     # The finished collection was reused, not redone.
@@ -200,8 +205,8 @@ def test_broken_teacher_url_fails_in_seconds_naming_the_stage_and_the_cause(
     spec = tmp_path / "broken.yaml"
     spec.write_text(yaml.safe_dump(doc))
     started = time.monotonic()
-    proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
-    out, _ = proc.communicate(timeout=300)
+    with _distillery("run", str(spec), "--workdir", str(tmp_path / "runs")) as proc:
+        out, _ = proc.communicate(timeout=300)
     took = time.monotonic() - started
     assert proc.returncode == 1, out
     assert took < 30, (took, out)  # two interpreters starting on a shared 2-core machine included
@@ -239,8 +244,8 @@ def test_too_many_failed_prompts_fail_the_collection_instead_of_training(tmp_pat
         del doc["spec"]["teacher"]["endpoint"]["apiKeySecretRef"]
         spec = tmp_path / "lossy.yaml"
         spec.write_text(yaml.safe_dump(doc))
-        proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
-        out, _ = proc.communicate(timeout=300)
+        with _distillery("run", str(spec), "--workdir", str(tmp_path / "runs")) as proc:
+            out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, out
     assert "stage collect failed: 8 of 40 prompts failed (20.0%) > collection.maxFailedFraction 0.1" in out
     assert "most common failure: context_length (8 prompts)" in out
@@ -274,14 +279,10 @@ def test_sigterm_stops_the_run_and_every_stage_process(tmp_path: Path) -> None:
         spec = tmp_path / "slow.yaml"
         spec.write_text(yaml.safe_dump(doc))
         root = tmp_path / "runs" / "slow"
-        proc = _distillery("run", str(spec), "--workdir", str(tmp_path / "runs"))
-        try:
+        with _distillery("run", str(spec), "--workdir", str(tmp_path / "runs")) as proc:
             _wait_for(lambda: teacher.stats["ok"] >= 3, 120, proc)
             proc.terminate()
             out, _ = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
     assert proc.returncode == 130, out
     assert "resume" in out
     status = _status(root)
