@@ -14,6 +14,7 @@ import json
 
 import aiohttp
 import kopf
+from distillery_trainer.retry_after import parse_retry_after
 
 from .kube import ApiError
 
@@ -23,6 +24,8 @@ DEFAULT_DELAY = 0.5
 CONFLICT_DELAY = 0.2
 NOT_FOUND_DELAY = 2.0
 FORBIDDEN_DELAY = 30.0
+# The longest a Retry-After holds a handler back: the reconciler's own backoff tops out at a minute too.
+MAX_RETRY_AFTER = 60.0
 # The API server's own words for these statuses (Kubernetes' metav1.StatusReason where it has one).
 STATUS_REASONS = {
     400: "BadRequest",
@@ -54,12 +57,9 @@ def _message(exc: ApiError) -> str:
 
 
 def _retry_after(exc: ApiError) -> float | None:
-    headers = exc.headers or {}
-    value = headers.get("Retry-After") or headers.get("retry-after")
-    try:
-        return max(0.5, float(value)) if value is not None else None
-    except ValueError:
-        return None
+    """The server's Retry-After (seconds or an HTTP-date, as the clients of the teacher read it), at most
+    :data:`MAX_RETRY_AFTER`; None (the default delay) when absent, unreadable or zero."""
+    return parse_retry_after(exc.headers, cap=MAX_RETRY_AFTER) or None
 
 
 class Rejected(kopf.PermanentError):

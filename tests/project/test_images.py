@@ -4,6 +4,7 @@ satisfy pyproject.toml's ranges."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 import shutil
 import subprocess
@@ -60,6 +61,32 @@ def test_lock_satisfies_pyproject(extra: str) -> None:
             f"{name}=={pins[name]} does not satisfy {req}: run .ci/lock"
         )
     assert "torch" not in _pins(REPO / "operator" / "requirements.lock")
+
+
+def test_the_operator_loads_only_what_its_image_installs() -> None:
+    """The operator image installs operator/requirements.lock and the project with --no-deps: every module
+    `distillery operator` loads (its handlers and what they import, the trainer's shared code included)
+    must come from the standard library, the project or a distribution that lock pins. The image's own
+    build only checks that torch stays out; a trainer-only dependency (tenacity, say) reached through a
+    shared module would otherwise fail the operator's first start in a cluster, and nothing here."""
+    code = (
+        "import json, sys; import distillery_operator.cli, distillery_operator.handlers, "
+        "distillery_operator.metrics, distillery_operator.settings; "
+        "print(json.dumps(sorted({n.partition('.')[0] for n, m in list(sys.modules.items()) "
+        "if getattr(m, '__file__', None) or getattr(m, '__path__', None)})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pins = _pins(REPO / "operator" / "requirements.lock")
+    owners = importlib.metadata.packages_distributions()
+    unpinned = {}
+    for top in json.loads(done.stdout.splitlines()[-1]):  # modules from files: no builtin nor cython_runtime
+        if top in sys.stdlib_module_names or top.startswith("_") or top.startswith("distillery_"):
+            continue
+        dists = owners.get(top, [])
+        if not any(d.lower().replace("_", "-") in pins for d in dists):
+            unpinned[top] = dists
+    assert unpinned == {}, f"the operator imports these, which operator/requirements.lock lacks: {unpinned}"
 
 
 def test_the_trainer_image_runs_the_torch_the_suite_runs() -> None:

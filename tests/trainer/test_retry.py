@@ -11,15 +11,14 @@ import httpx2
 import openai
 import pytest
 from distillery_trainer.retry import (
-    MAX_RETRY_AFTER,
     Backoff,
     TransientError,
     error_of,
-    parse_retry_after,
     retryable_status,
     retrying,
     transient_kind,
 )
+from distillery_trainer.retry_after import MAX_RETRY_AFTER, parse_retry_after
 from multidict import CIMultiDict
 from tenacity import RetryCallState
 

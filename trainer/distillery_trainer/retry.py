@@ -13,7 +13,8 @@ caller sees its own transport's errors and names them in its own words; what thi
   520-524 behind Cloudflare, 529 "overloaded" — that a collection would otherwise record as failures for
   good. Retrying a real 501 costs a few attempts; losing a prompt to a busy gateway costs a rerun. Other
   4xx are final: a retry sends the same request and gets the same answer.
-- **the server's wish** (:func:`parse_retry_after`): ``retry-after-ms`` (OpenAI's), else
+- **the server's wish** (:func:`.retry_after.parse_retry_after`, a module of the standard library only,
+  which the operator reads the API server's ``Retry-After`` with too): ``retry-after-ms`` (OpenAI's), else
   ``Retry-After`` as delta-seconds (a fraction allowed, as OpenAI-compatible servers send) or an
   HTTP-date; a negative or unreadable value is ignored, a date in the past means now, and anything is
   capped at :data:`MAX_RETRY_AFTER`.
@@ -38,23 +39,16 @@ caller sees its own transport's errors and names them in its own words; what thi
 
 from __future__ import annotations
 
-import email.utils
 import random
-import re
 import socket
-import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 from tenacity.wait import wait_base
 
-MAX_RETRY_AFTER = 600.0
-"""No server's wish waits longer than ten minutes: more is a quota reset, not a slowdown, and a worker
-asleep for longer looks hung."""
-
-_SECONDS = re.compile(r"\s*\d+(?:\.\d+)?\s*")
+from .retry_after import MAX_RETRY_AFTER
 
 
 class TransientError(Exception):
@@ -109,38 +103,6 @@ def unreachable(exc: BaseException, url: str) -> str | None:
             return f"unknown host {urlparse(url).hostname or url} ({url})"
         cur = cur.__cause__ or cur.__context__
     return None
-
-
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    value = headers.get(name)  # httpx's and aiohttp's headers ignore case
-    if value is None and isinstance(headers, dict):  # a plain dict does not
-        value = next((v for k, v in headers.items() if k.lower() == name), None)
-    return value
-
-
-def parse_retry_after(
-    headers: Mapping[str, str] | None, *, cap: float = MAX_RETRY_AFTER, now: float | None = None
-) -> float | None:
-    """Seconds the server asks us to wait: ``retry-after-ms``, else ``Retry-After`` (seconds or an
-    HTTP-date), at most ``cap``; None when neither is there or readable (a negative number is not)."""
-    if headers is None:
-        return None
-    ms = _header(headers, "retry-after-ms")
-    if ms is not None and _SECONDS.fullmatch(ms):
-        return min(cap, float(ms) / 1000.0)
-    value = _header(headers, "retry-after")
-    if value is None:
-        return None
-    if _SECONDS.fullmatch(value):
-        return min(cap, float(value))
-    parsed = email.utils.parsedate_tz(value)
-    if parsed is None:
-        return None
-    try:
-        when = email.utils.mktime_tz(parsed)
-    except (OverflowError, ValueError):
-        return cap
-    return min(cap, max(0.0, when - (time.time() if now is None else now)))
 
 
 @dataclass(frozen=True)

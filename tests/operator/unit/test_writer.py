@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -233,11 +235,23 @@ async def test_write_status_patches_only_changes() -> None:
 # ---------------------------------------------------------------------------------------------- errors
 
 
+def test_a_retry_after_date_is_waited_for() -> None:
+    """RFC 9110 allows an HTTP-date; a proxy in front of the API server may send one."""
+    when = email.utils.formatdate(time.time() + 20, usegmt=True)
+    out = errors.translate(api_error(503, retry_after=when), "create Job ns/r-collect")
+    assert isinstance(out, kopf.TemporaryError) and out.delay is not None and 15 <= out.delay <= 20
+
+
 @pytest.mark.parametrize(
     ("exc", "kind", "delay", "text"),
     [
         (api_error(500), kopf.TemporaryError, errors.DEFAULT_DELAY, "500 boom"),
         (api_error(503, retry_after="7"), kopf.TemporaryError, 7.0, "503"),
+        # A Retry-After the handler must not sleep on as is: forever, a day, negative, not a number.
+        (api_error(429, retry_after="inf"), kopf.TemporaryError, errors.DEFAULT_DELAY, "429"),
+        (api_error(429, retry_after="86400"), kopf.TemporaryError, errors.MAX_RETRY_AFTER, "429"),
+        (api_error(429, retry_after="-3"), kopf.TemporaryError, errors.DEFAULT_DELAY, "429"),
+        (api_error(503, retry_after="soon"), kopf.TemporaryError, errors.DEFAULT_DELAY, "503"),
         (api_error(429), kopf.TemporaryError, errors.DEFAULT_DELAY, "429"),
         (api_error(409), kopf.TemporaryError, errors.CONFLICT_DELAY, "conflict"),
         (api_error(403, "forbidden"), kopf.TemporaryError, errors.FORBIDDEN_DELAY, "RBAC"),

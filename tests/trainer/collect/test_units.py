@@ -26,7 +26,8 @@ from distillery_trainer.collect.prompts import (
 )
 from distillery_trainer.collect.ratelimit import RateLimiter
 from distillery_trainer.collect.verdict import FAIL, FATAL, RETRY, classify
-from distillery_trainer.retry import Backoff, parse_retry_after
+from distillery_trainer.retry import Backoff
+from distillery_trainer.retry_after import parse_retry_after
 
 # ---------------------------------------------------------------------------------------------- rate limiter
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import openai
 
-from ..retry import parse_retry_after, retryable_status, transient_kind
+from ..retry import retryable_status, transient_kind
+from ..retry_after import parse_retry_after
 
 RETRY = "retry"
 FAIL = "fail"

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 import aiohttp
 
 from ..redact import scrub
-from ..retry import Backoff, TransientError, parse_retry_after, retryable_status, retrying, transient_kind
+from ..retry import Backoff, TransientError, retryable_status, retrying, transient_kind
+from ..retry_after import parse_retry_after
 
 BACKOFF = Backoff(base=0.5, cap=10.0, max_retry_after=30.0)
 

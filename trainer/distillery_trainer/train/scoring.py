@@ -41,7 +41,8 @@ import aiohttp
 import numpy as np
 
 from ..redact import scrub
-from ..retry import Backoff, TransientError, parse_retry_after, retryable_status, retrying, transient_kind
+from ..retry import Backoff, TransientError, retryable_status, retrying, transient_kind
+from ..retry_after import parse_retry_after
 
 BACKOFF = Backoff(base=0.5, cap=30.0)
 
