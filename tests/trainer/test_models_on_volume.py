@@ -67,3 +67,19 @@ def test_materialize_prunes_a_model_on_the_volume(tmp_path: Path, monkeypatch: p
     tiny.make_llama(model_dir, tiny.make_tokenizer(model_dir), layers=2)
     pruned = materialize("pvc://m", tmp_path / "cache", prune=1)
     assert Path(pruned).parent == tmp_path / "cache" and (Path(pruned) / "config.json").exists()
+
+
+def test_a_model_cache_that_is_a_link_to_a_folder_not_made_yet_is_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A work directory whose ``.cache/models`` links to a shared cache not created yet (the demo's tests
+    do this on a fresh machine): the cache is made where the link points. ``mkdir(exist_ok=True)`` on the
+    link itself raised FileExistsError, and the run died in its collection."""
+    monkeypatch.setenv("DISTILLERY_VOLUME_ROOT", str(tmp_path / "vol"))
+    model_dir = tmp_path / "vol" / "m"
+    tiny.make_llama(model_dir, tiny.make_tokenizer(model_dir), layers=2)
+    cache = tmp_path / "work" / ".cache" / "models"
+    cache.parent.mkdir(parents=True)
+    cache.symlink_to(tmp_path / "shared" / "models", target_is_directory=True)
+    pruned = materialize("pvc://m", cache, prune=1)
+    assert (tmp_path / "shared" / "models" / Path(pruned).name / "config.json").exists()

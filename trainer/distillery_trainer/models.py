@@ -84,7 +84,9 @@ def _offline() -> None:
 
 
 def _staging(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # resolve(): a cache that is a link to a folder not made yet is made there (mkdir on the link itself
+    # raises FileExistsError, exist_ok or not).
+    out.parent.resolve().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     tmp.chmod(0o755)
     return tmp

@@ -22,11 +22,12 @@ processes :mod:`.stages`.
 from __future__ import annotations
 
 import os
+import traceback
 from pathlib import Path
 
 from distillery_trainer.api import DistillationRunStatus, load_run
 from distillery_trainer.api import status as S
-from distillery_trainer.api.stages import BY_NAME, verdict
+from distillery_trainer.api.stages import BY_NAME, EVALUATE, STAGES, verdict
 from distillery_trainer.cost import run_cost, scoring_of
 
 from ..builders.common import teacher_in_training
@@ -82,6 +83,27 @@ def fail(lr: LocalRun, err: StageFailed) -> None:
     transition(lr, S.PHASE_FAILED, BY_NAME[err.stage].failed_reason, str(err))
 
 
+def crashed(lr: LocalRun, exc: Exception) -> StageFailed:
+    """The executor's own error (a cache it cannot write, a full disk), not a stage process's: the stage
+    that was under way fails with it, as if its process had, and its traceback goes to that stage's log."""
+    running = [s.name for s in STAGES if s.status(lr.status).state == "Running"]
+    pending = [s.name for s in STAGES if s.status(lr.status).state != "Succeeded"]
+    if running:
+        stage = running[-1]  # the collection's teacher may still be served while the training runs
+    elif pending:
+        stage = pending[0]  # between two stages: the next one
+    else:
+        stage = EVALUATE.name  # the verdict, after every stage
+    log = lr.logs / f"{stage}.log"
+    try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as f:
+            f.write(f"\ndistillery run failed in stage {stage}:\n{''.join(traceback.format_exception(exc))}")
+    except OSError:  # the disk that failed the stage may refuse the log too: the status still says it
+        pass
+    return StageFailed(stage, f"{type(exc).__name__}: {exc}", log)
+
+
 # ---------------------------------------------------------------------------------------------- entry
 
 
@@ -106,6 +128,10 @@ def execute(spec_file: str | Path, workdir: str | Path, ui: Ui, *, keep_serving:
     except StageFailed as err:
         fail(lr, err)
         raise
+    except Exception as exc:
+        err = crashed(lr, exc)
+        fail(lr, err)
+        raise err from exc
     except KeyboardInterrupt:
         transition(lr, lr.status.phase, "Interrupted", "interrupted: run the same command again to resume")
         progressing = lr.status.condition(S.COND_PROGRESSING)

@@ -151,3 +151,36 @@ def test_a_failed_stage_shows_the_human_lines_of_its_log_only(
     err = capsys.readouterr().err
     assert "INFO starting shard 0" in err and "connection refused to http://127.0.0.1:9/v1" in err
     assert "distillery-progress" not in err and '"stage"' not in err
+
+
+def test_an_unexpected_error_in_a_stage_fails_the_run_in_its_status_and_logs_the_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Not a stage process failing but the executor itself (here a model cache it cannot write, as a
+    dangling link made it once): `distillery run` exits 1 with the error in words, status.json says
+    Failed with the stage's reason instead of staying Running forever, and the traceback is in the
+    stage's log for a bug report."""
+    import json
+
+    from distillery_operator import cli
+    from distillery_operator.local import executor
+
+    doc = make_run("crash").obj()
+    spec = tmp_path / "crash.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+
+    def run_collect(lr: object) -> None:
+        raise PermissionError(13, "Permission denied", str(tmp_path / "runs" / ".cache" / "models"))
+
+    monkeypatch.setattr(executor, "run_collect", run_collect)
+    assert cli._execute(spec, tmp_path / "runs", keep_serving=False) == 1
+    err = capsys.readouterr().err
+    assert "stage collect failed: PermissionError: [Errno 13] Permission denied" in err, err
+    status = json.loads((tmp_path / "runs" / "crash" / "status.json").read_text())
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert status["phase"] == "Failed" and failed["reason"] == "CollectionFailed", status
+    assert "PermissionError" in failed["message"] and status["collection"]["state"] == "Failed"
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert progressing["status"] == "False"
+    log = (tmp_path / "runs" / "crash" / "logs" / "collect.log").read_text()
+    assert "Traceback" in log and "in run_collect" in log
