@@ -1,8 +1,8 @@
 """The server's wish: how long a ``Retry-After`` (or OpenAI's ``retry-after-ms``) asks a client to wait.
 
 One reading for the trainer's clients (:mod:`.retry`: the collector, the evaluator, the on-policy scorer)
-and the operator's API calls (:mod:`distillery_operator.errors`). The standard library only: the operator's
-image installs none of the trainer's dependencies.
+and the operator's calls to the Kubernetes API. The standard library only: the operator's image installs
+none of the trainer's dependencies.
 """
 
 from __future__ import annotations

@@ -38,6 +38,23 @@ def weights(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+def assert_trained_alike(
+    start: dict[str, torch.Tensor], a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]
+) -> None:
+    """Two strategies (DDP, FSDP) trained the same student: per tensor, their results are close beside how
+    far training moved it (at most 15 % of the move; seen: 8 % at most). Not element by element: Adam's
+    first step is lr × sign(gradient), so an entry whose gradient is float noise moves by ±lr on the sign
+    the noise has, and the reduction order of the two strategies differs. How many entries that hits
+    depends on the CPU's kernels: on an AMD EPYC, 40 % of the tiny student's k_proj differed by up to
+    5e-3 (1.7 steps of lr 3e-3) while another machine passed atol 1e-4. A shard FSDP left untrained, or
+    one saved from the wrong rank, is half the move apart."""
+    assert a.keys() == b.keys()
+    for name, value in a.items():
+        moved = float((value - start[name]).norm())
+        apart = float((value - b[name]).norm())
+        assert moved > 0 and apart <= 0.15 * moved, (name, apart, moved)
+
+
 def check_ok(out: subprocess.CompletedProcess[str]) -> None:
     assert out.returncode == 0, out.stderr[-4000:]
 
@@ -152,8 +169,7 @@ def test_two_ranks_ddp_and_fsdp_agree(tmp_path: Path, student_dir: Path, collect
         results[strategy] = (p["loss"], weights(root / "student"))
     (ddp_loss, ddp_w), (fsdp_loss, fsdp_w) = results["ddp"], results["fsdp"]
     assert abs(ddp_loss - fsdp_loss) < 1e-3 * abs(ddp_loss)
-    for name, value in ddp_w.items():
-        assert torch.allclose(value, fsdp_w[name], atol=1e-4), name
+    assert_trained_alike(weights(student_dir), ddp_w, fsdp_w)
 
 
 # ---------------------------------------------------------------------------------------------- resume
@@ -666,5 +682,4 @@ def test_two_ranks_sample_with_their_own_vllm_engines_and_ddp_and_fsdp_agree(
     (ddp, ddp_w), (fsdp, fsdp_w) = results["ddp"], results["fsdp"]
     assert ddp["teacherTokensScored"] == fsdp["teacherTokensScored"]
     assert fsdp["loss"] == pytest.approx(ddp["loss"], rel=1e-3)
-    for name, value in ddp_w.items():
-        assert torch.allclose(value, fsdp_w[name], atol=1e-4), name
+    assert_trained_alike(weights(student), ddp_w, fsdp_w)
