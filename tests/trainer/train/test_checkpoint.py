@@ -73,3 +73,25 @@ def test_the_oldest_checkpoint_makes_room_before_the_new_one_is_written(
     checkpoint.save(root, checkpoint.KEEP + 1, module, optimizer, {}, DistEnv())
     assert seen and all(len(names) <= checkpoint.KEEP - 1 for names in seen), seen
     assert [step for step, _ in checkpoint.checkpoints(root)] == list(range(2, checkpoint.KEEP + 2))
+
+
+def test_a_finished_trainings_checkpoint_holds_no_optimizer_state_and_loads_its_weights(
+    tmp_path: Path,
+) -> None:
+    """Nothing steps from a finished training's checkpoint (a changed training section trains again from
+    step 0): it is what re-exports the student, and AdamW's two moments (twice the weights: 605 MB of the
+    demo's 0.9 GB checkpoint) would be dead weight on the volume."""
+    module, optimizer = _model()
+    root = tmp_path / "checkpoints"
+    going = checkpoint.save(root, 1, module, optimizer, {"finished": False}, DistEnv())
+    done = checkpoint.save(root, 2, module, optimizer, {"finished": True}, DistEnv())
+    assert (going / "optimizer.pt").exists() and not (done / "optimizer.pt").exists()
+    assert _size(done) < _size(going) / 2
+    fresh, fresh_optimizer = _model()
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    state = checkpoint.load(done, fresh, fresh_optimizer, DistEnv())
+    assert state["finished"] and state["step"] == 2
+    for (name, a), b in zip(module.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name

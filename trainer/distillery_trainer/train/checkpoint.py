@@ -2,7 +2,10 @@
 renamed into place, so a directory named ``step-*`` is always complete.
 
 Each holds the trainable weights (all of them, or the LoRA adapter) as safetensors, the optimizer state,
-every rank's RNG state and ``state.json`` (step, elapsed time, tokens, ranks). The data position needs no
+every rank's RNG state and ``state.json`` (step, elapsed time, tokens, ranks). A finished training's
+checkpoint (``finished`` in its state) holds no optimizer state: nothing steps from it (a changed
+training section trains again from step 0), it is what the student is exported again from, and AdamW's
+two moments are twice the weights (605 MB of the demo's 0.9 GB checkpoint). The data position needs no
 saving: the batch plan is a pure function of the step (:mod:`.batching`). Weights and optimizer state go
 through ``torch.distributed.checkpoint.state_dict`` as full (unsharded) state dicts keyed by parameter name,
 so one format serves one process, DDP and FSDP, and a checkpoint loads on another number of ranks.
@@ -127,9 +130,13 @@ def save(
 ) -> Path:
     """Collective: every rank takes part (state gathering); rank 0 writes. Returns the checkpoint's path."""
     from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
-    model_sd, optim_sd = get_state_dict(module, optimizer, options=_options(cpu_offload=True))
+    optim_sd: dict[str, Any] | None = None
+    if state.get("finished"):  # every rank's state says so: the same collectives on all of them
+        model_sd = get_model_state_dict(module, options=_options(cpu_offload=True))
+    else:
+        model_sd, optim_sd = get_state_dict(module, optimizer, options=_options(cpu_offload=True))
     rngs = env.gather_object(rng_state())
     out = step_dir(root, step)
     if env.is_main:
@@ -139,7 +146,8 @@ def save(
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=root))
         try:
             save_file(weights, str(tmp / "trainable.safetensors"), metadata={"aliases": json.dumps(aliases)})
-            torch.save(optim_sd, tmp / "optimizer.pt")
+            if optim_sd is not None:
+                torch.save(optim_sd, tmp / "optimizer.pt")
             torch.save(rngs, tmp / "rng.pt")
             (tmp / "state.json").write_text(
                 json.dumps({**state, "step": step, "worldSize": env.world_size}, indent=2, sort_keys=True)
@@ -163,7 +171,7 @@ def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, env: D
     """Restore weights, optimizer and (same number of ranks) RNG state; returns ``state.json``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     state = read_state(path)
     file = str(path / "trainable.safetensors")
@@ -172,14 +180,17 @@ def load(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer, env: D
         aliases = json.loads((fh.metadata() or {}).get("aliases", "{}"))
     for alias, name in aliases.items():
         model_sd[alias] = model_sd[name]
-    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_state_dict(
-        module,
-        optimizer,
-        model_state_dict=model_sd,
-        optim_state_dict=optim_sd,
-        options=_options(strict=False),
-    )
+    if state.get("finished") and not (path / "optimizer.pt").exists():
+        set_model_state_dict(module, model_sd, options=_options(strict=False))
+    else:
+        optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+        set_state_dict(
+            module,
+            optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=optim_sd,
+            options=_options(strict=False),
+        )
     rngs = torch.load(path / "rng.pt", map_location="cpu", weights_only=False)
     if len(rngs) == env.world_size:
         set_rng_state(rngs[env.rank])
