@@ -461,7 +461,17 @@ class Collection(ApiModel):
 
     shards: int = Field(default=1, ge=1, le=MAX_SHARDS, description="Pods of the Indexed collection Job.")
     parallelism: int | None = Field(default=None, ge=1, description="Shards running at once. Default: all.")
-    concurrency: int = Field(default=16, ge=1, le=4096, description="Requests in flight per shard.")
+    concurrency: int = Field(
+        default=16,
+        ge=1,
+        le=4096,
+        description=(
+            "Requests in flight per shard. A batching server (vLLM) computes each answer and its logprobs "
+            "with numbers that depend on what the request was batched with, so two collections differ "
+            "slightly; with 1 (and one shard) a collection repeated bit for bit on vLLM's CPU build, at the "
+            "cost of throughput."
+        ),
+    )
     requests_per_minute: int | None = Field(
         default=None, ge=1, description="Rate limit per shard, requests per minute."
     )
