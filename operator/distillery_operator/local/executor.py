@@ -86,14 +86,9 @@ def fail(lr: LocalRun, err: StageFailed) -> None:
 def crashed(lr: LocalRun, exc: Exception) -> StageFailed:
     """The executor's own error (a cache it cannot write, a full disk), not a stage process's: the stage
     that was under way fails with it, as if its process had, and its traceback goes to that stage's log."""
-    running = [s.name for s in STAGES if s.status(lr.status).state == "Running"]
-    pending = [s.name for s in STAGES if s.status(lr.status).state != "Succeeded"]
-    if running:
-        stage = running[-1]  # the collection's teacher may still be served while the training runs
-    elif pending:
-        stage = pending[0]  # between two stages: the next one
-    else:
-        stage = EVALUATE.name  # the verdict, after every stage
+    # The stages run in order, each Succeeded (or reused) before the next begins: the first that is not is
+    # the one under way (or, between two, the next); after all of them, the verdict's, which evaluate owns.
+    stage = next((s.name for s in STAGES if s.status(lr.status).state != "Succeeded"), EVALUATE.name)
     log = lr.logs / f"{stage}.log"
     try:
         log.parent.mkdir(parents=True, exist_ok=True)

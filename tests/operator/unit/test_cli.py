@@ -184,3 +184,30 @@ def test_an_unexpected_error_in_a_stage_fails_the_run_in_its_status_and_logs_the
     assert progressing["status"] == "False"
     log = (tmp_path / "runs" / "crash" / "logs" / "collect.log").read_text()
     assert "Traceback" in log and "in run_collect" in log
+
+
+def test_an_unexpected_error_after_a_reused_collection_fails_the_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stage that fails is the one under way, not the first: a collection reused (Succeeded), then
+    the training's own set-up raising, is TrainingFailed with the collection left Succeeded."""
+    import json
+
+    from distillery_operator import cli
+    from distillery_operator.local import executor
+
+    doc = make_run("crash").obj()
+    spec = tmp_path / "crash.yaml"
+    spec.write_text(yaml.safe_dump(doc))
+
+    def run_train(lr: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(executor, "collect_done", lambda layout, spec: True)
+    monkeypatch.setattr(executor, "run_train", run_train)
+    assert cli._execute(spec, tmp_path / "runs", keep_serving=False) == 1
+    assert "stage train failed: OSError: [Errno 28] No space left on device" in capsys.readouterr().err
+    status = json.loads((tmp_path / "runs" / "crash" / "status.json").read_text())
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "TrainingFailed", status
+    assert status["collection"]["state"] == "Succeeded" and status["training"]["state"] == "Failed"

@@ -1,5 +1,5 @@
-"""Resumable checkpoints: ``train/checkpoints/step-XXXXXX/``, written by rank 0 into a temp directory and
-renamed into place, so a directory named ``step-*`` is always complete.
+"""Resumable checkpoints: ``train/checkpoints/step-000016/`` (the step, six digits), written by rank 0
+into a temp directory and renamed into place, so a directory named ``step-*`` is always complete.
 
 Each holds the trainable weights (all of them, or the LoRA adapter) as safetensors, the optimizer state,
 every rank's RNG state and ``state.json`` (step, elapsed time, tokens, ranks). A finished training's
@@ -114,8 +114,8 @@ def _make_room(root: Path, step: int, need: int) -> None:
         mb = 1024 * 1024
         raise OSError(
             errno.ENOSPC,
-            f"no space for the step {step} checkpoint in {root}: it needs {need / mb:,.0f} MB (weights and "
-            f"optimizer state) and {free / mb:,.0f} MB are free; free space on that volume or give the run a "
+            f"no space for the step {step} checkpoint in {root}: it needs {need / mb:,.0f} MB and "
+            f"{free / mb:,.0f} MB are free; free space on that volume or give the run a "
             "larger one (storage.pvc.create.size in a cluster), then run again to resume from the last checkpoint",
         )
 
